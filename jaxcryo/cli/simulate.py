@@ -1,0 +1,75 @@
+"""``jaxcryo simulate``: a synthetic particle set (STAR + MRCS) with its ground-truth map."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="simulate a particle set from the built-in phantom or a map",
+        description=(
+            "Simulate particles with uniform random poses, RELION CTF, random shifts and white noise. "
+            "Writes DIR/particles.star (RELION 3.1, rlnOriginXAngst), DIR/particles.mrcs and "
+            "DIR/ground_truth.mrc. Defaults: CTF on with defocus uniform 1-2.5 um, 300 kV, Cs 2.7 mm, "
+            "Q0 0.07; 3 A/px; shifts up to 2 px; SNR 0.1."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--box", type=int, default=32, help="box size in pixels")
+    p.add_argument("--n-particles", type=int, default=1000, help="number of particles")
+    p.add_argument("--snr", type=float, default=0.1,
+                   help="mean variance of the clean CTF-modulated images / noise variance ('inf' for none)")
+    p.add_argument("--pixel-size", type=float, default=None,
+                   help="pixel size in A (default 3.0, or the map's with --volume)")
+    p.add_argument("--ctf", dest="ctf", action="store_true", default=True, help="apply a CTF")
+    p.add_argument("--no-ctf", dest="ctf", action="store_false", help="no CTF")
+    p.add_argument("--max-shift", type=float, default=None, help="max shift per axis in A (default 2 px)")
+    p.add_argument("--volume", type=Path, default=None,
+                   help="ground-truth map (MRC); Fourier-cropped/padded to --box (default: built-in phantom)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from ..data import write_dataset
+    from ..errors import InputError
+    from ..fourier import resample_real
+    from ..io.mrc import read_map, write_map
+    from ..simulate import simulate
+
+    if args.box < 4:
+        raise InputError(f"--box {args.box}: expected at least 4 pixels")
+    if args.n_particles < 1:
+        raise InputError(f"--n-particles {args.n_particles}: expected at least 1")
+    if not args.snr > 0:
+        raise InputError(f"--snr {args.snr}: expected a positive number")
+    volume = None
+    pixel_size = args.pixel_size
+    if args.volume is not None:
+        vol, px = read_map(args.volume)
+        if pixel_size is None:
+            if not px:
+                raise InputError(f"{args.volume}: no pixel size in the header; give --pixel-size")
+            pixel_size = float(px) * vol.shape[0] / args.box
+        volume = np.asarray(resample_real(vol, args.box, 3), np.float32)
+    if pixel_size is None:
+        pixel_size = 3.0
+    sim = simulate(
+        n_particles=args.n_particles, box=args.box, snr=args.snr, pixel_size=pixel_size, ctf=args.ctf,
+        max_shift=args.max_shift, volume=volume, seed=args.seed, progress=not args.quiet,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_dataset(out, sim.metadata, sim.images)
+    write_map(out / "ground_truth.mrc", sim.volume, pixel_size)
+    if not args.quiet:
+        print(f"wrote {out}/particles.star, particles.mrcs ({args.n_particles} x {args.box}^2 at "
+              f"{pixel_size:.3f} A/px, noise sigma {sim.noise_sigma:.4g}) and ground_truth.mrc")
+    return 0

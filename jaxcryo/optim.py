@@ -1,0 +1,365 @@
+"""Diagonally preconditioned SGD as optax gradient transformations.
+
+The pieces, each a small ``optax.GradientTransformationExtraArgs`` with NamedTuple state and pure
+``init``/``update``:
+
+* :func:`hutchinson_diagonal`: estimates ``diag(H)`` of the objective passed as the ``obj_fn`` extra argument
+  (the protocol of ``optax.contrib``'s Sophia) with ``K`` Rademacher probes, vmapped, by forward-over-reverse
+  HVPs; carries its running average and PRNG key. Its ``update`` *returns the diagonal estimate*.
+* :func:`fixed_diagonal`: a precomputed diagonal (e.g. :func:`exact_diagonal`, the "precomputed"
+  preconditioner of the paper) in the same protocol.
+* :func:`scale_by_diagonal`: divides the updates by ``max(|D|, threshold)`` with ``D`` from one of the above.
+* :func:`armijo_linesearch`: the paper's preconditioned Armijo backtracking (step grown by 1.2 before each
+  step, halved on failure, reset every epoch), taking ``obj_fn`` too.
+* :func:`preconditioned_sgd`: the chain of the above, composing with optax schedules and momentum.
+
+Gradients are the steepest-ascent directions of :mod:`jaxcryo.loss` (already conjugated for complex
+volumes), so a transformation's output ``u`` is applied as ``v + u``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .fourier import shell_index
+from .loss import gradient
+
+Averaging = Literal["paper", "ema", "mean"]
+
+
+def _real(x):
+    return jnp.real(x)
+
+
+def default_threshold(n: int) -> float:
+    """The paper's floor on the diagonal: ``1 / (number of voxels in the outermost Fourier shell n//2)``."""
+    return 1.0 / float(np.sum(shell_index(n, 3) == n // 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Hutchinson estimator of the Hessian diagonal
+# --------------------------------------------------------------------------------------------------
+class HutchinsonState(NamedTuple):
+    """``count``: steps seen; ``key``: PRNG key; ``mean``: running mean of ``z * Hz`` (the paper's d-bar);
+    ``diag``: the current estimate ``D`` (real, shaped like the parameters); ``n_updates``: estimates made."""
+
+    count: jax.Array
+    key: jax.Array
+    mean: Any
+    diag: Any
+    n_updates: jax.Array
+
+
+def rademacher_probes(key, params, n_probes: int):
+    """``n_probes`` Rademacher (+-1) probes shaped like ``params`` (real values in the params' dtype)."""
+    rdt = jnp.real(params).dtype
+    z = jax.random.rademacher(key, (n_probes,) + params.shape, dtype=rdt)
+    return z.astype(params.dtype)
+
+
+def hutchinson_estimate(obj_fn: Callable, params, key, n_probes: int = 1):
+    """One Hutchinson estimate ``mean_k Re(z_k * H z_k)`` of ``diag(H)`` with ``n_probes`` vmapped probes."""
+    zs = rademacher_probes(key, params, n_probes)
+    g = gradient(obj_fn)
+    hz = jax.vmap(lambda z: jax.jvp(g, (params,), (z,))[1])(zs)
+    return jnp.mean(_real(jnp.conj(zs) * hz), axis=0)
+
+
+def hutchinson_diagonal(
+    seed: int | jax.Array = 0,
+    n_probes: int = 1,
+    averaging: Averaging = "paper",
+    beta: float = 0.9,
+    update_every: int = 1,
+    init_value: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
+    """Hutchinson estimator of ``diag(H)`` of ``obj_fn`` (an extra argument of ``update``).
+
+    Args:
+        seed: PRNG seed (int) or key for the probes.
+        n_probes: probes per estimate (``K``), vmapped in one call.
+        averaging: ``"paper"`` (Algorithm 1 of Toader et al. 2025: running mean ``d-bar_k`` of the estimates,
+            then ``D_k = beta D_{k-1} + (1 - beta) d-bar_k``, ``D_0 = init_value``), ``"ema"``
+            (``D_k = beta D_{k-1} + (1 - beta) est_k``) or ``"mean"`` (``D_k = d-bar_k``).
+        beta: EMA factor.
+        update_every: estimate only every ``m``-th step (the others reuse ``D``).
+        init_value: ``D_0``.
+
+    ``update(updates, state, params, obj_fn)`` returns ``(D, new_state)``: the diagonal, not an update.
+    """
+    if averaging not in ("paper", "ema", "mean"):
+        raise ValueError(f"averaging must be 'paper', 'ema' or 'mean', got {averaging!r}")
+    if n_probes < 1 or update_every < 1:
+        raise ValueError("n_probes and update_every must be positive")
+
+    def init_fn(params):
+        key = jax.random.PRNGKey(seed) if isinstance(seed, int) else seed
+        rdt = jnp.real(params).dtype
+        return HutchinsonState(
+            count=jnp.zeros([], jnp.int32), key=key, mean=jnp.zeros(params.shape, rdt),
+            diag=jnp.full(params.shape, init_value, rdt), n_updates=jnp.zeros([], jnp.int32),
+        )
+
+    def update_fn(updates, state, params=None, obj_fn=None, **extra):
+        del updates, extra
+        if params is None or obj_fn is None:
+            raise ValueError("hutchinson_diagonal.update needs params= and obj_fn=")
+
+        def estimate(st):
+            key, sub = jax.random.split(st.key)
+            est = hutchinson_estimate(obj_fn, params, sub, n_probes).astype(st.mean.dtype)
+            k = (st.n_updates + 1).astype(st.mean.dtype)
+            mean = st.mean * ((k - 1) / k) + est / k
+            if averaging == "paper":
+                diag = beta * st.diag + (1 - beta) * mean
+            elif averaging == "ema":
+                diag = beta * st.diag + (1 - beta) * est
+            else:
+                diag = mean
+            return HutchinsonState(st.count, key, mean, diag, st.n_updates + 1)
+
+        if update_every == 1:
+            st = estimate(state)
+        else:
+            st = jax.lax.cond(state.count % update_every == 0, estimate, lambda s: s, state)
+        st = st._replace(count=state.count + 1)
+        return st.diag, st
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class FixedDiagonalState(NamedTuple):
+    diag: Any
+
+
+def fixed_diagonal(diag) -> optax.GradientTransformationExtraArgs:
+    """A precomputed Hessian diagonal in the protocol of :func:`hutchinson_diagonal` (returns ``diag``)."""
+
+    def init_fn(params):
+        del params
+        return FixedDiagonalState(jnp.asarray(diag))
+
+    def update_fn(updates, state, params=None, **extra):
+        del updates, params, extra
+        return state.diag, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Diagonal preconditioning
+# --------------------------------------------------------------------------------------------------
+class ScaleByDiagonalState(NamedTuple):
+    """``diag_state``: the inner estimator's state; ``threshold``: the floor on ``|D|``."""
+
+    diag_state: Any
+    threshold: jax.Array
+
+
+def scale_by_diagonal(
+    diagonal: optax.GradientTransformation | optax.GradientTransformationExtraArgs,
+    threshold: float | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Divide updates by ``D-hat = max(|D|, threshold)``, ``D`` from ``diagonal`` (Hutchinson or fixed).
+
+    ``threshold`` defaults to :func:`default_threshold` of the parameters' box (the paper's ``alpha``).
+    Extra arguments (``obj_fn``) are passed through to ``diagonal``.
+    """
+    diagonal = optax.with_extra_args_support(diagonal)
+
+    def init_fn(params):
+        thr = default_threshold(params.shape[-1]) if threshold is None else float(threshold)
+        return ScaleByDiagonalState(diagonal.init(params), jnp.asarray(thr, jnp.real(params).dtype))
+
+    def update_fn(updates, state, params=None, **extra):
+        d, dstate = diagonal.update(updates, state.diag_state, params, **extra)
+        dhat = jnp.maximum(jnp.abs(d), state.threshold)
+        return updates / dhat.astype(jnp.real(updates).dtype), ScaleByDiagonalState(dstate, state.threshold)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Preconditioned Armijo backtracking line search
+# --------------------------------------------------------------------------------------------------
+class ArmijoState(NamedTuple):
+    count: jax.Array
+    learning_rate: jax.Array
+    n_evals: jax.Array
+
+
+def armijo_linesearch(
+    init_learning_rate: float = 10.0,
+    c: float = 1e-4,
+    increase: float = 1.2,
+    decrease: float = 0.5,
+    max_backtracking: int = 30,
+    reset_every: int | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Backtracking Armijo search along ``-updates`` (the preconditioned ascent direction ``p``).
+
+    Per step: ``eta <- increase * eta``; while ``f(v - eta p) > f(v) - c * eta * Re<g, p>`` halve ``eta``
+    (at most ``max_backtracking`` times); return ``-eta p``. ``eta`` is reset to ``init_learning_rate``
+    every ``reset_every`` steps (one epoch). Needs the extra arguments ``obj_fn`` and ``grad`` (the raw
+    gradient ``g``; with ``grad=None`` the updates are taken as the gradient, i.e. no preconditioning).
+    The value ``f(v)`` can be passed as ``value`` to save an evaluation.
+    """
+
+    def init_fn(params):
+        rdt = jnp.real(params).dtype
+        return ArmijoState(jnp.zeros([], jnp.int32), jnp.asarray(init_learning_rate / increase, rdt),
+                           jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, obj_fn=None, grad=None, value=None, **extra):
+        del extra
+        if params is None or obj_fn is None:
+            raise ValueError("armijo_linesearch.update needs params= and obj_fn=")
+        g = updates if grad is None else grad
+        f0 = obj_fn(params) if value is None else value
+        slope = jnp.real(jnp.vdot(g, updates))  # Re<g, p> >= 0 for a positive preconditioner
+        lr0 = state.learning_rate
+        if reset_every is not None:
+            lr0 = jnp.where(state.count % reset_every == 0, init_learning_rate / increase, lr0)
+        lr0 = lr0 * increase
+
+        def cond(c_):
+            lr, i, fnew = c_
+            bad = (fnew > f0 - c * lr * slope) | ~jnp.isfinite(fnew)
+            return bad & (i < max_backtracking)
+
+        def body(c_):
+            lr, i, _ = c_
+            lr = lr * decrease
+            return lr, i + 1, obj_fn(params - lr * updates)
+
+        lr, i, _ = jax.lax.while_loop(cond, body, (lr0, jnp.zeros([], jnp.int32), obj_fn(params - lr0 * updates)))
+        new = ArmijoState(state.count + 1, lr, state.n_evals + i + 1)
+        return (-lr * updates).astype(updates.dtype), new
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# The optimiser
+# --------------------------------------------------------------------------------------------------
+def preconditioned_sgd(
+    learning_rate: float | optax.Schedule | None = 1.0,
+    diagonal=None,
+    n_probes: int = 1,
+    seed: int = 0,
+    averaging: Averaging = "paper",
+    beta: float = 0.9,
+    update_every: int = 1,
+    threshold: float | None = None,
+    momentum: float | None = None,
+    linesearch: bool = False,
+    steps_per_epoch: int | None = None,
+    init_learning_rate: float = 10.0,
+) -> optax.GradientTransformationExtraArgs:
+    """SGD with a diagonal preconditioner: ``v <- v - eta * D-hat^{-1} g``.
+
+    Args:
+        learning_rate: constant or optax schedule (ignored with ``linesearch=True``).
+        diagonal: a fixed diagonal array (e.g. :func:`exact_diagonal`), or ``None`` for Hutchinson.
+        n_probes, seed, averaging, beta, update_every: Hutchinson options (see :func:`hutchinson_diagonal`).
+        threshold: floor on ``|D|`` (default :func:`default_threshold`).
+        momentum: optional heavy-ball momentum (``optax.trace``).
+        linesearch: use :func:`armijo_linesearch` (reset every ``steps_per_epoch``) instead of a fixed step.
+
+    ``update(grads, state, params, obj_fn=..., grad=grads)``: ``obj_fn`` is the minibatch objective
+    (:func:`jaxcryo.loss.objective`); ``grad`` is needed by the line search.
+    """
+    diag_tx = (hutchinson_diagonal(seed, n_probes, averaging, beta, update_every)
+               if diagonal is None else fixed_diagonal(diagonal))
+    parts: list = [scale_by_diagonal(diag_tx, threshold)]
+    if momentum:
+        parts.append(optax.trace(decay=momentum))
+    if linesearch:
+        parts.append(armijo_linesearch(init_learning_rate, reset_every=steps_per_epoch))
+    else:
+        parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
+
+
+def sgd(learning_rate: float | optax.Schedule = 1.0, momentum: float | None = None,
+        linesearch: bool = False, steps_per_epoch: int | None = None,
+        init_learning_rate: float = 1.0) -> optax.GradientTransformationExtraArgs:
+    """Plain SGD in the same protocol (``optax.sgd``, or the Armijo search without preconditioner)."""
+    if linesearch:
+        parts = [optax.trace(decay=momentum)] if momentum else []
+        return optax.chain(*parts, armijo_linesearch(init_learning_rate, reset_every=steps_per_epoch))
+    return optax.with_extra_args_support(optax.sgd(learning_rate, momentum=momentum))
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact Hessian diagonal
+# --------------------------------------------------------------------------------------------------
+def _trilinear_weights_sq(vol, points):
+    """Like :func:`jaxcryo.projection.slice_trilinear` with the weights squared (real volume)."""
+    from .projection import _gather
+
+    c = points + vol.shape[-1] // 2
+    c0 = jnp.floor(c)
+    f = c - c0
+    i0 = c0.astype(jnp.int32)
+    out = 0
+    for dz in (0, 1):
+        wz = f[..., 2] if dz else 1 - f[..., 2]
+        for dy in (0, 1):
+            wy = f[..., 1] if dy else 1 - f[..., 1]
+            for dx in (0, 1):
+                wx = f[..., 0] if dx else 1 - f[..., 0]
+                out = out + (wz * wy * wx) ** 2 * _gather(vol, i0[..., 2] + dz, i0[..., 1] + dy, i0[..., 0] + dx)
+    return out
+
+
+def batch_diagonal_sum(projector, batch):
+    """``sum_i w_i mask_i diag(S_i^H M S_i)`` over one batch (real ``(n, n, n)``), exact for ``nearest`` and
+    ``trilinear`` (no oversampling): the backprojection of ``w CTF^2 M`` through the hit counts / squared
+    interpolation weights."""
+    from .projection import slice_nearest, slice_points
+
+    if projector.method not in ("nearest", "trilinear") or projector.oversample != 1:
+        raise NotImplementedError(
+            "the exact Hessian diagonal is available for 'nearest' and 'trilinear' slices without "
+            "oversampling; use the Hutchinson estimator for other operators"
+        )
+    n = projector.n
+    rdt = jnp.real(batch.images_f).dtype
+    pts = slice_points(batch.rotations, n, rdt)
+    ctf = projector.ctf(batch.ctf, rdt)
+    wimg = jnp.broadcast_to(projector.image_mask(rdt), batch.images_f.shape)
+    if ctf is not None:
+        wimg = wimg * ctf * ctf
+    wimg = wimg * (batch.weights * batch.mask)[:, None, None]
+    fwd = (lambda v: slice_nearest(v, pts)) if projector.method == "nearest" else (lambda v: _trilinear_weights_sq(v, pts))
+    (d,) = jax.linear_transpose(fwd, jax.ShapeDtypeStruct((n,) * 3, rdt))(wimg)
+    return d
+
+
+def exact_diagonal(projector, batches, lam: float = 0.0, n_images: int | None = None):
+    """The exact diagonal of the full-data Hessian ``(1/n) sum_i w_i S_i^H M S_i + lam``, in one data pass.
+
+    Args:
+        projector: a ``nearest`` or ``trilinear`` :class:`~jaxcryo.projection.Projector`.
+        batches: an iterable of :class:`~jaxcryo.loss.Batch` (padding masked out) or a single Batch.
+        lam: Tikhonov weight.
+        n_images: number of real images (default: the sum of the batch masks).
+    """
+    from .loss import Batch
+
+    if isinstance(batches, Batch):
+        batches = [batches]
+    f = jax.jit(lambda b: batch_diagonal_sum(projector, b))
+    total, count = None, 0.0
+    for b in batches:
+        d = f(b)
+        total = d if total is None else total + d
+        count += float(jnp.sum(b.mask))
+    n = count if n_images is None else n_images
+    return total / n + lam
