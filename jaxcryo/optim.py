@@ -76,7 +76,7 @@ def hutchinson_diagonal(
     averaging: Averaging = "paper",
     beta: float = 0.9,
     update_every: int = 1,
-    init_value: float = 1.0,
+    init_value: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Hutchinson estimator of ``diag(H)`` of ``obj_fn`` (an extra argument of ``update``).
 
@@ -88,7 +88,10 @@ def hutchinson_diagonal(
             (``D_k = beta D_{k-1} + (1 - beta) est_k``) or ``"mean"`` (``D_k = d-bar_k``).
         beta: EMA factor.
         update_every: estimate only every ``m``-th step (the others reuse ``D``).
-        init_value: ``D_0``.
+        init_value: ``D_0``; the paper uses 1. The default ``None`` starts from ``D_0 = 0`` and divides by
+            ``1 - beta^k`` (Adam's bias correction), so the first steps use the first estimates instead of
+            an arbitrary constant (``D_0 = 1`` is far from the true scale of most objectives and makes the
+            first ~20 steps vanishingly small).
 
     ``update(updates, state, params, obj_fn)`` returns ``(D, new_state)``: the diagonal, not an update.
     """
@@ -102,7 +105,8 @@ def hutchinson_diagonal(
         rdt = jnp.real(params).dtype
         return HutchinsonState(
             count=jnp.zeros([], jnp.int32), key=key, mean=jnp.zeros(params.shape, rdt),
-            diag=jnp.full(params.shape, init_value, rdt), n_updates=jnp.zeros([], jnp.int32),
+            diag=jnp.full(params.shape, 0.0 if init_value is None else init_value, rdt),
+            n_updates=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None, obj_fn=None, **extra):
@@ -128,7 +132,10 @@ def hutchinson_diagonal(
         else:
             st = jax.lax.cond(state.count % update_every == 0, estimate, lambda s: s, state)
         st = st._replace(count=state.count + 1)
-        return st.diag, st
+        diag = st.diag
+        if init_value is None and averaging != "mean":
+            diag = diag / (1 - beta ** jnp.maximum(st.n_updates, 1).astype(diag.dtype))
+        return diag, st
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -142,7 +149,7 @@ def fixed_diagonal(diag) -> optax.GradientTransformationExtraArgs:
 
     def init_fn(params):
         del params
-        return FixedDiagonalState(jnp.asarray(diag))
+        return FixedDiagonalState(jnp.array(diag, copy=True))  # own buffer: steps donate the state
 
     def update_fn(updates, state, params=None, **extra):
         del updates, params, extra
@@ -255,6 +262,7 @@ def preconditioned_sgd(
     averaging: Averaging = "paper",
     beta: float = 0.9,
     update_every: int = 1,
+    init_value: float | None = None,
     threshold: float | None = None,
     momentum: float | None = None,
     linesearch: bool = False,
@@ -266,7 +274,7 @@ def preconditioned_sgd(
     Args:
         learning_rate: constant or optax schedule (ignored with ``linesearch=True``).
         diagonal: a fixed diagonal array (e.g. :func:`exact_diagonal`), or ``None`` for Hutchinson.
-        n_probes, seed, averaging, beta, update_every: Hutchinson options (see :func:`hutchinson_diagonal`).
+        n_probes, seed, averaging, beta, update_every, init_value: Hutchinson options (see :func:`hutchinson_diagonal`).
         threshold: floor on ``|D|`` (default :func:`default_threshold`).
         momentum: optional heavy-ball momentum (``optax.trace``).
         linesearch: use :func:`armijo_linesearch` (reset every ``steps_per_epoch``) instead of a fixed step.
@@ -274,7 +282,7 @@ def preconditioned_sgd(
     ``update(grads, state, params, obj_fn=..., grad=grads)``: ``obj_fn`` is the minibatch objective
     (:func:`jaxcryo.loss.objective`); ``grad`` is needed by the line search.
     """
-    diag_tx = (hutchinson_diagonal(seed, n_probes, averaging, beta, update_every)
+    diag_tx = (hutchinson_diagonal(seed, n_probes, averaging, beta, update_every, init_value)
                if diagonal is None else fixed_diagonal(diagonal))
     parts: list = [scale_by_diagonal(diag_tx, threshold)]
     if momentum:
@@ -363,3 +371,39 @@ def exact_diagonal(projector, batches, lam: float = 0.0, n_images: int | None = 
         count += float(jnp.sum(b.mask))
     n = count if n_images is None else n_images
     return total / n + lam
+
+
+def preconditioned_max_eigenvalue(obj_fn: Callable, params, diag, threshold: float | None = None,
+                                  iters: int = 20, seed: int = 0) -> jax.Array:
+    """Largest eigenvalue of ``D-hat^{-1} H`` (``H`` the Hessian of ``obj_fn``) by power iteration on HVPs.
+
+    ``diag=None`` gives the largest eigenvalue of ``H`` itself. A stable constant step for (preconditioned)
+    gradient descent is below ``2 / lambda_max``; :func:`auto_learning_rate` uses ``1 / lambda_max``.
+    """
+    n = params.shape[-1]
+    if diag is None:
+        dhat = jnp.ones(params.shape, jnp.real(params).dtype)
+    else:
+        thr = default_threshold(n) if threshold is None else threshold
+        dhat = jnp.maximum(jnp.abs(diag), thr).astype(jnp.real(params).dtype)
+    g = gradient(obj_fn)
+    x = jax.random.normal(jax.random.PRNGKey(seed), params.shape, jnp.real(params).dtype).astype(params.dtype)
+
+    def body(_, carry):
+        x, _lam = carry
+        y = jax.jvp(g, (params,), (x,))[1] / dhat
+        lam = jnp.linalg.norm(y) / jnp.linalg.norm(x)
+        return y / jnp.linalg.norm(y), lam
+
+    _, lam = jax.lax.fori_loop(0, iters, body, (x / jnp.linalg.norm(x), jnp.zeros([], jnp.real(params).dtype)))
+    return lam
+
+
+def harmonic_schedule(init_value: float, steps_per_epoch: int) -> optax.Schedule:
+    """``eta_k = init_value / (1 + k / steps_per_epoch)``: the step decays like 1/epoch.
+
+    With a preconditioner close to the Hessian diagonal a constant step leaves an error floor proportional
+    to the step (minibatch noise at poorly sampled high frequencies); decaying like 1/epoch averages the
+    minibatches out, as the running mean of the data does for ``nearest`` slices.
+    """
+    return lambda k: init_value / (1.0 + k / steps_per_epoch)

@@ -1,0 +1,179 @@
+"""The epoch loop: one jitted, buffer-donating step per minibatch, for any optax transformation.
+
+Usable from Python and notebooks::
+
+    opt = jaxcryo.optim.preconditioned_sgd(learning_rate=1.0)
+    result = fit(dataset, opt, projector, epochs=10, batch_size=250)
+    result.volume_f, result.history
+
+Each step computes the minibatch objective, its (conjugate-corrected) gradient and the optimiser update
+(which may evaluate HVPs or line-search values through the ``obj_fn`` extra argument) in one jitted
+function. Batches have a static shape: the ragged last batch is padded and masked (see
+:func:`jaxcryo.data_source.epoch_batches`), so every image is used exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .data_source import RawBatch, epoch_batches, load_batch, to_batch
+from .errors import DivergenceError
+from .loss import objective, value_and_grad
+from .projection import Projector
+
+
+@dataclass
+class FitState:
+    """Everything needed to continue a run: volume, optimiser state, epoch, data-order RNG state."""
+
+    volume_f: Any
+    opt_state: Any
+    epoch: int
+    rng_state: dict
+    history: list = field(default_factory=list)
+
+
+@dataclass
+class FitResult:
+    volume_f: jax.Array
+    history: list
+    state: FitState
+
+
+def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam: float = 0.0,
+              vol_mask=None, dtype=jnp.float32, donate: bool = True) -> Callable:
+    """The jitted step ``(volume_f, opt_state, raw_batch) -> (volume_f, opt_state, loss)``.
+
+    The optimiser's ``update`` receives the extra arguments ``obj_fn`` (the minibatch objective), ``grad``
+    (the gradient) and ``value`` (the loss), so Hutchinson estimators and line searches can use them.
+    """
+    opt = optax.with_extra_args_support(optimizer)
+
+    def step(vol_f, opt_state, raw: RawBatch):
+        batch = to_batch(raw, dtype)
+        fn = objective(batch, projector, lam, vol_mask)
+        val, g = value_and_grad(fn)(vol_f)
+        updates, opt_state = opt.update(g, opt_state, vol_f, obj_fn=fn, grad=g, value=val)
+        return optax.apply_updates(vol_f, updates), opt_state, val
+
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def fit(
+    source,
+    optimizer: optax.GradientTransformation,
+    projector: Projector,
+    epochs: int = 10,
+    batch_size: int = 256,
+    lam: float = 0.0,
+    indices: np.ndarray | None = None,
+    init=None,
+    seed: int = 0,
+    vol_mask=None,
+    dtype=jnp.float32,
+    callback: Callable[[dict, Any], None] | None = None,
+    reference_f=None,
+    pixel_size: float | None = None,
+    progress: bool = False,
+    state: FitState | None = None,
+    on_epoch_end: Callable[[FitState], None] | None = None,
+    divergence_factor: float = 1e4,
+    step_fn: Callable | None = None,
+    desc: str = "fit",
+) -> FitResult:
+    """Run ``epochs`` epochs of minibatch optimisation of the least-squares objective.
+
+    Args:
+        source: :class:`~jaxcryo.data_source.ArrayDataset` or :class:`jaxcryo.data.ParticleDataset`.
+        optimizer: an optax transformation (e.g. :func:`jaxcryo.optim.preconditioned_sgd`).
+        projector: the forward model (box and pixel size of the images).
+        epochs, batch_size, lam: as named; ``lam`` is the Tikhonov weight.
+        indices: the particles to use (default all).
+        init: initial centred Fourier volume (default zeros).
+        seed: seeds the data order (the optimiser has its own seed).
+        callback: ``callback(record, volume_f)`` after every epoch.
+        reference_f: optional centred Fourier reference; adds ``fsc_ref``/``resolution_05_ref`` to history.
+        state: a :class:`FitState` to resume from (from a checkpoint).
+        on_epoch_end: called with the :class:`FitState` after each epoch (checkpointing).
+        divergence_factor: raise :class:`DivergenceError` if the loss becomes non-finite or exceeds this
+            multiple of the first loss.
+
+    Returns:
+        :class:`FitResult` with the final volume and a history (one dict per epoch: ``epoch``, ``loss``
+        (mean minibatch loss of the epoch), ``seconds`` (cumulative), ``images_per_s``,
+        ``resolution_05_ref``, ``fsc_ref``).
+    """
+    n = projector.n
+    cdt = jnp.complex128 if dtype == jnp.float64 else jnp.complex64
+    if indices is None:
+        indices = np.arange(len(source.metadata))
+    indices = np.asarray(indices)
+    if state is None:
+        vol = jnp.zeros((n,) * 3, cdt) if init is None else jnp.asarray(init, cdt)
+        rng = np.random.default_rng(seed)
+        state = FitState(vol, optimizer.init(vol), 0, rng.bit_generator.state, [])
+    step = step_fn or make_step(optimizer, projector, lam, vol_mask, dtype)
+    vol, opt_state = state.volume_f, state.opt_state
+    rng = np.random.default_rng()
+    rng.bit_generator.state = state.rng_state
+    history = list(state.history)
+    t_total = history[-1]["seconds"] if history else 0.0
+    first_loss = history[0]["loss"] if history else None
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=(epochs - state.epoch) * int(np.ceil(len(indices) / batch_size)), desc=desc,
+                   unit="batch", leave=False)
+    for epoch in range(state.epoch, epochs):
+        t0 = time.perf_counter()
+        losses = []
+        for idx, mask in epoch_batches(indices, batch_size, rng):
+            raw = load_batch(source, idx, mask)
+            vol, opt_state, val = step(vol, opt_state, raw)
+            val = float(val)
+            if first_loss is None:
+                first_loss = abs(val) if val != 0 else 1.0
+            if not np.isfinite(val) or abs(val) > divergence_factor * first_loss:
+                raise DivergenceError(
+                    f"loss diverged at epoch {epoch + 1} ({val:.3g}, first loss {first_loss:.3g}); "
+                    "lower the learning rate (--lr) or use the line search"
+                )
+            losses.append(val)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{val:.4g}")
+        jax.block_until_ready(vol)
+        dt = time.perf_counter() - t0
+        t_total += dt
+        rec = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "seconds": t_total,
+            "images_per_s": len(indices) / dt,
+            "resolution_05_ref": None,
+            "fsc_ref": None,
+        }
+        if reference_f is not None:
+            from .metrics import fsc as fsc_fn
+
+            r = fsc_fn(np.asarray(vol), np.asarray(reference_f), pixel_size=pixel_size or projector.pixel_size,
+                       fourier=True)
+            rec["resolution_05_ref"] = float(r.resolution_05)
+            rec["fsc_ref"] = [float(x) for x in r.fsc]
+        history.append(rec)
+        state = FitState(vol, opt_state, epoch + 1, rng.bit_generator.state, history)
+        if callback is not None:
+            callback(rec, vol)
+        if on_epoch_end is not None:
+            on_epoch_end(state)
+    if bar is not None:
+        bar.close()
+    return FitResult(vol, history, state)
