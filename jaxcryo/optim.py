@@ -62,12 +62,17 @@ def rademacher_probes(key, params, n_probes: int):
     return z.astype(params.dtype)
 
 
-def hutchinson_estimate(obj_fn: Callable, params, key, n_probes: int = 1):
-    """One Hutchinson estimate ``mean_k Re(z_k * H z_k)`` of ``diag(H)`` with ``n_probes`` vmapped probes."""
+def hutchinson_samples(obj_fn: Callable, params, key, n_probes: int = 1):
+    """``n_probes`` single-probe samples ``Re(z_k * H z_k)`` ``(K, ...)``, HVPs vmapped over the probes."""
     zs = rademacher_probes(key, params, n_probes)
     g = gradient(obj_fn)
     hz = jax.vmap(lambda z: jax.jvp(g, (params,), (z,))[1])(zs)
-    return jnp.mean(_real(jnp.conj(zs) * hz), axis=0)
+    return _real(jnp.conj(zs) * hz)
+
+
+def hutchinson_estimate(obj_fn: Callable, params, key, n_probes: int = 1):
+    """One Hutchinson estimate ``mean_k Re(z_k * H z_k)`` of ``diag(H)`` with ``n_probes`` vmapped probes."""
+    return jnp.mean(hutchinson_samples(obj_fn, params, key, n_probes), axis=0)
 
 
 def hutchinson_diagonal(
