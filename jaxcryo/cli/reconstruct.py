@@ -1,0 +1,172 @@
+"""``jaxcryo reconstruct``: particles with known poses in, gold-standard map out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from ..reconstruct import DEFAULTS, OPTIMIZERS
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "reconstruct",
+        help="reconstruct a map from particles with known poses (RELION .star or cryoSPARC .cs)",
+        description=(
+            "Known-pose least-squares reconstruction. Writes DIR/map.mrc, half1.mrc, half2.mrc, fsc.json, "
+            "fsc.png, history.json, convergence.png, run.json and checkpoint.pkl. Default: SGD preconditioned "
+            "by Hutchinson's estimate of the Hessian diagonal (psgd), nearest-neighbour slices (fastest on "
+            "CPU and, measured on simulated box-32 data, as accurate as trilinear/nufft at the same noise), "
+            "10 epochs of batch 256 with the step 1/lambda_max(D^-1 H) decaying like 1/epoch."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("particles", type=Path, help="particles (.star or .cs)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULTS["optimizer"])
+    p.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="passes over the data (cg: iterations)")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    p.add_argument("--lr", type=float, default=None,
+                   help="step size (default: 1/lambda_max of the (preconditioned) Hessian, measured)")
+    p.add_argument("--interp", choices=("nearest", "trilinear", "nufft"), default=DEFAULTS["interp"])
+    p.add_argument("--probes", type=int, default=DEFAULTS["probes"],
+                   help="Hutchinson probes per step (psgd); 0 = exact Hessian diagonal")
+    p.add_argument("--lambda", dest="lam", type=float, default=DEFAULTS["lam"], help="Tikhonov weight")
+    p.add_argument("--box", type=int, default=None, help="Fourier-crop the images to this box")
+    p.add_argument("--datadir", type=Path, default=None, help="folder holding the stacks")
+    p.add_argument("--apix", type=float, default=None, help="pixel size (A) when the files lack one")
+    p.add_argument("--poses", type=Path, default=None, help="cryoDRGN pose pickle overriding the poses")
+    p.add_argument("--reference", type=Path, default=None, help="reference map: FSC against it each epoch")
+    p.add_argument("--no-halfmaps", dest="halfmaps", action="store_false", help="skip the half maps")
+    p.add_argument("--mask", action="store_true", help="soft spherical mask for the FSCs")
+    p.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pkl")
+    p.add_argument("--skip-bad", action="store_true", help="skip images with NaN/inf instead of failing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--platform", choices=("cpu", "gpu"), default=None, help="JAX platform (default: what JAX finds)")
+    p.set_defaults(func=run)
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("jaxcryo", "jax", "jaxlib", "optax", "equinox", "jax-finufft", "mrcfile", "starfile", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _write_json(path: Path, obj) -> None:
+    from ..io.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def run(args) -> int:
+    import os
+
+    if args.platform is not None:
+        os.environ["JAX_PLATFORMS"] = "cuda" if args.platform == "gpu" else "cpu"
+    import jax
+    import numpy as np
+
+    from ..data import ParticleDataset
+    from ..errors import InputError
+    from ..io.mrc import read_map, write_map
+    from ..plotting import plot_convergence, plot_fsc
+    from ..reconstruct import reconstruct
+
+    if args.platform is not None:
+        try:
+            jax.devices("gpu" if args.platform == "gpu" else "cpu")
+        except RuntimeError as e:
+            raise InputError(f"--platform {args.platform}: JAX finds no such device ({e})") from None
+    t0 = time.perf_counter()
+    ds = ParticleDataset.from_file(args.particles, datadir=args.datadir, apix=args.apix, poses=args.poses)
+    md = ds.metadata
+    if md.rotations is None:
+        why = md.extra.get("missing", "rlnAngleRot/rlnAngleTilt/rlnAnglePsi")
+        raise InputError(f"{args.particles}: no poses ({why}); known-pose reconstruction needs them "
+                         "(or give --poses POSES.pkl)")
+    if md.extra.get("mixed_optics") and args.box is None:
+        raise InputError(f"{args.particles}: optics groups have different pixel sizes or boxes; "
+                         "give --box to bring them to one box")
+    ds.validate(check_images=True)
+    indices = np.arange(len(md))
+    bad = ds.find_bad_images()
+    if bad.any():
+        if not args.skip_bad:
+            first = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{md.image_files[first]}: {int(bad.sum())} image(s) contain NaN/inf "
+                             f"(first: image {int(md.image_indices[first]) + 1}); use --skip-bad to skip them")
+        indices = np.flatnonzero(~bad)
+        if not args.quiet:
+            print(f"skipping {int(bad.sum())} image(s) with NaN/inf", file=sys.stderr)
+    if len(indices) == 0:
+        raise InputError(f"{args.particles}: the selection is empty")
+    if args.box is not None and args.box > md.box:
+        raise InputError(f"--box {args.box} is larger than the images ({md.box} px)")
+    reference = None
+    if args.reference is not None:
+        if not args.reference.exists():
+            raise InputError(f"{args.reference}: no such file")
+        reference, _ = read_map(args.reference)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "checkpoint.pkl"
+    if args.resume and not ckpt.exists():
+        raise InputError(f"{ckpt}: no checkpoint to resume from")
+    try:
+        res = reconstruct(
+            ds, optimizer=args.optimizer, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            interp=args.interp, probes=args.probes, lam=args.lam, box=args.box, halfmaps=args.halfmaps,
+            reference=reference, mask=args.mask, seed=args.seed, progress=not args.quiet,
+            checkpoint_path=ckpt, resume=args.resume, indices=indices,
+        )
+    except KeyboardInterrupt:
+        msg = f"interrupted; continue with --resume ({ckpt})" if ckpt.exists() else "interrupted"
+        print(f"jaxcryo reconstruct: {msg}", file=sys.stderr)
+        return 130
+    px = res.pixel_size
+    write_map(out / "map.mrc", res.volume, px)
+    if res.half1 is not None:
+        write_map(out / "half1.mrc", res.half1, px)
+        write_map(out / "half2.mrc", res.half2, px)
+    fsc = res.fsc_half.to_dict() if res.fsc_half is not None else {
+        "resolution_0143": None, "resolution_05": None, "frequency": [], "fsc": []}
+    if res.fsc_ref is not None:
+        fsc["reference"] = res.fsc_ref.to_dict()
+    _write_json(out / "fsc.json", fsc)
+    curves = {}
+    if res.fsc_half is not None:
+        curves["half maps"] = res.fsc_half
+    if res.fsc_ref is not None:
+        curves["map vs reference"] = res.fsc_ref
+    if curves:
+        plot_fsc(curves, out / "fsc.png", title=f"FSC ({args.optimizer})")
+    _write_json(out / "history.json", res.history)
+    plot_convergence({args.optimizer: res.history}, out / "convergence.png")
+    devices = [str(d) for d in jax.devices()]
+    _write_json(out / "run.json", {
+        "command": "reconstruct", "argv": sys.argv, "particles": str(args.particles),
+        "config": res.config, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                       if k != "func"},
+        "n_particles_used": int(len(indices)), "versions": _versions(), "device": devices,
+        "wall_seconds": time.perf_counter() - t0,
+    })
+    wall = time.perf_counter() - t0
+    parts = []
+    if res.fsc_half is not None:
+        parts.append(f"half-map FSC 0.143: {res.fsc_half.resolution_0143:.2f} A, 0.5: {res.fsc_half.resolution_05:.2f} A")
+    if res.fsc_ref is not None:
+        parts.append(f"vs reference 0.5: {res.fsc_ref.resolution_05:.2f} A")
+    print(f"jaxcryo reconstruct: {len(indices)} particles, {args.optimizer}, {wall:.1f} s; "
+          + ("; ".join(parts) if parts else "no FSC") + f" -> {out}/map.mrc")
+    return 0
