@@ -1,0 +1,10 @@
+"""File formats: MRC/MRCS (:mod:`.mrc`), RELION STAR (:mod:`.star`), cryoSPARC .cs (:mod:`.cryosparc`),
+cryoDRGN pickles (:mod:`.cryodrgn`). Conventions are converted to RELION's here and only here."""
+
+from .cryodrgn import apply_poses, read_ctf_pickle, read_pose_pickle
+from .cryosparc import read_cs
+from .mrc import open_stack, read_map, stack_pixel_size, write_map, write_stack
+from .star import read_star, write_star
+
+__all__ = ["apply_poses", "read_ctf_pickle", "read_pose_pickle", "read_cs", "open_stack", "read_map",
+           "stack_pixel_size", "write_map", "write_stack", "read_star", "write_star"]

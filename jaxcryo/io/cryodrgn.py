@@ -1,0 +1,67 @@
+"""cryoDRGN pose and CTF pickles, converted to RELION conventions.
+
+* Pose pickles hold rotation matrices ``(N, 3, 3)`` that act on row vectors (``coords @ R``), which is
+  exactly RELION's ``A`` (CONVENTIONS.md: 0.992 correlation on the toy set; the transpose gives 0.45),
+  optionally with translations ``(N, 2)`` in fractions of the box, the same sign as RELION's origin.
+* CTF pickles are ``(N, 9)`` tables: D, Apix, dfU, dfV, dfang (deg), kV, Cs (mm), Q0, phase (deg).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from ..ctf import CTFParams
+from ..errors import InputError
+from ..particles import ParticleMetadata
+
+
+def _load(path):
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+
+
+def read_pose_pickle(path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read a cryoDRGN pose pickle -> (RELION matrices ``(N, 3, 3)``, translations in box fractions or None)."""
+    obj = _load(path)
+    trans = None
+    if isinstance(obj, (tuple, list)):
+        if len(obj) != 2:
+            raise InputError(f"{path}: expected rotations or (rotations, translations), got {len(obj)} items")
+        rot, trans = np.asarray(obj[0], np.float64), np.asarray(obj[1], np.float64)
+    else:
+        rot = np.asarray(obj, np.float64)
+    if rot.ndim != 3 or rot.shape[1:] != (3, 3):
+        raise InputError(f"{path}: rotations have shape {rot.shape}, expected (N, 3, 3)")
+    if trans is not None and trans.shape != (len(rot), 2):
+        raise InputError(f"{path}: translations have shape {trans.shape}, expected ({len(rot)}, 2)")
+    return rot, trans
+
+
+def read_ctf_pickle(path) -> CTFParams:
+    """Read a cryoDRGN CTF table ``(N, 9)`` into :class:`CTFParams`."""
+    t = np.asarray(_load(path), np.float64)
+    if t.ndim != 2 or t.shape[1] != 9:
+        raise InputError(f"{path}: CTF table has shape {t.shape}, expected (N, 9)")
+    return CTFParams.create(defocus_u=t[:, 2], defocus_v=t[:, 3], astig_angle=t[:, 4], voltage=t[:, 5],
+                            cs=t[:, 6], amp_contrast=t[:, 7], phase_shift=t[:, 8], dtype=np.float64)
+
+
+def apply_poses(md: ParticleMetadata, path, use_translations: bool = True) -> ParticleMetadata:
+    """Replace the poses of ``md`` by those of a cryoDRGN pose pickle (and the shifts, if it has them)."""
+    rot, trans = read_pose_pickle(path)
+    if len(rot) != len(md):
+        raise InputError(f"{path}: {len(rot)} poses for {len(md)} particles")
+    shifts = md.shifts
+    if trans is not None and use_translations:
+        shifts = trans * md.box * md.pixel_size
+    return dataclasses.replace(md, rotations=rot, shifts=shifts)

@@ -1,0 +1,100 @@
+"""cryoSPARC ``.cs`` particle files (NumPy structured arrays), converted to RELION conventions.
+
+* ``alignments3D/pose``: axis-angle; RELION's matrix is ``expm(skew(pose)).T``
+  (:func:`jaxcryo.rotations.cryosparc_pose_to_relion`, as cryoDRGN's ``parse_pose_csparc``).
+* ``alignments3D/shift``: pixels, copied with the same sign to RELION's origin (as pyem's ``csparc2star``
+  and cryoDRGN do), times ``blob/psize_A`` for Å.
+* ``blob/sign``: -1 means the images have the opposite contrast; kept as ``contrast_sign`` and applied
+  when images are read.
+* CTF: ``ctf/df1_A``, ``df2_A``, ``df_angle_rad`` (-> degrees), ``accel_kv``, ``cs_mm``, ``amp_contrast``,
+  ``phase_shift_rad`` (-> degrees), ``bfactor``, ``scale``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..ctf import CTFParams
+from ..errors import InputError
+from ..particles import ParticleMetadata
+from ..rotations import cryosparc_pose_to_relion
+
+
+def _field(path, data, name, required=True):
+    if name in data.dtype.names:
+        return np.asarray(data[name])
+    if required:
+        raise InputError(f"{path}: field {name} missing")
+    return None
+
+
+def read_cs(path, datadir=None, apix: float | None = None) -> ParticleMetadata:
+    """Read a cryoSPARC particle ``.cs`` file into :class:`ParticleMetadata`.
+
+    Without ``alignments3D`` the poses are ``None`` and ``extra['missing'] = 'alignments3D'``.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"{path}: not a cryoSPARC .cs file ({type(e).__name__}: {e})") from None
+    if data.dtype.names is None:
+        raise InputError(f"{path}: not a cryoSPARC .cs file (no named fields)")
+    n = len(data)
+    if n == 0:
+        raise InputError(f"{path}: no particles")
+    bpath = _field(path, data, "blob/path")
+    bidx = _field(path, data, "blob/idx").astype(np.int64)
+    shape = _field(path, data, "blob/shape", required=False)
+    psize = _field(path, data, "blob/psize_A", required=False)
+    sign = _field(path, data, "blob/sign", required=False)
+    px = float(apix) if apix is not None else (float(psize[0]) if psize is not None else None)
+    if px is None or px <= 0:
+        raise InputError(f"{path}: field blob/psize_A missing or zero; give --apix")
+    box = int(shape[0][-1]) if shape is not None else None
+    files, cache = [], {}
+    base = Path(datadir) if datadir is not None else path.parent
+    for b in bpath:
+        s = b.decode() if isinstance(b, bytes) else str(b)
+        s = s.lstrip(">")
+        if s not in cache:
+            cands = [base / s, base / Path(s).name, path.parent / s, path.parent / Path(s).name]
+            hit = next((c for c in cands if c.exists()), cands[0])
+            cache[s] = str(hit.resolve())
+        files.append(cache[s])
+    files = np.array(files, dtype=object)
+    if box is None:
+        from .mrc import stack_shape
+
+        if not Path(files[0]).exists():
+            raise InputError(f"{path}: field blob/shape missing and stack {files[0]} not found")
+        box = stack_shape(files[0])[-1]
+    extra: dict = {}
+    rotations, shifts = None, np.zeros((n, 2))
+    if "alignments3D/pose" in data.dtype.names:
+        rotations = cryosparc_pose_to_relion(np.asarray(data["alignments3D/pose"], np.float64))
+        if "alignments3D/shift" in data.dtype.names:
+            shifts = np.asarray(data["alignments3D/shift"], np.float64) * px
+        if "alignments3D/split" in data.dtype.names:
+            extra["random_subset"] = np.asarray(data["alignments3D/split"], np.int64) + 1
+    else:
+        extra["missing"] = "alignments3D"
+    ctf = None
+    if "ctf/df1_A" in data.dtype.names:
+        g = lambda k, d: np.asarray(data[k], np.float64) if k in data.dtype.names else np.full(n, d)  # noqa: E731
+        ctf = CTFParams.create(
+            defocus_u=g("ctf/df1_A", 0), defocus_v=g("ctf/df2_A", 0),
+            astig_angle=np.rad2deg(g("ctf/df_angle_rad", 0.0)), voltage=g("ctf/accel_kv", 300.0),
+            cs=g("ctf/cs_mm", 2.7), amp_contrast=g("ctf/amp_contrast", 0.1),
+            phase_shift=np.rad2deg(g("ctf/phase_shift_rad", 0.0)), bfactor=g("ctf/bfactor", 0.0),
+            scale=g("ctf/scale", 1.0), dtype=np.float64,
+        )
+    contrast = None if sign is None else np.where(np.asarray(sign) < 0, -1.0, 1.0)
+    return ParticleMetadata(
+        rotations=rotations, shifts=shifts, ctf=ctf, image_files=files, image_indices=bidx, pixel_size=px,
+        box=int(box), contrast_sign=contrast, source=str(path), extra=extra,
+    )

@@ -1,0 +1,248 @@
+"""RELION STAR particle files (3.0, 3.1+ with optics groups, RELION 5) through the ``starfile`` package.
+
+Conventions converted here, once: Euler angles -> RELION matrices, origins -> Å, optics-group values ->
+per particle, ``index@stack`` -> (absolute path, 0-based index).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..ctf import CTFParams
+from ..errors import InputError
+from ..particles import ParticleMetadata
+from ..rotations import euler_to_matrix, matrix_to_euler
+from .atomic import atomic_path
+
+CTF_REQUIRED = ("rlnDefocusU", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+
+
+def _read_blocks(path: Path) -> dict:
+    import starfile
+
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            blocks = starfile.read(path, always_dict=True)
+    except Exception as e:  # starfile/pandas parse errors
+        raise InputError(f"{path}: not a readable STAR file ({type(e).__name__}: {e})") from None
+    return blocks
+
+
+def _find_tables(path: Path, blocks: dict):
+    import pandas as pd
+
+    tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    optics = tables.get("optics")
+    parts = None
+    for name in ("particles", "images", "", "data_", "model_class_1"):
+        if name in tables and "rlnImageName" in tables[name].columns:
+            parts = tables[name]
+            break
+    if parts is None:
+        cands = [v for k, v in tables.items() if "rlnImageName" in v.columns and k != "optics"]
+        if cands:
+            parts = cands[0]
+    if parts is None:
+        raise InputError(f"{path}: no particle table with an rlnImageName column")
+    return parts, optics
+
+
+def _numeric(path, df, col, dtype=np.float64) -> np.ndarray:
+    try:
+        return df[col].to_numpy(dtype=dtype)
+    except (ValueError, TypeError):
+        raise InputError(f"{path}: column {col}: expected numbers") from None
+
+
+def _resolve(path: Path, name: str, datadir) -> Path:
+    p = Path(name)
+    cands = []
+    if p.is_absolute():
+        cands.append(p)
+    if datadir is not None:
+        cands += [Path(datadir) / p, Path(datadir) / p.name]
+    cands += [path.parent / p, path.parent / p.name]
+    for c in cands:
+        if c.exists():
+            return c.resolve()
+    return cands[0].resolve()  # missing: reported when the images are read (ParticleDataset.validate)
+
+
+def read_star(path, datadir=None, apix: float | None = None) -> ParticleMetadata:
+    """Read a RELION particle STAR file into :class:`ParticleMetadata` (see its docstring for units).
+
+    Pixel size: ``apix`` if given, else ``rlnImagePixelSize``, else ``rlnDetectorPixelSize * 1e4 /
+    rlnMagnification``, else the stack header, else :class:`InputError` asking for ``--apix``.
+    Shifts: ``rlnOriginX/YAngst``, else ``rlnOriginX/Y`` (pixels) times the pixel size, else zero.
+    Missing CTF columns: CTF off, with a warning naming them. Missing angles: ``rotations=None``.
+    """
+    path = Path(path)
+    parts, optics = _find_tables(path, _read_blocks(path))
+    if len(parts) == 0:
+        raise InputError(f"{path}: no particles")
+    parts = parts.reset_index(drop=True)
+    n = len(parts)
+    # Merge optics-group columns per particle (RELION 3.1+).
+    if optics is not None and len(optics):
+        if "rlnOpticsGroup" not in optics.columns:
+            raise InputError(f"{path}: optics block has no rlnOpticsGroup column")
+        og = _numeric(path, parts, "rlnOpticsGroup", np.int64) if "rlnOpticsGroup" in parts.columns else np.full(n, int(optics["rlnOpticsGroup"].iloc[0]))
+        table = {int(g): i for i, g in enumerate(_numeric(path, optics, "rlnOpticsGroup", np.int64))}
+        missing = set(np.unique(og)) - set(table)
+        if missing:
+            raise InputError(f"{path}: rlnOpticsGroup {sorted(missing)} not in the optics block")
+        rows = np.array([table[int(g)] for g in og])
+        for col in optics.columns:
+            if col not in parts.columns and col not in ("rlnOpticsGroupName",):
+                parts[col] = optics[col].to_numpy()[rows]
+    else:
+        og = np.ones(n, np.int64)
+
+    # Image locations.
+    names = parts["rlnImageName"].astype(str).to_numpy()
+    files, idx = [], np.empty(n, np.int64)
+    cache: dict = {}
+    for i, s in enumerate(names):
+        if "@" in s:
+            a, b = s.split("@", 1)
+            try:
+                idx[i] = int(a) - 1
+            except ValueError:
+                raise InputError(f"{path}: rlnImageName {s!r}: expected index@stack") from None
+        else:
+            idx[i], b = 0, s
+        if b not in cache:
+            cache[b] = str(_resolve(path, b, datadir))
+        files.append(cache[b])
+    files = np.array(files, dtype=object)
+
+    # Pixel size and box.
+    px_per = None
+    if apix is not None:
+        px_per = np.full(n, float(apix))
+    elif "rlnImagePixelSize" in parts.columns:
+        px_per = _numeric(path, parts, "rlnImagePixelSize")
+    elif "rlnDetectorPixelSize" in parts.columns and "rlnMagnification" in parts.columns:
+        px_per = _numeric(path, parts, "rlnDetectorPixelSize") * 1e4 / _numeric(path, parts, "rlnMagnification")
+    box_per = _numeric(path, parts, "rlnImageSize", np.int64) if "rlnImageSize" in parts.columns else None
+    if px_per is None or box_per is None:
+        from .mrc import stack_pixel_size, stack_shape
+
+        first = files[0]
+        if not Path(first).exists():
+            what = "pixel size" if px_per is None else "image size"
+            raise InputError(f"{path}: no {what} in the STAR file and stack {first} not found; "
+                             + ("give --apix" if px_per is None else "check --datadir"))
+        if px_per is None:
+            p = stack_pixel_size(first)
+            if p is None:
+                raise InputError(f"{path}: no pixel size (rlnImagePixelSize, rlnDetectorPixelSize/rlnMagnification "
+                                 f"or the stack header of {first}); give --apix")
+            px_per = np.full(n, p)
+        if box_per is None:
+            box_per = np.full(n, stack_shape(first)[-1], np.int64)
+    if not np.all(px_per > 0):
+        raise InputError(f"{path}: pixel size must be positive, got {px_per[~(px_per > 0)][0]}")
+
+    # Poses and shifts.
+    ang = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
+    rotations = None
+    if all(c in parts.columns for c in ang):
+        rotations = euler_to_matrix(*(_numeric(path, parts, c) for c in ang))
+    elif any(c in parts.columns for c in ang):
+        present = [c for c in ang if c in parts.columns]
+        warnings.warn(f"{path}: only {present} of the Euler angles present; poses treated as missing", stacklevel=2)
+    if "rlnOriginXAngst" in parts.columns and "rlnOriginYAngst" in parts.columns:
+        shifts = np.stack([_numeric(path, parts, "rlnOriginXAngst"), _numeric(path, parts, "rlnOriginYAngst")], 1)
+    elif "rlnOriginX" in parts.columns and "rlnOriginY" in parts.columns:
+        shifts = np.stack([_numeric(path, parts, "rlnOriginX"), _numeric(path, parts, "rlnOriginY")], 1) * px_per[:, None]
+    else:
+        shifts = np.zeros((n, 2))
+
+    # CTF.
+    ctf = None
+    have = [c for c in CTF_REQUIRED if c in parts.columns]
+    if len(have) == len(CTF_REQUIRED):
+        du = _numeric(path, parts, "rlnDefocusU")
+        get = lambda c, d: _numeric(path, parts, c) if c in parts.columns else np.full(n, d)  # noqa: E731
+        ctf = CTFParams.create(
+            defocus_u=du, defocus_v=get("rlnDefocusV", 0.0) if "rlnDefocusV" in parts.columns else du,
+            astig_angle=get("rlnDefocusAngle", 0.0), voltage=get("rlnVoltage", 300.0),
+            cs=get("rlnSphericalAberration", 2.7), amp_contrast=get("rlnAmplitudeContrast", 0.1),
+            phase_shift=get("rlnPhaseShift", 0.0), bfactor=get("rlnCtfBfactor", 0.0),
+            scale=get("rlnCtfScalefactor", 1.0), dtype=np.float64,
+        )
+    else:
+        missing = [c for c in CTF_REQUIRED if c not in parts.columns]
+        warnings.warn(f"{path}: CTF columns missing ({', '.join(missing)}); the CTF is off", stacklevel=2)
+
+    extra: dict = {"optics_group": og, "pixel_size_per_particle": px_per, "box_per_particle": box_per}
+    if len(np.unique(px_per)) > 1 or len(np.unique(box_per)) > 1:
+        extra["mixed_optics"] = True
+    if "rlnRandomSubset" in parts.columns:
+        extra["random_subset"] = _numeric(path, parts, "rlnRandomSubset", np.int64)
+    if "rlnCtfDataAreCtfPremultiplied" in parts.columns:
+        if np.any(_numeric(path, parts, "rlnCtfDataAreCtfPremultiplied") != 0):
+            warnings.warn(f"{path}: images are CTF-premultiplied; jaxcryo's forward model assumes they are not",
+                          stacklevel=2)
+    return ParticleMetadata(
+        rotations=rotations, shifts=shifts.astype(np.float64), ctf=ctf, image_files=files, image_indices=idx,
+        pixel_size=float(px_per[0]), box=int(box_per[0]), source=str(path), extra=extra,
+    )
+
+
+def write_star(path, md: ParticleMetadata) -> None:
+    """Write ``md`` as a RELION 3.1 particle STAR (optics block + particles block), atomically.
+
+    Image paths are written relative to the STAR file's folder when possible.
+    """
+    import pandas as pd
+    import starfile
+
+    path = Path(path)
+    n = len(md)
+    ctf = md.ctf
+    optics = pd.DataFrame({
+        "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+        "rlnImagePixelSize": [float(md.pixel_size)], "rlnImageSize": [int(md.box)],
+        "rlnImageDimensionality": [2],
+        "rlnVoltage": [float(ctf.voltage[0]) if ctf is not None else 300.0],
+        "rlnSphericalAberration": [float(ctf.cs[0]) if ctf is not None else 2.7],
+        "rlnAmplitudeContrast": [float(ctf.amp_contrast[0]) if ctf is not None else 0.1],
+    })
+    folder = path.parent.resolve()
+
+    def rel(f):
+        p = Path(f)
+        try:
+            return str(p.resolve().relative_to(folder)) if p.is_absolute() else str(p)
+        except ValueError:
+            return str(p)
+
+    cols: dict = {"rlnImageName": [f"{i + 1:06d}@{rel(f)}" for i, f in zip(md.image_indices, md.image_files)]}
+    if md.rotations is not None:
+        rot, tilt, psi = matrix_to_euler(md.rotations)
+        cols.update(rlnAngleRot=rot, rlnAngleTilt=tilt, rlnAnglePsi=psi)
+    cols.update(rlnOriginXAngst=md.shifts[:, 0], rlnOriginYAngst=md.shifts[:, 1])
+    if ctf is not None:
+        cols.update(rlnDefocusU=np.asarray(ctf.defocus_u, np.float64), rlnDefocusV=np.asarray(ctf.defocus_v, np.float64),
+                    rlnDefocusAngle=np.asarray(ctf.astig_angle, np.float64),
+                    rlnPhaseShift=np.asarray(ctf.phase_shift, np.float64),
+                    rlnCtfBfactor=np.asarray(ctf.bfactor, np.float64),
+                    rlnCtfScalefactor=np.asarray(ctf.scale, np.float64))
+        for name, f in (("voltage", "rlnVoltage"), ("cs", "rlnSphericalAberration"), ("amp_contrast", "rlnAmplitudeContrast")):
+            v = np.asarray(getattr(ctf, name), np.float64)
+            if np.ptp(v) > 0:
+                cols[f] = v
+    cols["rlnOpticsGroup"] = np.ones(n, np.int64)
+    if md.extra.get("random_subset") is not None:
+        cols["rlnRandomSubset"] = md.extra["random_subset"]
+    parts = pd.DataFrame(cols)
+    with atomic_path(path) as tmp:
+        starfile.write({"optics": optics, "particles": parts}, tmp, float_format="%.6f", overwrite=True)

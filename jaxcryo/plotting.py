@@ -1,0 +1,96 @@
+"""FSC and convergence figures as PNG files (matplotlib, Agg backend, written atomically)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _fig():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+    return path
+
+
+def _curve(c):
+    if isinstance(c, dict):
+        return c["frequency"], c["fsc"]
+    return c.frequency, c.fsc
+
+
+def plot_fsc(curves: dict, path, title: str | None = None, thresholds=(0.143, 0.5)) -> Path:
+    """Plot FSC curves (``label -> FSCResult`` or a dict with ``frequency``/``fsc``) against 1/Å, with
+    the threshold lines and a top axis in Å."""
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fmax = 0.0
+    for label, c in curves.items():
+        f, v = _curve(c)
+        ax.plot(f, v, marker=".", label=label)
+        fmax = max(fmax, max(f) if len(f) else 0)
+    for t in thresholds:
+        ax.axhline(t, color="gray", lw=0.8, ls="--")
+        ax.text(fmax, t, f" {t:g}", va="center", fontsize=8, color="gray")
+    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_ylabel("FSC")
+    ax.set_ylim(-0.1, 1.05)
+    ax.set_xlim(0, fmax * 1.02 if fmax else 1)
+    ax.grid(alpha=0.3)
+    if fmax:
+        sec = ax.secondary_xaxis("top")
+        ticks = [t for t in ax.get_xticks() if 0 < t <= fmax * 1.02]
+        sec.set_xticks(ticks)
+        sec.set_xticklabels([f"{1 / t:.1f}" for t in ticks])
+        sec.set_xlabel("resolution (Å)")
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def plot_convergence(histories: dict, path, x_keys=("epoch", "seconds"), y_keys=("loss", "resolution_05_ref"),
+                     title: str | None = None) -> Path:
+    """Grid of convergence curves: rows ``y_keys`` (skipped where all values are None), columns ``x_keys``;
+    one line per history (``label -> list of per-epoch dicts``)."""
+    plt = _fig()
+    ys = [y for y in y_keys if any(r.get(y) is not None for h in histories.values() for r in h)]
+    ys = ys or [y_keys[0]]
+    fig, axes = plt.subplots(len(ys), len(x_keys), figsize=(4.2 * len(x_keys), 3.2 * len(ys)), squeeze=False)
+    labels = {"loss": "loss", "resolution_05_ref": "FSC-0.5 resolution vs reference (Å)",
+              "seconds": "time (s)", "epoch": "epoch"}
+    for i, y in enumerate(ys):
+        for j, x in enumerate(x_keys):
+            ax = axes[i][j]
+            for label, h in histories.items():
+                pts = [(r.get(x), r.get(y)) for r in h if r.get(x) is not None and r.get(y) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, label=label)
+            if y == "loss":
+                vals = [r.get(y) for h in histories.values() for r in h if r.get(y) is not None]
+                if vals and min(vals) > 0:
+                    ax.set_yscale("log")
+            ax.set_xlabel(labels.get(x, x))
+            ax.set_ylabel(labels.get(y, y))
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
