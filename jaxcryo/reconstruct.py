@@ -141,6 +141,7 @@ def reconstruct(
     resume: bool = False,
     indices: np.ndarray | None = None,
     epoch_callback: Callable[[dict], None] | None = None,
+    volume_callback: Callable[[Any], None] | None = None,
 ) -> ReconstructResult:
     """Reconstruct a map from a particle source with known poses.
 
@@ -159,6 +160,8 @@ def reconstruct(
         mask: apply a soft spherical mask before the FSCs.
         checkpoint_path: file to checkpoint to at the end of every epoch (atomic); ``resume`` continues it.
         indices: the particles to use (default all).
+        epoch_callback: called with each epoch's history record.
+        volume_callback: called with the (combined) centred Fourier volume after each epoch.
     """
     from .metrics import fsc as fsc_fn
     from .metrics import soft_sphere_mask
@@ -333,6 +336,8 @@ def reconstruct(
                 bar.update(1)
             if epoch_callback is not None:
                 epoch_callback(rec)
+            if volume_callback is not None:
+                volume_callback(vol_f)
     finally:
         if bar is not None:
             bar.close()
