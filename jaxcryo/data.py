@@ -103,36 +103,102 @@ class ParticleDataset:
         return out
 
     def validate(self, check_images: bool = True) -> None:
-        """Check that every stack exists, indices are in range, and images are square of the metadata box.
+        """Check the metadata and, with ``check_images``, that every stack exists, every index is in range
+        and the images are square and of the metadata's box (per particle for mixed optics groups).
 
-        Raises :class:`InputError` naming the stack and the problem. Reads headers only.
+        Raises :class:`InputError` naming the file and the problem. Reads stack headers only; use
+        :meth:`find_bad_images` to scan the pixel values.
         """
         md = self.metadata
+        src = md.source or "particles"
+        n = len(md)
+        if n == 0:
+            raise InputError(f"{src}: no particles")
+        if np.any(np.asarray(md.image_indices) < 0):
+            raise InputError(f"{src}: negative image index")
+        if md.rotations is not None and not np.all(np.isfinite(md.rotations)):
+            raise InputError(f"{src}: poses contain NaN or inf (particle {int(np.flatnonzero(~np.isfinite(md.rotations).all(axis=(1, 2)))[0])})")
+        if not np.all(np.isfinite(md.shifts)):
+            raise InputError(f"{src}: shifts contain NaN or inf")
+        if md.ctf is not None:
+            for name, v in zip(md.ctf._fields, md.ctf):
+                if not np.all(np.isfinite(np.asarray(v))):
+                    raise InputError(f"{src}: CTF field {name} contains NaN or inf")
+        if not check_images:
+            return
+        box_per = md.extra.get("box_per_particle") if md.extra else None
+        if not (isinstance(box_per, np.ndarray) and box_per.shape == (n,)):
+            box_per = np.full(n, md.box)
         for f in np.unique(md.image_files):
+            sel = md.image_files == f
             stack = self._stack(f)
-            n, h, w = stack.shape
+            count, h, w = stack.shape
+            expect = np.unique(box_per[sel])
             if h != w:
-                raise InputError(f"{f}: images are {w}x{h}, not square")
-            if h != md.box:
-                raise InputError(f"{f}: images are {w}x{h}, but the particle file says box {md.box}")
-            j = md.image_indices[md.image_files == f]
-            if j.size and (j.max() >= n or j.min() < 0):
-                bad = int(j[(j >= n) | (j < 0)][0])
-                raise InputError(f"{f}: image index {bad + 1} out of range (stack has {n} images)")
+                raise InputError(f"{f}: images are {w}x{h}, expected square {int(expect[0])}x{int(expect[0])}")
+            if len(expect) != 1 or int(expect[0]) != h:
+                raise InputError(f"{f}: images are {w}x{h}, expected {int(expect[0])}x{int(expect[0])} "
+                                 f"(the image size in {src})")
+            j = md.image_indices[sel]
+            if j.size and j.max() >= count:
+                raise InputError(f"{f}: image index {int(j.max()) + 1} out of range (stack has {count} images)")
 
     def find_bad_images(self, chunk: int = 1024) -> np.ndarray:
-        """Boolean mask of the particles whose image contains NaN or inf (streams through the stacks)."""
+        """Boolean mask of the particles whose image contains NaN or inf.
+
+        Streams through the data ``chunk`` images at a time (in file order), so memory stays bounded.
+        """
         bad = np.zeros(len(self), bool)
+        order = np.lexsort((self.metadata.image_indices, self.metadata.image_files.astype(str)))
         for s in range(0, len(self), chunk):
-            idx = np.arange(s, min(s + chunk, len(self)))
+            idx = order[s:s + chunk]
             imgs = self.images(idx)
-            bad[idx] = ~np.all(np.isfinite(imgs), axis=(1, 2))
+            bad[idx] = ~np.isfinite(imgs).all(axis=(1, 2))
         return bad
+
+    def split_halves(self, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Two disjoint halves of the particle indices (sorted): RELION's ``rlnRandomSubset`` (1/2, kept in
+        ``extra['random_subset']``) when present and valid, else a permutation seeded by ``seed``."""
+        md = self.metadata
+        sub = md.extra.get("random_subset") if md.extra else None
+        if isinstance(sub, np.ndarray) and sub.shape == (len(md),) and set(np.unique(sub).tolist()) == {1, 2}:
+            return np.flatnonzero(sub == 1), np.flatnonzero(sub == 2)
+        perm = np.random.default_rng([seed, 12345]).permutation(len(md))
+        h = len(perm) // 2
+        return np.sort(perm[:h]), np.sort(perm[h:])
+
+    def batches(self, batch_size: int, indices=None, shuffle: bool = True, seed: int = 0, epoch: int = 0):
+        """Yield ``(idx, mask)`` per minibatch, every one of static length ``batch_size``.
+
+        ``idx`` (int64) are particle indices; the last batch is padded by repeating its first indices and
+        ``mask`` (float32, 1 = real, 0 = padding) marks the real entries, so jitted steps see one shape.
+        With ``shuffle`` the order is a permutation seeded by ``(seed, epoch)`` (reproducible per epoch).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        idx = np.arange(len(self)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
+        if idx.size == 0:
+            return
+        if shuffle:
+            idx = idx[np.random.default_rng([seed, epoch]).permutation(idx.size)]
+        for s in range(0, idx.size, batch_size):
+            b = idx[s:s + batch_size]
+            k = b.size
+            mask = np.zeros(batch_size, np.float32)
+            mask[:k] = 1.0
+            if k < batch_size:
+                b = np.concatenate([b, np.resize(b, batch_size - k)])
+            yield b.astype(np.int64), mask
 
 
 def write_dataset(out_dir, metadata: ParticleMetadata, images, stack_name: str = "particles.mrcs",
                   star_name: str = "particles.star") -> Path:
-    """Write images as ``out_dir/stack_name`` and metadata as a RELION 3.1 ``out_dir/star_name``."""
+    """Write images as ``out_dir/stack_name`` and metadata as a RELION 3.1 ``out_dir/star_name``.
+
+    ``images`` are ``(n, box, box)`` as stored (before ``contrast_sign``); they are written multiplied by
+    ``metadata.contrast_sign`` where present, so the pair reads back (by RELION or :func:`read_particles`)
+    to the same images. Both files are written atomically. Returns the STAR path.
+    """
     import dataclasses
 
     from .io.mrc import write_stack
@@ -140,10 +206,15 @@ def write_dataset(out_dir, metadata: ParticleMetadata, images, stack_name: str =
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    images = np.asarray(images, np.float32)
+    if images.ndim != 3 or len(images) != len(metadata):
+        raise ValueError(f"write_dataset: {images.shape} images for {len(metadata)} particles")
+    if metadata.contrast_sign is not None:  # RELION has no sign field: write the images in its contrast
+        images = images * np.asarray(metadata.contrast_sign, np.float32)[:, None, None]
     write_stack(out / stack_name, images, metadata.pixel_size)
     md = dataclasses.replace(
         metadata, image_files=np.array([str((out / stack_name).resolve())] * len(metadata), dtype=object),
-        image_indices=np.arange(len(metadata)),
+        image_indices=np.arange(len(metadata)), contrast_sign=None,
     )
     write_star(out / star_name, md)
     return out / star_name

@@ -173,7 +173,7 @@ def test_dataset_validation_errors(tmp_path):
         ParticleDataset(bad).validate()
     write_stack(tmp_path / "rect.mrcs", np.zeros((10, 16, 12), np.float32), 3.0)
     rect = dataclasses.replace(ds.metadata, image_files=np.array([str(tmp_path / "rect.mrcs")] * 10, dtype=object))
-    with pytest.raises(InputError, match="not square"):
+    with pytest.raises(InputError, match="images are 12x16, expected square 16x16"):
         ParticleDataset(rect).validate()
     imgs = sim.images.copy()
     imgs[3, 2, 2] = np.nan

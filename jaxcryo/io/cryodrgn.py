@@ -2,7 +2,10 @@
 
 * Pose pickles hold rotation matrices ``(N, 3, 3)`` that act on row vectors (``coords @ R``), which is
   exactly RELION's ``A`` (CONVENTIONS.md: 0.992 correlation on the toy set; the transpose gives 0.45),
-  optionally with translations ``(N, 2)`` in fractions of the box, the same sign as RELION's origin.
+  optionally with translations ``(N, 2)`` in fractions of the box, with the same sign as RELION's origin:
+  cryoDRGN's ``parse_pose_star`` writes ``rlnOriginX/Y`` (pixels) ``/ D`` unchanged in sign, and its
+  ``parse_pose_csparc`` writes cryoSPARC's ``alignments3D/shift / D``. So RELION's origin in Å is
+  ``trans * box * pixel_size``.
 * CTF pickles are ``(N, 9)`` tables: D, Apix, dfU, dfV, dfang (deg), kV, Cs (mm), Q0, phase (deg).
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +34,12 @@ def _load(path):
         raise InputError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
 
 
-def read_pose_pickle(path) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read a cryoDRGN pose pickle -> (RELION matrices ``(N, 3, 3)``, translations in box fractions or None)."""
+def read_pose_pickle(path, box: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read a cryoDRGN pose pickle -> (RELION matrices ``(N, 3, 3)``, translations in box fractions or None).
+
+    The pickle holds either the rotations or a tuple ``(rotations, translations)``. ``box`` (pixels), when
+    given, is used to sanity-check the translations: fractions beyond half the box suggest pixels.
+    """
     obj = _load(path)
     trans = None
     if isinstance(obj, (tuple, list)):
@@ -44,6 +52,15 @@ def read_pose_pickle(path) -> tuple[np.ndarray, np.ndarray | None]:
         raise InputError(f"{path}: rotations have shape {rot.shape}, expected (N, 3, 3)")
     if trans is not None and trans.shape != (len(rot), 2):
         raise InputError(f"{path}: translations have shape {trans.shape}, expected ({len(rot)}, 2)")
+    if not np.all(np.isfinite(rot)) or (trans is not None and not np.all(np.isfinite(trans))):
+        raise InputError(f"{path}: poses contain NaN or inf")
+    det = np.linalg.det(rot)
+    if np.any(np.abs(det - 1) > 1e-3):
+        raise InputError(f"{path}: pose {int(np.argmax(np.abs(det - 1)))} is not a rotation matrix "
+                         f"(determinant {det[np.argmax(np.abs(det - 1))]:.4g})")
+    if trans is not None and box is not None and len(trans) and np.abs(trans).max() > 0.5:
+        warnings.warn(f"{path}: translations up to {np.abs(trans).max():.3g} box fractions (box {box} px); "
+                      "cryoDRGN translations are fractions of the box, these look like pixels", stacklevel=2)
     return rot, trans
 
 
@@ -57,11 +74,16 @@ def read_ctf_pickle(path) -> CTFParams:
 
 
 def apply_poses(md: ParticleMetadata, path, use_translations: bool = True) -> ParticleMetadata:
-    """Replace the poses of ``md`` by those of a cryoDRGN pose pickle (and the shifts, if it has them)."""
-    rot, trans = read_pose_pickle(path)
+    """Replace the poses of ``md`` by those of a cryoDRGN pose pickle (and the shifts, if it has them).
+
+    Translations (box fractions) become RELION origins in Å: ``trans * box * pixel_size``, same sign.
+    """
+    rot, trans = read_pose_pickle(path, box=md.box)
     if len(rot) != len(md):
         raise InputError(f"{path}: {len(rot)} poses for {len(md)} particles")
     shifts = md.shifts
     if trans is not None and use_translations:
         shifts = trans * md.box * md.pixel_size
-    return dataclasses.replace(md, rotations=rot, shifts=shifts)
+    extra = {k: v for k, v in md.extra.items() if k != "missing"}
+    extra["poses_from"] = str(path)
+    return dataclasses.replace(md, rotations=rot, shifts=np.asarray(shifts, np.float64), extra=extra)

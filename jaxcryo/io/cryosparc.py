@@ -3,7 +3,8 @@
 * ``alignments3D/pose``: axis-angle; RELION's matrix is ``expm(skew(pose)).T``
   (:func:`jaxcryo.rotations.cryosparc_pose_to_relion`, as cryoDRGN's ``parse_pose_csparc``).
 * ``alignments3D/shift``: pixels, copied with the same sign to RELION's origin (as pyem's ``csparc2star``
-  and cryoDRGN do), times ``blob/psize_A`` for Å.
+  and cryoDRGN's ``parse_pose_csparc`` do: both keep the sign, and cryoDRGN's ``parse_pose_star`` treats
+  RELION's ``rlnOriginX/Y`` the same way), times ``alignments3D/psize_A`` (else ``blob/psize_A``) for Å.
 * ``blob/sign``: -1 means the images have the opposite contrast; kept as ``contrast_sign`` and applied
   when images are read.
 * CTF: ``ctf/df1_A``, ``df2_A``, ``df_angle_rad`` (-> degrees), ``accel_kv``, ``cs_mm``, ``amp_contrast``,
@@ -34,7 +35,18 @@ def read_cs(path, datadir=None, apix: float | None = None) -> ParticleMetadata:
     """Read a cryoSPARC particle ``.cs`` file into :class:`ParticleMetadata`.
 
     Without ``alignments3D`` the poses are ``None`` and ``extra['missing'] = 'alignments3D'``.
+    Stacks (``blob/path``, a leading ``>`` stripped) are looked for under ``datadir`` (path, then
+    basename), then beside the ``.cs`` file. Every problem is reported as :class:`InputError` naming it.
     """
+    try:
+        return _read_cs(Path(path), datadir, apix)
+    except InputError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise InputError(f"{path}: cannot interpret the cryoSPARC file ({type(e).__name__}: {e})") from None
+
+
+def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMetadata:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -55,7 +67,10 @@ def read_cs(path, datadir=None, apix: float | None = None) -> ParticleMetadata:
     px = float(apix) if apix is not None else (float(psize[0]) if psize is not None else None)
     if px is None or px <= 0:
         raise InputError(f"{path}: field blob/psize_A missing or zero; give --apix")
-    box = int(shape[0][-1]) if shape is not None else None
+    box = int(np.asarray(shape[0]).ravel()[-1]) if shape is not None else None
+    if psize is not None and apix is None and np.ptp(np.asarray(psize, np.float64)) > 1e-4 * px:
+        raise InputError(f"{path}: field blob/psize_A: particles have different pixel sizes "
+                         f"({float(np.min(psize)):.4g} to {float(np.max(psize)):.4g} Å); not supported")
     files, cache = [], {}
     base = Path(datadir) if datadir is not None else path.parent
     for b in bpath:
@@ -78,7 +93,12 @@ def read_cs(path, datadir=None, apix: float | None = None) -> ParticleMetadata:
     if "alignments3D/pose" in data.dtype.names:
         rotations = cryosparc_pose_to_relion(np.asarray(data["alignments3D/pose"], np.float64))
         if "alignments3D/shift" in data.dtype.names:
-            shifts = np.asarray(data["alignments3D/shift"], np.float64) * px
+            # Shifts are in pixels of the alignment (alignments3D/psize_A), normally the blob's pixel size.
+            apx = np.full(n, px)
+            if apix is None and "alignments3D/psize_A" in data.dtype.names:
+                a = np.asarray(data["alignments3D/psize_A"], np.float64)
+                apx = np.where(a > 0, a, px)
+            shifts = np.asarray(data["alignments3D/shift"], np.float64).reshape(n, 2) * apx[:, None]
         if "alignments3D/split" in data.dtype.names:
             extra["random_subset"] = np.asarray(data["alignments3D/split"], np.int64) + 1
     else:

@@ -40,42 +40,81 @@ def _open(path, mmap: bool = False):
     return m
 
 
+def _to_zyx(data: np.ndarray, order: tuple[int, int, int]) -> np.ndarray | None:
+    """Reorder ``data[section, row, column]`` (axes ``maps, mapr, mapc``) to ``[z, y, x]``; None if invalid."""
+    if sorted(order) != [1, 2, 3]:
+        return None
+    mapc, mapr, maps = order
+    axis_of = {maps: 0, mapr: 1, mapc: 2}  # MRC axis label (1=x, 2=y, 3=z) -> array axis
+    return np.transpose(data, (axis_of[3], axis_of[2], axis_of[1]))
+
+
 def read_map(path) -> tuple[np.ndarray, float | None]:
     """Read a cubic 3D map -> (``(n, n, n)`` float32 ``[z, y, x]``, pixel size in Å or ``None`` if unset).
 
-    Raises :class:`InputError` for non-cubic maps, a non-standard axis order, or anisotropic voxels.
+    A non-standard axis order (``mapc, mapr, maps`` other than 1, 2, 3) is transposed to ``[z, y, x]``.
+    Raises :class:`InputError` (naming the file) for non-cubic maps, an invalid axis order, or
+    anisotropic voxels. A missing pixel size (0 in the header) gives ``None`` and a warning.
     """
     path = Path(path)
     with _open(path) as m:
-        data = np.asarray(m.data, dtype=np.float32)
+        raw = np.asarray(m.data, dtype=np.float32)
         h = m.header
         order = (int(h.mapc), int(h.mapr), int(h.maps))
         vs = m.voxel_size
         sizes = (float(vs.x), float(vs.y), float(vs.z))
-    if data.ndim != 3:
-        raise InputError(f"{path}: expected a 3D volume, got {data.ndim}D data of shape {data.shape}")
-    if order != (1, 2, 3):
-        raise InputError(f"{path}: axis order mapc/mapr/maps = {order}; only 1,2,3 (x fastest) is supported")
+    if raw.ndim != 3:
+        raise InputError(f"{path}: expected a 3D volume, got {raw.ndim}D data of shape {raw.shape}")
+    data = _to_zyx(raw, order)
+    order_s = ",".join(map(str, order))
+    if data is None:
+        raise InputError(f"{path}: invalid axis order mapc/mapr/maps = {order_s}; expected a permutation of 1,2,3")
+    problems = []
     if len(set(data.shape)) != 1:
         nz, ny, nx = data.shape
-        raise InputError(f"{path}: map is {nx}x{ny}x{nz} (x*y*z), not a cubic volume")
+        problems.append(f"is {nx}x{ny}x{nz} (x by y by z), not a cubic volume")
     if max(sizes) > 0 and (max(sizes) - min(sizes)) > 1e-3 * max(sizes):
-        raise InputError(f"{path}: anisotropic voxels {sizes} Å; expected equal x, y, z pixel sizes")
+        problems.append("has anisotropic voxels ({:.4g} x {:.4g} x {:.4g} Å); expected equal x, y, z pixel sizes"
+                        .format(*sizes))
+    if problems:
+        if order != (1, 2, 3):
+            problems.append(f"axis order mapc/mapr/maps = {order_s}")
+        raise InputError(f"{path}: map " + "; ".join(problems))
+    if order != (1, 2, 3):
+        warnings.warn(f"{path}: axis order mapc/mapr/maps = {order_s}; transposed to z, y, x", stacklevel=2)
+        data = np.ascontiguousarray(data)
     px = sizes[0] if sizes[0] > 0 else None
     if px is None:
-        warnings.warn(f"{path}: no pixel size in the header", stacklevel=2)
+        warnings.warn(f"{path}: no pixel size in the header (0); pass it explicitly (--apix)", stacklevel=2)
     return data, px
 
 
-def open_stack(path):
-    """Memory-mapped read-only image stack ``(N, H, W)`` (a single 2D image counts as a stack of one)."""
-    m = _open(path, mmap=True)
-    data = m.data
-    if data.ndim == 2:
-        data = data[None]
-    if data.ndim != 3:
-        raise InputError(f"{path}: expected a stack of 2D images, got data of shape {data.shape}")
-    return data
+def _stack_layout(path):
+    """(dtype, shape (N, H, W), data offset in bytes) of an MRC stack, from its header."""
+    with _open(path, mmap=True) as m:
+        data = m.data
+        dtype, shape = data.dtype, tuple(data.shape)
+        offset = int(m.header.nbytes + m.extended_header.nbytes)
+    if len(shape) == 2:
+        shape = (1,) + shape
+    if len(shape) != 3:
+        raise InputError(f"{path}: expected a stack of 2D images, got data of shape {shape}")
+    return dtype, shape, offset
+
+
+def open_stack(path) -> np.ndarray:
+    """Memory-mapped read-only image stack ``(N, H, W)`` (a single 2D image counts as a stack of one).
+
+    The result is a :class:`numpy.memmap` that owns its mapping, so it stays valid on its own; nothing is
+    read until it is indexed. Files that fail mrcfile's strict checks are opened permissively, with a warning.
+    """
+    dtype, shape, offset = _stack_layout(path)
+    if shape[0] * shape[1] * shape[2] == 0:
+        raise InputError(f"{path}: empty image stack (shape {shape})")
+    try:
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except (ValueError, OSError) as e:
+        raise InputError(f"{path}: cannot memory-map the image data ({e}); the file may be truncated") from None
 
 
 def stack_pixel_size(path) -> float | None:
@@ -87,9 +126,7 @@ def stack_pixel_size(path) -> float | None:
 
 def stack_shape(path) -> tuple[int, int, int]:
     """``(N, H, W)`` of a stack (header only)."""
-    with _open(path, mmap=True) as m:
-        shape = m.data.shape
-    return (1,) + tuple(shape) if len(shape) == 2 else tuple(shape)
+    return _stack_layout(path)[1]
 
 
 def _write(path, data, pixel_size, stack: bool):

@@ -17,7 +17,8 @@ from ..particles import ParticleMetadata
 from ..rotations import euler_to_matrix, matrix_to_euler
 from .atomic import atomic_path
 
-CTF_REQUIRED = ("rlnDefocusU", "rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+CTF_REQUIRED = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
+                "rlnAmplitudeContrast")
 
 
 def _read_blocks(path: Path) -> dict:
@@ -75,6 +76,19 @@ def _resolve(path: Path, name: str, datadir) -> Path:
 
 
 def read_star(path, datadir=None, apix: float | None = None) -> ParticleMetadata:
+    """Read a RELION particle STAR file into :class:`ParticleMetadata`; see :func:`_read_star`.
+
+    Every problem with the file is reported as :class:`InputError` naming it.
+    """
+    try:
+        return _read_star(Path(path), datadir, apix)
+    except InputError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise InputError(f"{path}: cannot interpret the STAR file ({type(e).__name__}: {e})") from None
+
+
+def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleMetadata:
     """Read a RELION particle STAR file into :class:`ParticleMetadata` (see its docstring for units).
 
     Pixel size: ``apix`` if given, else ``rlnImagePixelSize``, else ``rlnDetectorPixelSize * 1e4 /
@@ -114,7 +128,9 @@ def read_star(path, datadir=None, apix: float | None = None) -> ParticleMetadata
             try:
                 idx[i] = int(a) - 1
             except ValueError:
-                raise InputError(f"{path}: rlnImageName {s!r}: expected index@stack") from None
+                raise InputError(f"{path}: column rlnImageName: {s!r}: expected index@stack") from None
+            if idx[i] < 0:
+                raise InputError(f"{path}: column rlnImageName: {s!r}: image indices start at 1")
         else:
             idx[i], b = 0, s
         if b not in cache:
@@ -157,7 +173,7 @@ def read_star(path, datadir=None, apix: float | None = None) -> ParticleMetadata
         rotations = euler_to_matrix(*(_numeric(path, parts, c) for c in ang))
     elif any(c in parts.columns for c in ang):
         present = [c for c in ang if c in parts.columns]
-        warnings.warn(f"{path}: only {present} of the Euler angles present; poses treated as missing", stacklevel=2)
+        warnings.warn(f"{path}: only {present} of the Euler angles present; poses treated as missing", stacklevel=3)
     if "rlnOriginXAngst" in parts.columns and "rlnOriginYAngst" in parts.columns:
         shifts = np.stack([_numeric(path, parts, "rlnOriginXAngst"), _numeric(path, parts, "rlnOriginYAngst")], 1)
     elif "rlnOriginX" in parts.columns and "rlnOriginY" in parts.columns:
@@ -167,54 +183,78 @@ def read_star(path, datadir=None, apix: float | None = None) -> ParticleMetadata
 
     # CTF.
     ctf = None
-    have = [c for c in CTF_REQUIRED if c in parts.columns]
-    if len(have) == len(CTF_REQUIRED):
-        du = _numeric(path, parts, "rlnDefocusU")
+    missing = [c for c in CTF_REQUIRED if c not in parts.columns]
+    if not missing:
         get = lambda c, d: _numeric(path, parts, c) if c in parts.columns else np.full(n, d)  # noqa: E731
         ctf = CTFParams.create(
-            defocus_u=du, defocus_v=get("rlnDefocusV", 0.0) if "rlnDefocusV" in parts.columns else du,
+            defocus_u=get("rlnDefocusU", 0.0), defocus_v=get("rlnDefocusV", 0.0),
             astig_angle=get("rlnDefocusAngle", 0.0), voltage=get("rlnVoltage", 300.0),
             cs=get("rlnSphericalAberration", 2.7), amp_contrast=get("rlnAmplitudeContrast", 0.1),
             phase_shift=get("rlnPhaseShift", 0.0), bfactor=get("rlnCtfBfactor", 0.0),
             scale=get("rlnCtfScalefactor", 1.0), dtype=np.float64,
         )
+    elif "rlnDefocusU" not in parts.columns and "rlnDefocusV" not in parts.columns:
+        warnings.warn(f"{path}: no defocus columns (rlnDefocusU/V); the CTF is off", stacklevel=3)
     else:
-        missing = [c for c in CTF_REQUIRED if c not in parts.columns]
-        warnings.warn(f"{path}: CTF columns missing ({', '.join(missing)}); the CTF is off", stacklevel=2)
+        warnings.warn(f"{path}: incomplete CTF parameters, missing {', '.join(missing)}; the CTF is off",
+                      stacklevel=3)
 
     extra: dict = {"optics_group": og, "pixel_size_per_particle": px_per, "box_per_particle": box_per}
+    first = int(np.flatnonzero(og == og.min())[0])  # a particle of the first optics group
     if len(np.unique(px_per)) > 1 or len(np.unique(box_per)) > 1:
         extra["mixed_optics"] = True
+        warnings.warn(f"{path}: optics groups with different pixel sizes or boxes "
+                      f"({sorted(set(np.round(px_per, 4).tolist()))} Å, {sorted(set(box_per.tolist()))} px); "
+                      f"using those of optics group {int(og.min())}", stacklevel=3)
     if "rlnRandomSubset" in parts.columns:
         extra["random_subset"] = _numeric(path, parts, "rlnRandomSubset", np.int64)
     if "rlnCtfDataAreCtfPremultiplied" in parts.columns:
         if np.any(_numeric(path, parts, "rlnCtfDataAreCtfPremultiplied") != 0):
             warnings.warn(f"{path}: images are CTF-premultiplied; jaxcryo's forward model assumes they are not",
-                          stacklevel=2)
+                          stacklevel=3)
     return ParticleMetadata(
         rotations=rotations, shifts=shifts.astype(np.float64), ctf=ctf, image_files=files, image_indices=idx,
-        pixel_size=float(px_per[0]), box=int(box_per[0]), source=str(path), extra=extra,
+        pixel_size=float(px_per[first]), box=int(box_per[first]), source=str(path), extra=extra,
     )
+
+
+def _per_particle(md: ParticleMetadata, key: str, default):
+    v = md.extra.get(key) if md.extra else None
+    if isinstance(v, np.ndarray) and v.shape == (len(md),):
+        return v
+    return np.full(len(md), default)
 
 
 def write_star(path, md: ParticleMetadata) -> None:
     """Write ``md`` as a RELION 3.1 particle STAR (optics block + particles block), atomically.
 
-    Image paths are written relative to the STAR file's folder when possible.
+    One optics group per distinct (pixel size, box, voltage, Cs, Q0). Image paths are written relative to
+    the STAR file's folder when the stack lies under it, absolute otherwise; indices are 1-based.
+    ``contrast_sign`` has no RELION field and is not written (see :func:`jaxcryo.data.write_dataset`).
     """
     import pandas as pd
     import starfile
 
     path = Path(path)
     n = len(md)
+    if n == 0:
+        raise InputError(f"{path}: no particles to write")
     ctf = md.ctf
+    px = _per_particle(md, "pixel_size_per_particle", float(md.pixel_size)).astype(np.float64)
+    box = _per_particle(md, "box_per_particle", int(md.box)).astype(np.int64)
+    if ctf is not None:
+        volt, cs, q0 = (np.broadcast_to(np.asarray(getattr(ctf, f), np.float64), (n,))
+                        for f in ("voltage", "cs", "amp_contrast"))
+    else:
+        volt, cs, q0 = np.full(n, 300.0), np.full(n, 2.7), np.full(n, 0.1)
+    keys = np.stack([px, box.astype(np.float64), volt, cs, q0], 1)
+    uniq, group = np.unique(keys, axis=0, return_inverse=True)
+    group = np.asarray(group).reshape(-1) + 1
     optics = pd.DataFrame({
-        "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-        "rlnImagePixelSize": [float(md.pixel_size)], "rlnImageSize": [int(md.box)],
-        "rlnImageDimensionality": [2],
-        "rlnVoltage": [float(ctf.voltage[0]) if ctf is not None else 300.0],
-        "rlnSphericalAberration": [float(ctf.cs[0]) if ctf is not None else 2.7],
-        "rlnAmplitudeContrast": [float(ctf.amp_contrast[0]) if ctf is not None else 0.1],
+        "rlnOpticsGroup": np.arange(1, len(uniq) + 1), "rlnOpticsGroupName": [f"opticsGroup{i + 1}" for i in range(len(uniq))],
+        "rlnImagePixelSize": uniq[:, 0], "rlnImageSize": uniq[:, 1].astype(np.int64),
+        "rlnImageDimensionality": np.full(len(uniq), 2), "rlnVoltage": uniq[:, 2],
+        "rlnSphericalAberration": uniq[:, 3], "rlnAmplitudeContrast": uniq[:, 4],
     })
     folder = path.parent.resolve()
 
@@ -225,24 +265,27 @@ def write_star(path, md: ParticleMetadata) -> None:
         except ValueError:
             return str(p)
 
-    cols: dict = {"rlnImageName": [f"{i + 1:06d}@{rel(f)}" for i, f in zip(md.image_indices, md.image_files)]}
+    rels: dict = {}
+    names = []
+    for i, f in zip(np.asarray(md.image_indices), md.image_files):
+        if f not in rels:
+            rels[f] = rel(f)
+        names.append(f"{int(i) + 1:06d}@{rels[f]}")
+    cols: dict = {"rlnImageName": names}
     if md.rotations is not None:
         rot, tilt, psi = matrix_to_euler(md.rotations)
         cols.update(rlnAngleRot=rot, rlnAngleTilt=tilt, rlnAnglePsi=psi)
-    cols.update(rlnOriginXAngst=md.shifts[:, 0], rlnOriginYAngst=md.shifts[:, 1])
+    shifts = np.asarray(md.shifts, np.float64)
+    cols.update(rlnOriginXAngst=shifts[:, 0], rlnOriginYAngst=shifts[:, 1])
     if ctf is not None:
-        cols.update(rlnDefocusU=np.asarray(ctf.defocus_u, np.float64), rlnDefocusV=np.asarray(ctf.defocus_v, np.float64),
-                    rlnDefocusAngle=np.asarray(ctf.astig_angle, np.float64),
-                    rlnPhaseShift=np.asarray(ctf.phase_shift, np.float64),
-                    rlnCtfBfactor=np.asarray(ctf.bfactor, np.float64),
-                    rlnCtfScalefactor=np.asarray(ctf.scale, np.float64))
-        for name, f in (("voltage", "rlnVoltage"), ("cs", "rlnSphericalAberration"), ("amp_contrast", "rlnAmplitudeContrast")):
-            v = np.asarray(getattr(ctf, name), np.float64)
-            if np.ptp(v) > 0:
-                cols[f] = v
-    cols["rlnOpticsGroup"] = np.ones(n, np.int64)
-    if md.extra.get("random_subset") is not None:
-        cols["rlnRandomSubset"] = md.extra["random_subset"]
+        f64 = lambda v: np.broadcast_to(np.asarray(v, np.float64), (n,))  # noqa: E731
+        cols.update(rlnDefocusU=f64(ctf.defocus_u), rlnDefocusV=f64(ctf.defocus_v),
+                    rlnDefocusAngle=f64(ctf.astig_angle), rlnPhaseShift=f64(ctf.phase_shift),
+                    rlnCtfBfactor=f64(ctf.bfactor), rlnCtfScalefactor=f64(ctf.scale))
+    cols["rlnOpticsGroup"] = group.astype(np.int64)
+    rs = md.extra.get("random_subset") if md.extra else None
+    if isinstance(rs, np.ndarray) and rs.shape == (n,):
+        cols["rlnRandomSubset"] = rs.astype(np.int64)
     parts = pd.DataFrame(cols)
     with atomic_path(path) as tmp:
         starfile.write({"optics": optics, "particles": parts}, tmp, float_format="%.6f", overwrite=True)
