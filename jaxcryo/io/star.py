@@ -248,8 +248,11 @@ def write_star(path, md: ParticleMetadata) -> None:
     else:
         volt, cs, q0 = np.full(n, 300.0), np.full(n, 2.7), np.full(n, 0.1)
     keys = np.stack([px, box.astype(np.float64), volt, cs, q0], 1)
-    uniq, group = np.unique(keys, axis=0, return_inverse=True)
-    group = np.asarray(group).reshape(-1) + 1
+    uniq, first, inv = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # number the groups in order of first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    uniq, group = uniq[order], rank[np.asarray(inv).reshape(-1)] + 1
     optics = pd.DataFrame({
         "rlnOpticsGroup": np.arange(1, len(uniq) + 1), "rlnOpticsGroupName": [f"opticsGroup{i + 1}" for i in range(len(uniq))],
         "rlnImagePixelSize": uniq[:, 0], "rlnImageSize": uniq[:, 1].astype(np.int64),
