@@ -39,10 +39,14 @@ def read_particles(path, datadir=None, apix: float | None = None, poses=None) ->
 
 
 def require_poses(md: ParticleMetadata) -> ParticleMetadata:
-    """Raise :class:`InputError` naming the file if ``md`` has no poses."""
+    """Return ``md``, or raise :class:`InputError` naming the file if it has no poses."""
     if md.rotations is None:
-        why = md.extra.get("missing", "rlnAngleRot/rlnAngleTilt/rlnAnglePsi")
-        raise InputError(f"{md.source or 'particles'}: no poses ({why}); give --poses POSES.pkl")
+        src = md.source or "particles"
+        if md.extra.get("missing") == "alignments3D":
+            raise InputError(f"{src}: has no alignments3D (no 3D poses); use a refinement's particles .cs "
+                             "or give --poses POSES.pkl")
+        raise InputError(f"{src}: no poses (rlnAngleRot/rlnAngleTilt/rlnAnglePsi missing); "
+                         "give --poses POSES.pkl")
     return md
 
 
@@ -117,7 +121,8 @@ class ParticleDataset:
         if np.any(np.asarray(md.image_indices) < 0):
             raise InputError(f"{src}: negative image index")
         if md.rotations is not None and not np.all(np.isfinite(md.rotations)):
-            raise InputError(f"{src}: poses contain NaN or inf (particle {int(np.flatnonzero(~np.isfinite(md.rotations).all(axis=(1, 2)))[0])})")
+            first = int(np.flatnonzero(~np.isfinite(md.rotations).all(axis=(1, 2)))[0])
+            raise InputError(f"{src}: poses contain NaN or inf (particle {first})")
         if not np.all(np.isfinite(md.shifts)):
             raise InputError(f"{src}: shifts contain NaN or inf")
         if md.ctf is not None:

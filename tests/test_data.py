@@ -139,7 +139,7 @@ def test_read_particles_with_poses_and_require_poses(shared_data):
             require_poses(md)
         md = read_particles(d / "toy_projections.star", poses=d / "toy_angles.pkl")
     assert require_poses(md) is md and md.rotations.shape == (1000, 3, 3)
-    with pytest.raises(InputError, match=r"empiar_10076_7.cs: no poses \(alignments3D\)"):
+    with pytest.raises(InputError, match=r"empiar_10076_7.cs: has no alignments3D"):
         require_poses(read_particles(d / "empiar_10076_7.cs"))
     with pytest.raises(InputError, match=r"toy_angles.pkl: 1000 poses for 7 particles"):
         read_particles(d / "empiar_10076_7.cs", poses=d / "toy_angles.pkl")

@@ -6,7 +6,9 @@
   and cryoDRGN's ``parse_pose_csparc`` do: both keep the sign, and cryoDRGN's ``parse_pose_star`` treats
   RELION's ``rlnOriginX/Y`` the same way), times ``alignments3D/psize_A`` (else ``blob/psize_A``) for Å.
 * ``blob/sign``: -1 means the images have the opposite contrast; kept as ``contrast_sign`` and applied
-  when images are read.
+  when images are read. Checked on ``empiar_10076_7.mrc`` (``blob/sign = -1``): its particles are dark on
+  a light background (low-pass centre minus surround < 0 in all 7), so the flip gives RELION's
+  bright-particle contrast. The RELION 3.0 STAR for the same stack carries no sign and serves them as stored.
 * CTF: ``ctf/df1_A``, ``df2_A``, ``df_angle_rad`` (-> degrees), ``accel_kv``, ``cs_mm``, ``amp_contrast``,
   ``phase_shift_rad`` (-> degrees), ``bfactor``, ``scale``.
 """

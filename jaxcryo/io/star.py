@@ -106,7 +106,10 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
     if optics is not None and len(optics):
         if "rlnOpticsGroup" not in optics.columns:
             raise InputError(f"{path}: optics block has no rlnOpticsGroup column")
-        og = _numeric(path, parts, "rlnOpticsGroup", np.int64) if "rlnOpticsGroup" in parts.columns else np.full(n, int(optics["rlnOpticsGroup"].iloc[0]))
+        if "rlnOpticsGroup" in parts.columns:
+            og = _numeric(path, parts, "rlnOpticsGroup", np.int64)
+        else:
+            og = np.full(n, int(_numeric(path, optics, "rlnOpticsGroup", np.int64)[0]))
         table = {int(g): i for i, g in enumerate(_numeric(path, optics, "rlnOpticsGroup", np.int64))}
         missing = set(np.unique(og)) - set(table)
         if missing:
@@ -177,7 +180,8 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
     if "rlnOriginXAngst" in parts.columns and "rlnOriginYAngst" in parts.columns:
         shifts = np.stack([_numeric(path, parts, "rlnOriginXAngst"), _numeric(path, parts, "rlnOriginYAngst")], 1)
     elif "rlnOriginX" in parts.columns and "rlnOriginY" in parts.columns:
-        shifts = np.stack([_numeric(path, parts, "rlnOriginX"), _numeric(path, parts, "rlnOriginY")], 1) * px_per[:, None]
+        shifts = np.stack([_numeric(path, parts, "rlnOriginX"), _numeric(path, parts, "rlnOriginY")], 1)
+        shifts = shifts * px_per[:, None]
     else:
         shifts = np.zeros((n, 2))
 
@@ -254,7 +258,8 @@ def write_star(path, md: ParticleMetadata) -> None:
     rank[order] = np.arange(len(order))
     uniq, group = uniq[order], rank[np.asarray(inv).reshape(-1)] + 1
     optics = pd.DataFrame({
-        "rlnOpticsGroup": np.arange(1, len(uniq) + 1), "rlnOpticsGroupName": [f"opticsGroup{i + 1}" for i in range(len(uniq))],
+        "rlnOpticsGroup": np.arange(1, len(uniq) + 1),
+        "rlnOpticsGroupName": [f"opticsGroup{i + 1}" for i in range(len(uniq))],
         "rlnImagePixelSize": uniq[:, 0], "rlnImageSize": uniq[:, 1].astype(np.int64),
         "rlnImageDimensionality": np.full(len(uniq), 2), "rlnVoltage": uniq[:, 2],
         "rlnSphericalAberration": uniq[:, 3], "rlnAmplitudeContrast": uniq[:, 4],
@@ -292,3 +297,6 @@ def write_star(path, md: ParticleMetadata) -> None:
     parts = pd.DataFrame(cols)
     with atomic_path(path) as tmp:
         starfile.write({"optics": optics, "particles": parts}, tmp, float_format="%.6f", overwrite=True)
+        # RELION 3.1+ marks each block with its table version; older RELIONs ignore the comment.
+        text = Path(tmp).read_text().replace("\ndata_", "\n# version 30001\n\ndata_")
+        Path(tmp).write_text(text)
