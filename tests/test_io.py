@@ -226,7 +226,10 @@ def test_axis_order_transposed(tmp_path):
     assert px == pytest.approx(1.5)
 
 
-def test_toy_projections_open_permissively(shared_data):
+def test_toy_projections_open_permissively(shared_data, monkeypatch):
+    import jaxcryo.io.mrc as mrc
+
+    monkeypatch.setattr(mrc, "_WARNED", set())  # the warning is given once per file and process
     with pytest.warns(UserWarning, match="toy_projections.mrcs: .*opened permissively"):
         s = open_stack(shared_data / "cryodrgn" / "toy_projections.mrcs")
     assert s.shape == (1000, 30, 30) and np.all(np.isfinite(s[:10]))

@@ -16,6 +16,9 @@ from ..errors import InputError
 from .atomic import atomic_path
 
 
+_WARNED: set = set()
+
+
 def _open(path, mmap: bool = False):
     """Open ``path`` read-only; fall back to permissive mode (with a warning) for non-conforming files."""
     path = Path(path)
@@ -36,7 +39,9 @@ def _open(path, mmap: bool = False):
         raise InputError(f"{path}: not a readable MRC file ({e})") from None
     if m.data is None:
         raise InputError(f"{path}: not a readable MRC file (no data)")
-    warnings.warn(f"{path}: file does not pass mrcfile's strict checks; opened permissively", stacklevel=3)
+    if (str(path), opener.__name__) not in _WARNED:  # once per file and mode, not at every reopen
+        _WARNED.add((str(path), opener.__name__))
+        warnings.warn(f"{path}: file does not pass mrcfile's strict checks; opened permissively", stacklevel=3)
     return m
 
 
