@@ -6,12 +6,17 @@ to shell ``n // 2`` (Nyquist); the frequency of shell ``s`` is ``s / (n * pixel_
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
 
 from .errors import InputError
 from .fourier import radius_grid, shell_index
+
+
+#: Relative power below which a Fourier shell counts as empty (FSC 0) in :func:`fsc`.
+EMPTY_SHELL_POWER = 1e-12
 
 
 class FSCResult(NamedTuple):
@@ -33,13 +38,29 @@ class FSCResult(NamedTuple):
 
 
 def soft_sphere_mask(n: int, radius: float | None = None, width: float | None = None) -> np.ndarray:
-    """Real-space soft spherical mask ``(n, n, n)`` float32: 1 inside ``radius`` (default ``0.4 n``), a
-    raised-cosine edge of ``width`` voxels (default ``0.1 n``, at least 2), 0 outside."""
+    """Real-space soft spherical mask ``(n, n, n)`` float32, centred at ``n // 2`` on every axis.
+
+    1 for ``r <= radius``, a raised-cosine fall-off ``0.5 (1 + cos(pi (r - radius) / width))`` over
+    ``width`` voxels, 0 for ``r >= radius + width``. Defaults: ``radius = 0.4 n`` and
+    ``width = max(2, 0.1 n)`` voxels, so the mask reaches zero at about the box edge (``0.5 n``).
+    """
     r0 = 0.4 * n if radius is None else float(radius)
     w = max(2.0, 0.1 * n) if width is None else float(width)
+    if r0 <= 0 or w < 0:
+        raise InputError(f"soft_sphere_mask: radius must be > 0 and width >= 0, got radius={r0}, width={w}")
+    if w == 0:
+        return (radius_grid(n, 3) <= r0).astype(np.float32)
     r = radius_grid(n, 3)
     m = np.where(r <= r0, 1.0, np.where(r >= r0 + w, 0.0, 0.5 * (1 + np.cos(np.pi * (r - r0) / w))))
     return m.astype(np.float32)
+
+
+@lru_cache(maxsize=8)
+def _shells(n: int) -> np.ndarray:
+    """Flattened shell index of a centred ``n^3`` grid (cached: the fit loop calls :func:`fsc` every epoch)."""
+    sh = shell_index(n, 3).ravel()
+    sh.setflags(write=False)
+    return sh
 
 
 def _check_maps(a, b):
@@ -61,7 +82,8 @@ def first_shell_below(fsc, threshold: float) -> int:
 def resolution_at(frequency, fsc, threshold: float, pixel_size: float | None = None) -> float:
     """Resolution (Å) where the FSC first falls below ``threshold`` (shell 0 skipped), interpolating
     linearly between the last shell above and the first below. A curve that never falls below reports
-    Nyquist, ``2 * pixel_size`` (``pixel_size`` defaults to ``1 / (2 * frequency[-1])``)."""
+    Nyquist, ``2 * pixel_size`` (``pixel_size`` defaults to ``1 / (2 * frequency[-1])``, exact for even
+    boxes; pass it for odd ones)."""
     freq = np.asarray(frequency, np.float64)
     f = np.asarray(fsc, np.float64)
     if pixel_size is None:
@@ -70,6 +92,8 @@ def resolution_at(frequency, fsc, threshold: float, pixel_size: float | None = N
     if i >= len(f):
         return 2.0 * float(pixel_size)
     f0, f1 = f[i - 1], f[i]
+    if f0 < threshold:  # only when shell 0 is already below: nothing resolved, report the box size
+        return float(1.0 / freq[i]) if freq[i] > 0 else float("inf")
     t = (f0 - threshold) / (f0 - f1) if f0 != f1 else 0.0
     k = freq[i - 1] + t * (freq[i] - freq[i - 1])
     return float(1.0 / k) if k > 0 else float("inf")
@@ -83,6 +107,11 @@ def fsc(map1, map2, pixel_size: float = 1.0, mask=None, fourier: bool = False) -
             ``fourier=True``.
         pixel_size: Å/px.
         mask: optional real-space mask (e.g. :func:`soft_sphere_mask`) applied to both (real space only).
+        fourier: the inputs are centred Fourier volumes (``jaxcryo.fourier.fft3c`` convention).
+
+    ``FSC_s = Re sum F1 conj(F2) / sqrt(sum |F1|^2 sum |F2|^2)`` over shell ``s`` (float64 sums), for
+    ``s = 0..n//2``; shells where either map has no power (below ``EMPTY_SHELL_POWER`` of its total) get 0.
+    Raises :class:`InputError` for maps of different shapes or non-cubic maps.
     """
     a, b = _check_maps(map1, map2)
     n = a.shape[0]
@@ -95,7 +124,7 @@ def fsc(map1, map2, pixel_size: float = 1.0, mask=None, fourier: bool = False) -
             a, b = a * mask, b * mask
         fa = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(a.astype(np.float64))))
         fb = np.fft.fftshift(np.fft.fftn(np.fft.ifftshift(b.astype(np.float64))))
-    sh = shell_index(n, 3).ravel()
+    sh = _shells(n)
     nsh = n // 2 + 1
     keep = sh < nsh
     sh = sh[keep]
@@ -103,8 +132,12 @@ def fsc(map1, map2, pixel_size: float = 1.0, mask=None, fourier: bool = False) -
     num = np.bincount(sh, weights=np.real(fa * np.conj(fb)), minlength=nsh)
     d1 = np.bincount(sh, weights=np.abs(fa) ** 2, minlength=nsh)
     d2 = np.bincount(sh, weights=np.abs(fb) ** 2, minlength=nsh)
+    # A shell is empty when either map has no power there, or only rounding residue: less than
+    # EMPTY_SHELL_POWER of that map's total power (float32 rounding leaves ~1e-15), e.g. beyond a sharp
+    # low-pass. Its FSC is 0 rather than the correlation of rounding noise.
+    empty = (d1 <= EMPTY_SHELL_POWER * d1.sum()) | (d2 <= EMPTY_SHELL_POWER * d2.sum())
     den = np.sqrt(d1 * d2)
-    curve = np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+    curve = np.where(empty, 0.0, num / np.where(empty, 1.0, den))
     freq = np.arange(nsh) / (n * pixel_size)
     return FSCResult(freq, curve, resolution_at(freq, curve, 0.143, pixel_size),
                      resolution_at(freq, curve, 0.5, pixel_size))
@@ -113,7 +146,14 @@ def fsc(map1, map2, pixel_size: float = 1.0, mask=None, fourier: bool = False) -
 def relative_error(x, ref, mask=None) -> float:
     """``||x - ref|| / ||ref||`` (over the ``mask`` entries if given); works for complex arrays."""
     x, ref = np.asarray(x), np.asarray(ref)
+    if x.shape != ref.shape:
+        raise InputError(f"relative_error: shapes differ, {x.shape} and {ref.shape}")
     if mask is not None:
-        m = np.asarray(mask, bool)
+        m = np.broadcast_to(np.asarray(mask, bool), ref.shape)
         x, ref = x[m], ref[m]
-    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+    x, ref = x.astype(np.complex128 if np.iscomplexobj(x) or np.iscomplexobj(ref) else np.float64), ref
+    num = float(np.linalg.norm(x - ref))
+    den = float(np.linalg.norm(ref))
+    if den == 0:
+        return 0.0 if num == 0 else float("inf")
+    return num / den

@@ -15,34 +15,53 @@ def _fig():
     return plt
 
 
-def _save(fig, path) -> Path:
+def _save(plt, fig, path) -> Path:
+    """Save ``fig`` as PNG atomically (temporary ``.png`` beside ``path``, then ``os.replace``) and close it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 
 def _curve(c):
     if isinstance(c, dict):
-        return c["frequency"], c["fsc"]
-    return c.frequency, c.fsc
+        f, v = c["frequency"], c["fsc"]
+    else:
+        f, v = c.frequency, c.fsc
+    return [float(x) for x in f], [float(x) for x in v]
 
 
 def plot_fsc(curves: dict, path, title: str | None = None, thresholds=(0.143, 0.5)) -> Path:
     """Plot FSC curves (``label -> FSCResult`` or a dict with ``frequency``/``fsc``) against 1/Å, with
-    the threshold lines and a top axis in Å."""
+    the threshold lines and a top axis in Å. ``None`` curves are skipped. Returns ``path``."""
     plt = _fig()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    try:
+        _draw_fsc(ax, curves, thresholds, title)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return _save(plt, fig, path)
+
+
+def _draw_fsc(ax, curves, thresholds, title):
     fmax = 0.0
     for label, c in curves.items():
+        if c is None:
+            continue
         f, v = _curve(c)
         ax.plot(f, v, marker=".", label=label)
         fmax = max(fmax, max(f) if len(f) else 0)
     for t in thresholds:
         ax.axhline(t, color="gray", lw=0.8, ls="--")
-        ax.text(fmax, t, f" {t:g}", va="center", fontsize=8, color="gray")
+        ax.text(fmax, t, f"{t:g} ", ha="right", va="bottom", fontsize=8, color="gray")
     ax.set_xlabel("spatial frequency (1/Å)")
     ax.set_ylabel("FSC")
     ax.set_ylim(-0.1, 1.05)
@@ -54,24 +73,32 @@ def plot_fsc(curves: dict, path, title: str | None = None, thresholds=(0.143, 0.
         sec.set_xticks(ticks)
         sec.set_xticklabels([f"{1 / t:.1f}" for t in ticks])
         sec.set_xlabel("resolution (Å)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
 
 
 def plot_convergence(histories: dict, path, x_keys=("epoch", "seconds"), y_keys=("loss", "resolution_05_ref"),
                      title: str | None = None) -> Path:
     """Grid of convergence curves: rows ``y_keys`` (skipped where all values are None), columns ``x_keys``;
-    one line per history (``label -> list of per-epoch dicts``)."""
+    one line per history (``label -> list of per-epoch dicts``). The loss axis is logarithmic when every
+    loss is positive. Returns ``path``."""
     plt = _fig()
     ys = [y for y in y_keys if any(r.get(y) is not None for h in histories.values() for r in h)]
     ys = ys or [y_keys[0]]
     fig, axes = plt.subplots(len(ys), len(x_keys), figsize=(4.2 * len(x_keys), 3.2 * len(ys)), squeeze=False)
+    try:
+        _draw_convergence(fig, axes, histories, x_keys, ys, title)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return _save(plt, fig, path)
+
+
+def _draw_convergence(fig, axes, histories, x_keys, ys, title):
     labels = {"loss": "loss", "resolution_05_ref": "FSC-0.5 resolution vs reference (Å)",
-              "seconds": "time (s)", "epoch": "epoch"}
+              "relative_error_to_optimum": "relative error to optimum", "seconds": "time (s)", "epoch": "epoch"}
     for i, y in enumerate(ys):
         for j, x in enumerate(x_keys):
             ax = axes[i][j]
@@ -86,11 +113,8 @@ def plot_convergence(histories: dict, path, x_keys=("epoch", "seconds"), y_keys=
             ax.set_xlabel(labels.get(x, x))
             ax.set_ylabel(labels.get(y, y))
             ax.grid(alpha=0.3)
-            if i == 0 and j == 0:
+            if i == 0 and j == 0 and ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = _save(fig, path)
-    plt.close(fig)
-    return out

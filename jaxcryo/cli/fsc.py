@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
 def register(sub) -> None:
     p = sub.add_parser("fsc", help="FSC between two maps; prints the 0.143 and 0.5 resolutions",
+                       description="Fourier shell correlation of two cubic maps of the same box (shells one "
+                                   "Fourier voxel wide, up to Nyquist). Prints the resolutions where the curve "
+                                   "first falls below 0.143 and 0.5.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("map1", type=Path)
-    p.add_argument("map2", type=Path)
-    p.add_argument("--json", type=Path, default=None, help="write the curve and resolutions as JSON")
+    p.add_argument("map1", type=Path, help="first map (MRC); its pixel size is used")
+    p.add_argument("map2", type=Path, help="second map (MRC), same box as map1")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write {resolution_0143, resolution_05, frequency, fsc} as JSON")
     p.add_argument("--plot", type=Path, default=None, help="write the curve as a PNG")
     p.add_argument("--mask", action="store_true", help="apply a soft spherical mask (radius 0.4 box)")
     p.add_argument("--mask-radius", type=float, default=None, help="mask radius in pixels (implies --mask)")
-    p.add_argument("--apix", type=float, default=None, help="pixel size (A) if the headers lack one")
+    p.add_argument("--apix", type=float, default=None,
+                   help="pixel size (Å); overrides the header of map1 (required if it has none)")
     p.set_defaults(func=run)
 
 
@@ -27,18 +33,30 @@ def run(args) -> int:
     from ..metrics import fsc, soft_sphere_mask
     from ..plotting import plot_fsc
 
+    if args.apix is not None and not args.apix > 0:
+        raise InputError(f"--apix must be > 0, got {args.apix}")
+    if args.mask_radius is not None and not args.mask_radius > 0:
+        raise InputError(f"--mask-radius must be > 0 pixels, got {args.mask_radius}")
     a, pa = read_map(args.map1)
-    b, _ = read_map(args.map2)
+    b, pb = read_map(args.map2)
     if a.shape != b.shape:
-        raise InputError(f"{args.map1} is {a.shape[0]}^3 but {args.map2} is {b.shape[0]}^3; maps must match")
-    px = args.apix or pa
+        raise InputError(f"{args.map1} has shape {a.shape} but {args.map2} has shape {b.shape}; "
+                         "the maps must have the same box")
+    px = args.apix if args.apix is not None else pa
     if not px:
         raise InputError(f"{args.map1}: no pixel size in the header; give --apix")
-    mask = soft_sphere_mask(a.shape[0], args.mask_radius) if (args.mask or args.mask_radius) else None
+    if args.apix is None and pb and abs(pb - pa) > 1e-3 * pa:
+        print(f"jaxcryo fsc: warning: pixel sizes differ ({args.map1}: {pa:.4g} Å, {args.map2}: {pb:.4g} Å); "
+              f"using {pa:.4g} Å", file=sys.stderr)
+    use_mask = args.mask or args.mask_radius is not None
+    mask = soft_sphere_mask(a.shape[0], args.mask_radius) if use_mask else None
     r = fsc(a, b, pixel_size=px, mask=mask)
-    print(f"FSC=0.143: {r.resolution_0143:.2f} A   FSC=0.5: {r.resolution_05:.2f} A")
+    print(f"FSC=0.143: {r.resolution_0143:.2f} Å   FSC=0.5: {r.resolution_05:.2f} Å")
     if args.json:
-        atomic_write_text(args.json, json.dumps(r.to_dict(), indent=1))
+        atomic_write_text(args.json, json.dumps(r.to_dict(), indent=1) + "\n")
+        print(f"wrote {args.json}")
     if args.plot:
-        plot_fsc({f"{args.map1.name} vs {args.map2.name}": r}, args.plot)
+        title = f"FSC, pixel {px:.4g} Å" + (", soft spherical mask" if use_mask else "")
+        plot_fsc({f"{args.map1.name} vs {args.map2.name}": r}, args.plot, title=title)
+        print(f"wrote {args.plot}")
     return 0
