@@ -1,0 +1,176 @@
+"""Shared helpers for the benchmark scripts: arguments (``--quick``/``--out``), machine description,
+peak-memory readings, timing of jitted calls, and atomic JSON/PNG writing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None,
+               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """``--quick`` (CI-sized run) and ``--out DIR`` (default ``benchmarks/results``), plus script options."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="small, fast settings (CI smoke run)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default %(default)s)")
+    if add_arguments is not None:
+        add_arguments(p)
+    args = p.parse_args(argv)
+    args.out = Path(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    """CPU model, cores (visible to this process), Python/JAX versions and the default JAX device."""
+    import jax
+
+    dev = jax.devices()[0]
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        cores = os.cpu_count()
+    info = {
+        "cpu": cpu_model(),
+        "cores": cores,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(__import__("jaxlib"), "__version__", None),
+        "backend": jax.default_backend(),
+        "device": getattr(dev, "device_kind", str(dev)),
+        "n_devices": jax.device_count(),
+    }
+    try:
+        import jaxcryo
+
+        info["jaxcryo"] = getattr(jaxcryo, "__version__", None)
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def host_peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MB; Linux reports ru_maxrss in KiB)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
+
+
+def device_peak_mb() -> float | None:
+    """Peak device memory in use (MB) from ``memory_stats()`` where the backend reports it (GPU), else None."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - CPU backends may raise or return None
+        return None
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / 2**20
+
+
+def time_calls(fn: Callable[[], object], reps: int, min_seconds: float = 0.0) -> tuple[float, float]:
+    """``(first_call_s, median_later_s)``: the first call (compile + run) and the median of ``reps``
+    later calls (at least ``reps``; more while under ``min_seconds`` in total), each ``block_until_ready``."""
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max(1, reps) or (time.perf_counter() - start < min_seconds and len(times) < 100):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return first, float(np.median(times))
+
+
+def _jsonable(o):
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(o):
+    """Non-finite floats -> None, so the file is strict JSON."""
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    return o
+
+
+def write_json(path, obj) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_clean(obj), f, indent=1, default=_jsonable, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_figure(fig, path) -> Path:
+    """Save a Matplotlib figure to ``path`` atomically (PNG) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def use_agg() -> None:
+    """Headless Matplotlib backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
