@@ -141,6 +141,7 @@ def write_json(path, obj) -> Path:
         with os.fdopen(fd, "w") as f:
             json.dump(_clean(obj), f, indent=1, default=_jsonable, allow_nan=False)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -159,6 +160,7 @@ def save_figure(fig, path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
