@@ -1,4 +1,4 @@
-"""FSC and convergence figures as PNG files (matplotlib, Agg backend, written atomically)."""
+"""FSC and convergence figures as PNG files (matplotlib object-oriented API, written atomically)."""
 
 from __future__ import annotations
 
@@ -6,13 +6,24 @@ import os
 from pathlib import Path
 
 
+class _ObjectOriented:
+    """The two pyplot calls used here, on matplotlib's object-oriented API: no global backend switch
+    (so notebooks keep inline plotting), no pyplot figure registry to leak into."""
+
+    @staticmethod
+    def subplots(nrows=1, ncols=1, figsize=None, squeeze=True, **kw):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(nrows, ncols, squeeze=squeeze, **kw)
+
+    @staticmethod
+    def close(fig) -> None:
+        del fig
+
+
 def _fig():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _ObjectOriented
 
 
 def _save(plt, fig, path) -> Path:
