@@ -1,0 +1,80 @@
+"""Print the markdown tables of benchmarks/README.md from the JSON the benchmark scripts wrote.
+
+Usage: python benchmarks/make_tables.py [RESULTS_DIR ...]   (default: benchmarks/results benchmarks/results/gpu_h100)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def fmt(x, nd=1):
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def sgd_vs_psgd(path: Path) -> None:
+    d = json.loads(path.read_text())
+    m = d["machine"]
+    print(f"\n`{path}`: {m['cpu']}, {m['cores']} cores, {m['device']}, JAX {m['jax']}, {m['date']}; "
+          f"{d['settings']['interp']} slices, epoch cap {d['settings']['epochs_cap']}\n")
+    print("| box | batch (regime) | SGD best of sweep | PSGD K=1 | PSGD K=4 | PSGD exact | Adam | CG | Wiener | "
+          "SGD/PSGD-K1 epochs |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in d["summary"]:
+        def cell(k):
+            e, s = r.get(f"{k}_epochs"), r.get(f"{k}_seconds")
+            fin = r.get(f"{k}_final_fsc_opt_min")
+            if e is None:
+                return f"never (min FSC {fmt(fin, 2)})" if fin is not None else "—"
+            return f"{e} ep / {fmt(s)} s"
+
+        ratio = r.get("ratio_sgd_over_psgd_k1_epochs")
+        rs = "—" if ratio is None else (("≥ " if r.get("ratio_is_lower_bound") else "") + f"{ratio:.2f}")
+        print(f"| {r['box']} | {r['batch']} ({r['regime']}) | {cell('sgd')} [{r['sgd_best_of_sweep']}] | "
+              f"{cell('psgd_k1')} | {cell('psgd_k4')} | {cell('psgd_exact')} | {cell('adam')} | {cell('cg')} | "
+              f"{cell('wiener')} | {rs} |")
+    print("\nFinal FSC-0.5 resolution to the ground truth (Å) at the epoch cap:\n")
+    print("| box | batch | SGD | PSGD K=1 | PSGD K=4 | PSGD exact | Adam | CG | Wiener |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in d["summary"]:
+        vals = [fmt(r.get(f"{k}_final_res05_gt"), 2) for k in
+                ("sgd", "psgd_k1", "psgd_k4", "psgd_exact", "adam", "cg", "wiener")]
+        print(f"| {r['box']} | {r['batch']} | " + " | ".join(vals) + " |")
+
+
+def conditioning(path: Path) -> None:
+    d = json.loads(path.read_text())
+    m = d["machine"]
+    print(f"\n`{path}`: {m['cpu']}, {m['cores']} cores, {m['device']}, JAX {m['jax']}, {m['date']}\n")
+    print("| box | κ(H) no CTF | κ(D⁻¹H) no CTF | κ(H) CTF | κ(D⁻¹H) CTF | predicted |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    a, b = d["kappa"]["no_ctf"], d["kappa"]["ctf"]
+    for i, box in enumerate(a["box"]):
+        print(f"| {box} | {fmt(a['kappa_H'][i])} | {fmt(a['kappa_DinvH'][i])} | {fmt(b['kappa_H'][i])} | "
+              f"{fmt(b['kappa_DinvH'][i])} | {fmt(a['kappa_predicted'][i])} |")
+    h = d["hutchinson"]
+    e = h["error_vs_epoch"]
+    pick = [i for i in (0, 9, 99) if i < len(e)]
+    print(f"\nHutchinson running mean (box {h['box']}, batch {h['batch']}, {h['interp']}, K=1): relative error "
+          + ", ".join(f"{e[i]:.3f} after {i + 1} epoch{'s' if i else ''}" for i in pick)
+          + "; one batch vs K probes: " + ", ".join(f"K={k}: {v:.3f}" for k, v in h["error_vs_probes"].items()))
+
+
+def main(argv) -> int:
+    dirs = [Path(a) for a in argv] or [Path("benchmarks/results"), Path("benchmarks/results/gpu_h100")]
+    for d in dirs:
+        if (d / "sgd_vs_psgd.json").exists():
+            sgd_vs_psgd(d / "sgd_vs_psgd.json")
+        if (d / "conditioning.json").exists():
+            conditioning(d / "conditioning.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
