@@ -23,7 +23,7 @@ Conventions (the numbers ``jaxcryo condition`` reports):
   milliseconds instead of the ~1.5 s of a 2,000-image HVP at box 32 on a CPU; the tests check it against
   :func:`jaxcryo.loss.hvp`. Other slice operators (``nufft``, oversampling) use chunked HVPs.
 * **Arithmetic.** Lanczos runs on the host in float64 (complex128, ``np.vdot``) with full
-  reorthogonalisation (classical Gram-Schmidt applied twice). The stencil is assembled in float64, so the
+  reorthogonalisation (classical Gram-Schmidt, repeated when needed). The stencil is assembled in float64, so the
   whole computation is float64 without enabling ``jax_enable_x64`` (the HVP path evaluates in the JAX
   default precision, float32 unless x64 is on: relative error ~1e-6 of ``lambda_max``, fine for
   ``kappa`` up to ~1e4). With real interpolation weights and a real CTF, ``H`` is a real symmetric matrix
@@ -33,8 +33,10 @@ Conventions (the numbers ``jaxcryo condition`` reports):
 * **Accuracy.** Lanczos Ritz values bound the spectrum from inside: ``lambda_max`` converges in a few
   dozen iterations; ``lambda_min`` sits in a dense cluster (high-frequency modes that trilinear
   interpolation attenuates) and converges slowly from above, so ``kappa`` is a slight *under*-estimate.
-  With the default 300 iterations ``lambda_min`` of ``H`` is within a few % of ARPACK (implicitly
-  restarted Lanczos, converged) at boxes 16 and 32; see the tests and ``settings`` of the report.
+  Runs stop when both extreme Ritz pairs have residual ``<= 1e-2 * |theta|`` (at most
+  :data:`LANCZOS_ITERS`): at box 32 (2,000 poses) that is ~300 iterations for ``H`` and ~140 for
+  ``D^-1 H``, and ``lambda_min`` then agrees with ARPACK (implicitly restarted Lanczos, converged) and
+  with 600 iterations to ~1e-4 relative; at box 64 ~350 and ~150 iterations.
 * **Tikhonov.** The default is ``lam = 0``: with 2,000 uniform poses and trilinear slices every ball voxel
   is touched, and ``lambda_min > 0`` (it is reported as measured; if it is ``<= 0`` the condition number
   is reported as ``inf``, never clipped). Pass ``lam`` (the paper uses ``1e-8``, negligible here) to
@@ -44,9 +46,11 @@ Prediction (:func:`predicted_condition_number`): the paper's lower bound for the
 Hessian, ``kappa >= (1 + lam) / (p + lam)`` with ``p`` = voxels in the central disc / voxels in the ball
 (radius ``R = N/2``), ``p ~ 3 / (4R)``, so ``kappa ~ 4R/3 = 2N/3``: linear growth with the box. It bounds
 the *diagonal* spread (the centre voxel is on every slice, a voxel at radius ``|k|`` on a fraction
-``~ 1/|k|`` of them); trilinear interpolation adds off-diagonal coupling that makes ``kappa(H)`` much larger
-(checkerboard modes at high frequency are attenuated by the interpolation), which the diagonal
-preconditioner cannot remove but which stays of order ``kappa(D^-1 H)``.
+``~ 1/|k|`` of them). Trilinear interpolation adds off-diagonal coupling that makes the measured ``kappa(H)``
+much larger than the bound (checkerboard-like modes at high frequency are attenuated by the
+interpolation, and the fall-off of the diagonal makes them the smallest). The diagonal preconditioner
+removes the ``1/|k|`` fall-off; what is left, ``kappa(D^-1 H)``, is the interpolation's own conditioning
+and hardly grows with the box (measured ~25-29 at boxes 16-64, 2,000 poses).
 """
 
 from __future__ import annotations
@@ -61,6 +65,11 @@ import numpy as np
 from .ctf import CTFParams
 from .fourier import ball_mask
 from .projection import Projector, slice_points
+
+#: Default maximum number of Lanczos iterations per operator (each run stops earlier once converged).
+LANCZOS_ITERS = 500
+#: Default Lanczos stopping tolerance (relative residual of the extreme Ritz pairs).
+LANCZOS_RTOL = 1e-2
 
 # The 27 offsets (dz, dy, dx) in {-1, 0, 1}^3 of the stencil, index (dz+1)*9 + (dy+1)*3 + (dx+1).
 _OFFSETS = [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
@@ -82,14 +91,14 @@ def _pixel_weights(projector: Projector, ctf, b0: int, b1: int) -> np.ndarray:
 
 
 def hessian_stencil(projector: Projector, rotations, ctf: CTFParams | None = None, lam: float = 0.0,
-                    chunk: int = 200) -> np.ndarray:
+                    chunk: int | None = None) -> np.ndarray:
     """The exact Hessian of ``nearest``/``trilinear`` slices as a 27-point stencil ``(27, N, N, N)`` float64.
 
     ``(H z)[j] = sum_o S[o, j] z[j + o]`` over the offsets ``o`` in ``{-1, 0, 1}^3`` (index
     ``(oz+1)*9 + (oy+1)*3 + (ox+1)``, ``S[13]`` is the diagonal). ``H = (1/B) sum_i T_i^T (M CTF_i^2) T_i
     + lam I`` with ``T_i`` the interpolation matrix of image ``i`` (geometry identical to
     :func:`jaxcryo.projection.slice_trilinear` / ``slice_nearest``). Assembled with ``np.bincount`` in
-    chunks of ``chunk`` images.
+    chunks of ``chunk`` images (default: about 2e7 terms per chunk).
     """
     if projector.method not in ("nearest", "trilinear") or projector.oversample != 1:
         raise NotImplementedError("the assembled Hessian needs 'nearest' or 'trilinear' slices without "
@@ -100,6 +109,14 @@ def hessian_stencil(projector: Projector, rotations, ctf: CTFParams | None = Non
     nimg = int(rots.shape[0])
     acc = np.zeros(27 * nvox, np.float64)
     corners = [(dz, dy, dx) for dz in (0, 1) for dy in (0, 1) for dx in (0, 1)]
+    # Pairs of cube corners a <= b (lexicographic); a < b gives the 13 "positive" offsets o = b - a, whose
+    # mirror entries S[-o, j + o] = S[o, j] are filled in at the end.
+    pairs = [(a, b, (cb[0] - ca[0] + 1) * 9 + (cb[1] - ca[1] + 1) * 3 + (cb[2] - ca[2] + 1))
+             for a, ca in enumerate(corners) for b, cb in enumerate(corners) if a <= b]
+    npix = max(1, int(np.asarray(projector.image_mask()).sum()))
+    if chunk is None:  # about 1e7 (pixel, corner pair) terms per bincount
+        chunk = max(1, int(1e7 // (len(pairs) * npix)))
+    buf_i = buf_v = None
     for b0 in range(0, nimg, chunk):
         b1 = min(b0 + chunk, nimg)
         w = _pixel_weights(projector, ctf, b0, b1)
@@ -110,25 +127,36 @@ def hessian_stencil(projector: Projector, rotations, ctf: CTFParams | None = Non
             c = np.rint(pts).astype(np.int64) + n // 2
             ok = np.all((c >= 0) & (c < n), axis=-1)
             vox = (c[ok, 2] * n + c[ok, 1]) * n + c[ok, 0]
-            acc += np.bincount(13 * nvox + vox, weights=wp[ok], minlength=27 * nvox)
+            acc[13 * nvox:14 * nvox] += np.bincount(vox, weights=wp[ok], minlength=nvox)
             continue
         c = pts + np.float32(n // 2)
         c0 = np.floor(c)
         f = (c - c0).astype(np.float32).astype(np.float64)  # as slice_trilinear (float32 fractions)
         i0 = c0.astype(np.int64)
-        cw, cidx, cok = [], [], []
+        cw, cidx = [], []
         for dz, dy, dx in corners:
             iz, iy, ix = i0[:, 2] + dz, i0[:, 1] + dy, i0[:, 0] + dx
-            cok.append((iz >= 0) & (iz < n) & (iy >= 0) & (iy < n) & (ix >= 0) & (ix < n))
-            cidx.append((iz * n + iy) * n + ix)
-            cw.append((f[:, 2] if dz else 1 - f[:, 2]) * (f[:, 1] if dy else 1 - f[:, 1])
-                      * (f[:, 0] if dx else 1 - f[:, 0]))
-        for a, ca in enumerate(corners):
-            for b, cb in enumerate(corners):
-                o = (cb[0] - ca[0] + 1) * 9 + (cb[1] - ca[1] + 1) * 3 + (cb[2] - ca[2] + 1)
-                ok = cok[a] & cok[b]
-                acc += np.bincount(o * nvox + cidx[a][ok], weights=(wp * cw[a] * cw[b])[ok], minlength=27 * nvox)
+            ok = (iz >= 0) & (iz < n) & (iy >= 0) & (iy < n) & (ix >= 0) & (ix < n)
+            cidx.append(np.clip((iz * n + iy) * n + ix, 0, nvox - 1))
+            cw.append(np.where(ok, (f[:, 2] if dz else 1 - f[:, 2]) * (f[:, 1] if dy else 1 - f[:, 1])
+                               * (f[:, 0] if dx else 1 - f[:, 0]), 0.0))  # zero weight: off the grid
+        m = wp.size
+        if buf_i is None or buf_i.size < len(pairs) * m:  # reused: page faults once
+            buf_i = np.empty(len(pairs) * m, np.int64)
+            buf_v = np.empty(len(pairs) * m, np.float64)
+        idx = buf_i[: len(pairs) * m].reshape(len(pairs), m)
+        val = buf_v[: len(pairs) * m].reshape(len(pairs), m)
+        for r, (a, b, o) in enumerate(pairs):
+            np.add(o * nvox, cidx[a], out=idx[r])
+            np.multiply(wp * cw[a], cw[b], out=val[r])
+        acc += np.bincount(idx.ravel(), weights=val.ravel(), minlength=27 * nvox)
     s = acc.reshape(27, n, n, n) / nimg
+    if projector.method == "trilinear":
+        for k, (oz, oy, ox) in enumerate(_OFFSETS[14:], start=14):  # S[-o, j] = S[o, j - o]
+            src = s[k]
+            dst = s[26 - k]
+            dst[max(oz, 0):n + min(oz, 0), max(oy, 0):n + min(oy, 0), max(ox, 0):n + min(ox, 0)] = \
+                src[max(-oz, 0):n + min(-oz, 0), max(-oy, 0):n + min(-oy, 0), max(-ox, 0):n + min(-ox, 0)]
     s[13] += lam
     return s
 
@@ -279,17 +307,22 @@ def power_iteration(matvec: Callable, shape, key=0, iters: int = 100, mask=None)
     return lam
 
 
-def lanczos_extreme_eigs(matvec: Callable, mask, key=0, iters: int = 300, return_ritz: bool = False,
-                         real: bool | None = None):
+def lanczos_extreme_eigs(matvec: Callable, mask, key=0, iters: int = LANCZOS_ITERS, return_ritz: bool = False,
+                         real: bool | None = None, rtol: float = LANCZOS_RTOL, check_every: int = 10):
     """Smallest and largest eigenvalues of ``P A P`` on the subspace of ``mask`` voxels (``A`` Hermitian).
 
-    Lanczos with full reorthogonalisation (classical Gram-Schmidt, twice) in float64 on the host: complex128
+    Lanczos (three-term recurrence plus full reorthogonalisation by classical Gram-Schmidt, repeated
+    when the norm drops by more than 0.7, Kahan's criterion) in float64 on the host: complex128
     vectors and ``np.vdot``, or float64 real vectors when ``real`` (default: ``matvec.is_real``; a real
-    symmetric ``A`` has the same eigenvalues on complex and real vectors). Stops early on an invariant
-    subspace. Ritz values lie inside the spectrum, so ``lambda_min`` is approached from above.
+    symmetric ``A`` has the same eigenvalues on complex and real vectors). At most ``iters`` iterations;
+    every ``check_every`` it stops once both extreme Ritz pairs have residual norms
+    ``beta_j |s_j| <= rtol * |theta|`` (then each lies within ``rtol`` relative of an eigenvalue); ``rtol=0``
+    always runs ``iters``. Stops early on an invariant subspace. Ritz values lie inside the spectrum, so
+    ``lambda_min`` is approached from above.
 
     Returns:
-        ``(lambda_min, lambda_max)``, plus the Ritz values if ``return_ritz``.
+        ``(lambda_min, lambda_max)``, plus ``info`` (dict: ``ritz`` values, ``iters`` run, ``residuals`` of
+        the extreme pairs) if ``return_ritz``.
     """
     m = np.asarray(mask, bool)
     idx = np.flatnonzero(m.ravel())
@@ -305,36 +338,60 @@ def lanczos_extreme_eigs(matvec: Callable, mask, key=0, iters: int = 300, return
         y = np.asarray(matvec(x.reshape(m.shape))).ravel()[idx]
         return (y.real if real else y).astype(dt)
 
+    def tridiag(alpha, beta):
+        from scipy.linalg import eigh_tridiagonal
+
+        return eigh_tridiagonal(np.asarray(alpha), np.asarray(beta[: len(alpha) - 1]))
+
     q = _random_vector(_rng(key), (k,), not real).astype(dt)
     q /= np.linalg.norm(q)
     Q = np.empty((iters, k), dt)
     alpha, beta = [], []
+    res = (np.inf, np.inf)
     for j in range(iters):
         Q[j] = q
         w = op(q)
         a = float(np.real(np.vdot(q, w)))
         alpha.append(a)
+        w -= a * q
+        if j:
+            w -= beta[-1] * Q[j - 1]
         Qj = Q[: j + 1]
-        for _ in range(2):
-            w -= Qj.T @ (Qj.conj() @ w)
-        b = float(np.linalg.norm(w))
-        if j == iters - 1 or b <= 1e-10 * max(abs(a), 1e-300):
-            break
+        nw = np.linalg.norm(w)
+        for _ in range(2):  # full reorthogonalisation w -= Q Q^H w (no copy of Q); a 2nd pass if needed
+            h = Qj @ w if real else np.conj(Qj @ np.conj(w))
+            w -= h @ Qj
+            b = float(np.linalg.norm(w))
+            if b > 0.7 * nw:  # "twice is enough" (Kahan): little cancellation, w is orthogonal
+                break
+            nw = b
         beta.append(b)
+        if b <= 1e-10 * max(abs(a), 1e-300):  # invariant subspace: Ritz values exact
+            res = (0.0, 0.0)
+            break
+        if rtol > 0 and (j + 1) % check_every == 0:
+            th, s = tridiag(alpha, beta)
+            res = (b * abs(s[-1, 0]), b * abs(s[-1, -1]))
+            if res[0] <= rtol * abs(th[0]) and res[1] <= rtol * abs(th[-1]):
+                break
         q = w / b
-    T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
-    ritz = np.linalg.eigvalsh(T)
+    ritz, s = tridiag(alpha, beta)
+    if res[0] != 0.0:
+        res = (beta[-1] * abs(s[-1, 0]), beta[-1] * abs(s[-1, -1]))
     out = (float(ritz[0]), float(ritz[-1]))
-    return (*out, ritz) if return_ritz else out
+    if return_ritz:
+        return (*out, {"ritz": ritz, "iters": len(alpha), "residuals": res})
+    return out
 
 
-def condition_number(matvec: Callable, mask, key=0, iters: int = 300, preconditioner=None,
-                     threshold: float | None = None) -> tuple[float, float, float]:
+def condition_number(matvec: Callable, mask, key=0, iters: int = LANCZOS_ITERS, preconditioner=None,
+                     threshold: float | None = None, rtol: float = LANCZOS_RTOL, return_info: bool = False):
     """``(kappa, lambda_min, lambda_max)`` of ``P A P`` (``A = matvec``) inside ``mask`` by Lanczos.
 
     ``preconditioner``: a diagonal ``D`` (real ``(N, N, N)``); the eigenvalues are then those of
     ``D-hat^-1 A`` with ``D-hat = max(|D|, threshold)`` (default :func:`jaxcryo.optim.default_threshold`),
     computed on the similar ``D-hat^-1/2 A D-hat^-1/2``. ``kappa = inf`` if ``lambda_min <= 0``.
+    ``return_info`` appends the Lanczos info dict (iterations, residuals).
     """
     op = matvec
     if preconditioner is not None:
@@ -343,8 +400,9 @@ def condition_number(matvec: Callable, mask, key=0, iters: int = 300, preconditi
         d = np.asarray(preconditioner, np.float64)
         thr = default_threshold(d.shape[-1]) if threshold is None else float(threshold)
         op = scaled_operator(matvec, 1.0 / np.sqrt(np.maximum(np.abs(d), thr)))
-    lo, hi = lanczos_extreme_eigs(op, mask, key, iters)
-    return (hi / lo if lo > 0 else float("inf")), lo, hi
+    lo, hi, info = lanczos_extreme_eigs(op, mask, key, iters, return_ritz=True, rtol=rtol)
+    out = ((hi / lo if lo > 0 else float("inf")), lo, hi)
+    return (*out, info) if return_info else out
 
 
 def predicted_condition_number(n: int, lam: float = 0.0) -> float:
@@ -376,7 +434,7 @@ def _poses(n_poses: int, seed: int, ctf: bool):
 
 
 def condition_report(boxes, n_poses: int = 2000, method: str = "trilinear", ctf: bool = False, seed: int = 0,
-                     lam: float = 0.0, lanczos_iters: int = 300, pixel_size: float = 3.0,
+                     lam: float = 0.0, lanczos_iters: int = LANCZOS_ITERS, pixel_size: float = 3.0,
                      progress: Callable | None = None) -> dict:
     """``kappa(H)``, ``kappa(D^-1 H)`` and the predicted ``kappa`` per box size (schema of ``jaxcryo condition``).
 
@@ -407,14 +465,15 @@ def condition_report(boxes, n_poses: int = 2000, method: str = "trilinear", ctf:
             weights=jnp.ones((n_poses,), jnp.float32), mask=jnp.ones((n_poses,), jnp.float32))
         d = np.asarray(exact_diagonal(proj, batch, lam=lam), np.float64)
         mask = ball_mask(n)
-        k_h, lo, hi = condition_number(op, mask, seed, lanczos_iters)
-        k_p, plo, phi = condition_number(op, mask, seed, lanczos_iters, preconditioner=d)
+        k_h, lo, hi, ih = condition_number(op, mask, seed, lanczos_iters, return_info=True)
+        k_p, plo, phi, ip = condition_number(op, mask, seed, lanczos_iters, preconditioner=d, return_info=True)
         out["box"].append(n)
         out["kappa_H"].append(k_h)
         out["kappa_DinvH"].append(k_p)
         out["kappa_predicted"].append(predicted_condition_number(n, lam))
         eig.append({"box": n, "lambda_min_H": lo, "lambda_max_H": hi, "lambda_min_DinvH": plo,
                     "lambda_max_DinvH": phi, "ball_voxels": int(mask.sum()),
+                    "lanczos_iters_run": [int(ih["iters"]), int(ip["iters"])],
                     "seconds": round(time.perf_counter() - t0, 3)})
         if progress is not None:
             progress(n, k_h, k_p, out["kappa_predicted"][-1])
@@ -428,8 +487,11 @@ def condition_report(boxes, n_poses: int = 2000, method: str = "trilinear", ctf:
         "ball_radius": "N/2",
         "lam": float(lam),
         "lanczos_iters": int(lanczos_iters),
-        "eigensolver": "Lanczos, full reorthogonalisation, float64, on P H P (ball voxels); "
-                       "Ritz lambda_min approaches from above (kappa slightly underestimated)",
+        "lanczos_rtol": LANCZOS_RTOL,
+        "eigensolver": "Lanczos, full reorthogonalisation, float64, on P H P (ball voxels), at most "
+                       "lanczos_iters iterations, stopped when both extreme Ritz residuals <= lanczos_rtol * "
+                       "|theta|; Ritz lambda_min approaches from above (kappa slightly underestimated)",
+        "hessian": "assembled 27-point stencil (exact)" if method in ("nearest", "trilinear") else "HVPs",
         "D": "exact diagonal (optim.exact_diagonal), thresholded max(|D|, default_threshold(N))",
         "threshold": {str(int(n)): default_threshold(int(n)) for n in boxes},
         "kappa_predicted": "paper's lower bound (1+lam)/(p+lam), p = voxels in central disc / voxels in ball "
@@ -437,3 +499,44 @@ def condition_report(boxes, n_poses: int = 2000, method: str = "trilinear", ctf:
         "eigenvalues": eig,
     }
     return out
+
+
+def plot_condition(report: dict, path) -> str:
+    """Log-log plot of ``kappa`` against box size (measured ``H``, ``D^-1 H`` and predicted) as a PNG,
+    written atomically (temporary file beside ``path``, then ``os.replace``)."""
+    import os
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    box = np.asarray(report["box"], float)
+    order = np.argsort(box)
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    s = report.get("settings", {})
+    for key, label, style in (("kappa_H", "κ(H)", "o-"), ("kappa_DinvH", "κ(D⁻¹H)", "s-"),
+                              ("kappa_predicted", "predicted (paper's bound)", "--")):
+        y = np.asarray([np.nan if v is None else v for v in report[key]], float)
+        ax.plot(box[order], y[order], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(box[order], [str(int(b)) for b in box[order]])
+    ax.set_xlabel("box size N (ball radius N/2)")
+    ax.set_ylabel("condition number")
+    ax.set_title(f"{s.get('interp', '')}, {s.get('n_poses', '')} poses"
+                 + (", CTF" if s.get("ctf") else ""), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return str(path)
