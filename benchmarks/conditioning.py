@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     boxes = args.boxes or ([16] if args.quick else [16, 32, 64])
-    iters = args.lanczos_iters or (40 if args.quick else 100)
+    iters = args.lanczos_iters or (40 if args.quick else 500)
     t0 = time.perf_counter()
     kappa = {}
     for ctf in (False, True):
