@@ -167,6 +167,8 @@ def run(args) -> int:
         parts.append(f"half-map FSC 0.143: {res.fsc_half.resolution_0143:.2f} A, 0.5: {res.fsc_half.resolution_05:.2f} A")
     if res.fsc_ref is not None:
         parts.append(f"vs reference 0.5: {res.fsc_ref.resolution_05:.2f} A")
-    print(f"jaxcryo reconstruct: {len(indices)} particles, {args.optimizer}, {wall:.1f} s; "
+    skipped = len(md) - len(indices)
+    print(f"jaxcryo reconstruct: {len(indices)} particles"
+          + (f" ({skipped} skipped: NaN/inf)" if skipped else "") + f", {args.optimizer}, {wall:.1f} s; "
           + ("; ".join(parts) if parts else "no FSC") + f" -> {out}/map.mrc")
     return 0
