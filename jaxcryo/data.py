@@ -71,7 +71,7 @@ class ParticleDataset:
         return len(self.metadata)
 
     def _stack(self, f):
-        from .io.mrc import open_stack
+        from .io.mrc import StackReader
 
         if f in self._stacks:
             self._stacks.move_to_end(f)
@@ -79,7 +79,7 @@ class ParticleDataset:
         if not Path(f).exists():
             raise InputError(f"{f}: image stack not found (referenced by {self.metadata.source}); "
                              "check the path or give --datadir")
-        s = open_stack(f)
+        s = StackReader(f)
         self._stacks[f] = s
         if len(self._stacks) > self._max_open:
             self._stacks.popitem(last=False)

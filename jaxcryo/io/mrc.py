@@ -122,6 +122,51 @@ def open_stack(path) -> np.ndarray:
         raise InputError(f"{path}: cannot memory-map the image data ({e}); the file may be truncated") from None
 
 
+class StackReader:
+    """Image stack read on demand with plain file reads (``(N, H, W)``-indexable like an array).
+
+    Unlike a memory map, pages read through it are not mapped into the process, so reading a stack larger
+    than memory, image batch by image batch, keeps the resident memory flat (a memory map's touched pages
+    count towards the process's RSS until the mapping is dropped). Runs of consecutive indices are read in
+    one call.
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.dtype, self.shape, self.offset = _stack_layout(path)
+        self.dtype = np.dtype(self.dtype)
+        if self.shape[0] * self.shape[1] * self.shape[2] == 0:
+            raise InputError(f"{path}: empty image stack (shape {self.shape})")
+        self._image_bytes = self.shape[1] * self.shape[2] * self.dtype.itemsize
+        self.ndim = 3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx) -> np.ndarray:
+        single = np.ndim(idx) == 0
+        idx = np.atleast_1d(np.asarray(idx, np.int64))
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
+            raise IndexError(f"{self.path}: image index out of range (stack has {self.shape[0]} images)")
+        out = np.empty((len(idx),) + tuple(self.shape[1:]), self.dtype)
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        with open(self.path, "rb") as f:
+            start = 0
+            while start < len(sidx):
+                end = start + 1
+                while end < len(sidx) and sidx[end] == sidx[end - 1] + 1:
+                    end += 1
+                f.seek(self.offset + int(sidx[start]) * self._image_bytes)
+                count = (end - start) * self.shape[1] * self.shape[2]
+                block = np.fromfile(f, dtype=self.dtype, count=count)
+                if block.size != count:
+                    raise InputError(f"{self.path}: file is truncated (image {int(sidx[start]) + 1})")
+                out[order[start:end]] = block.reshape((end - start,) + tuple(self.shape[1:]))
+                start = end
+        return out[0] if single else out
+
+
 def stack_pixel_size(path) -> float | None:
     """Pixel size (Å) in a stack's header, or ``None`` when unset (0)."""
     with _open(path, mmap=True) as m:
