@@ -339,21 +339,9 @@ def sgd(learning_rate: float | optax.Schedule = 1.0, momentum: float | None = No
 # --------------------------------------------------------------------------------------------------
 def _trilinear_weights_sq(vol, points):
     """Like :func:`jaxcryo.projection.slice_trilinear` with the weights squared (real volume)."""
-    from .projection import _gather
+    from .projection import slice_trilinear
 
-    c = points + vol.shape[-1] // 2
-    c0 = jnp.floor(c)
-    f = c - c0
-    i0 = c0.astype(jnp.int32)
-    out = 0
-    for dz in (0, 1):
-        wz = f[..., 2] if dz else 1 - f[..., 2]
-        for dy in (0, 1):
-            wy = f[..., 1] if dy else 1 - f[..., 1]
-            for dx in (0, 1):
-                wx = f[..., 0] if dx else 1 - f[..., 0]
-                out = out + (wz * wy * wx) ** 2 * _gather(vol, i0[..., 2] + dz, i0[..., 1] + dy, i0[..., 0] + dx)
-    return out
+    return slice_trilinear(vol, points, weight_power=2)
 
 
 def batch_diagonal_sum(projector, batch):

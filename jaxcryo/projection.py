@@ -71,8 +71,12 @@ def slice_nearest(vol_f, points):
     return _gather(vol_f, c[..., 2], c[..., 1], c[..., 0])
 
 
-def slice_trilinear(vol_f, points):
-    """Trilinear interpolation of the centred Fourier volume at ``points`` ``(..., 3)`` (voxel units, xyz)."""
+def slice_trilinear(vol_f, points, weight_power: int = 1):
+    """Trilinear interpolation of the centred Fourier volume at ``points`` ``(..., 3)`` (voxel units, xyz).
+
+    ``weight_power=2`` sums the 8 neighbours with squared weights: its transpose applied to ``CTF^2``
+    backprojects the exact Hessian diagonal (:func:`jaxcryo.optim.batch_diagonal_sum`).
+    """
     c = points + vol_f.shape[-1] // 2
     c0 = jnp.floor(c)
     f = (c - c0).astype(jnp.real(vol_f).dtype)
@@ -85,7 +89,7 @@ def slice_trilinear(vol_f, points):
             for dx in (0, 1):
                 wx = f[..., 0] if dx else 1 - f[..., 0]
                 val = _gather(vol_f, i0[..., 2] + dz, i0[..., 1] + dy, i0[..., 0] + dx)
-                out = out + (wz * wy * wx) * val
+                out = out + (wz * wy * wx) ** weight_power * val
     return out
 
 
