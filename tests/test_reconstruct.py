@@ -152,3 +152,208 @@ def test_acceptance_cg_backproject_quality(sim32, rec_psgd, tmp_path, optimizer,
     assert got >= ref - 2, (optimizer, got, ref)
     for name in ("map.mrc", "half1.mrc", "half2.mrc", "fsc.json", "history.json", "run.json"):
         assert (out / name).is_file(), name
+
+
+# --------------------------------------------------------------------------------------------------
+# acceptance 5: bad input -> exit code 2, one line naming the file or flag, no traceback
+# --------------------------------------------------------------------------------------------------
+
+def _small_set(out: Path, n: int = 16, box: int = 16, snr: float = 1.0, seed: int = 0):
+    """A small simulated RELION 3.1 set: ``out/particles.star`` + ``out/particles.mrcs``; returns (star, sim)."""
+    from jaxcryo.data import write_dataset
+    from jaxcryo.simulate import simulate
+
+    sim = simulate(n_particles=n, box=box, snr=snr, seed=seed)
+    return write_dataset(out, sim.metadata, sim.images), sim
+
+
+def _edit_star(star: Path, out: Path, fn) -> Path:
+    """Write ``fn(blocks)`` (a dict of DataFrames read from ``star``) to ``out``."""
+    import starfile
+
+    blocks = starfile.read(star, always_dict=True)
+    blocks = fn(blocks) or blocks
+    starfile.write(blocks, out, overwrite=True)
+    return out
+
+
+def _write_stack(path: Path, images, pixel_size: float = 3.0) -> Path:
+    import mrcfile
+
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(np.asarray(images, np.float32))
+        m.voxel_size = pixel_size
+    return path
+
+
+@pytest.fixture
+def small(tmp_path):
+    star, sim = _small_set(tmp_path / "data")
+    return star, sim
+
+
+def test_bad_missing_file(tmp_path, capsys):
+    missing = tmp_path / "nope.star"
+    rc, _, err = _run(["reconstruct", missing, "--out", tmp_path / "o", "--quiet"], capsys)
+    _assert_input_error(rc, err, missing)
+    assert not (tmp_path / "o" / "map.mrc").exists()
+
+
+def test_bad_star_without_poses(small, tmp_path, capsys):
+    star, _ = small
+
+    def drop(b):
+        b["particles"] = b["particles"].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
+
+    bad = _edit_star(star, star.parent / "noposes.star", drop)
+    rc, _, err = _run(["reconstruct", bad, "--out", tmp_path / "o", "--quiet"], capsys)
+    line = _assert_input_error(rc, err, bad)
+    assert "no poses" in line
+
+
+def test_bad_image_index_out_of_range(small, tmp_path, capsys):
+    star, _ = small
+
+    def bump(b):
+        names = b["particles"]["rlnImageName"].astype(str).tolist()
+        names[3] = "000099@" + names[3].split("@", 1)[1]
+        b["particles"]["rlnImageName"] = names
+
+    bad = _edit_star(star, star.parent / "range.star", bump)
+    rc, _, err = _run(["reconstruct", bad, "--out", tmp_path / "o", "--quiet"], capsys)
+    line = _assert_input_error(rc, err, "particles.mrcs")
+    assert "99" in line and "out of range" in line
+
+
+def test_bad_rectangular_stack(small, tmp_path, capsys):
+    star, sim = small
+    stack = _write_stack(star.parent / "rect.mrcs", np.zeros((16, 16, 20), np.float32))
+
+    def point(b):
+        b["particles"]["rlnImageName"] = [f"{i + 1:06d}@rect.mrcs" for i in range(len(b["particles"]))]
+
+    bad = _edit_star(star, star.parent / "rect.star", point)
+    rc, _, err = _run(["reconstruct", bad, "--out", tmp_path / "o", "--quiet"], capsys)
+    line = _assert_input_error(rc, err, stack.name)
+    assert "20x16" in line
+
+
+def test_bad_stack_box_differs_from_optics_group(small, tmp_path, capsys):
+    star, sim = small
+    stack = _write_stack(star.parent / "big.mrcs", np.zeros((16, 20, 20), np.float32))
+
+    def point(b):
+        b["particles"]["rlnImageName"] = [f"{i + 1:06d}@big.mrcs" for i in range(len(b["particles"]))]
+
+    bad = _edit_star(star, star.parent / "big.star", point)
+    rc, _, err = _run(["reconstruct", bad, "--out", tmp_path / "o", "--quiet"], capsys)
+    line = _assert_input_error(rc, err, stack.name)
+    assert "20x20" in line and "16x16" in line
+
+
+def test_bad_mixed_pixel_sizes_need_box(small, tmp_path, capsys):
+    star, _ = small
+
+    def two_groups(b):
+        import pandas as pd
+
+        o = b["optics"]
+        o2 = o.copy()
+        o2["rlnOpticsGroup"] = 2
+        o2["rlnOpticsGroupName"] = "opticsGroup2"
+        o2["rlnImagePixelSize"] = 2 * float(o["rlnImagePixelSize"].iloc[0])
+        b["optics"] = pd.concat([o, o2], ignore_index=True)
+        g = np.ones(len(b["particles"]), np.int64)
+        g[len(g) // 2:] = 2
+        b["particles"]["rlnOpticsGroup"] = g
+
+    bad = _edit_star(star, star.parent / "mixed.star", two_groups)
+    with pytest.warns(UserWarning, match="different pixel sizes"):
+        rc, _, err = _run(["reconstruct", bad, "--out", tmp_path / "o", "--quiet"], capsys)
+    line = _assert_input_error(rc, err, bad, "--box")
+    assert "pixel size" in line
+
+
+def _nan_set(tmp_path, bad_rows, value=np.nan):
+    star, sim = _small_set(tmp_path / "nan")
+    imgs = sim.images.copy()
+    imgs[bad_rows, 3, 5] = value
+    _write_stack(star.parent / "particles.mrcs", imgs, sim.metadata.pixel_size)
+    return star
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_bad_nan_images_and_skip_bad(tmp_path, capsys, value):
+    star = _nan_set(tmp_path, [2, 7], value)
+    rc, _, err = _run(["reconstruct", star, "--out", tmp_path / "o", "--quiet", "--epochs", 1], capsys)
+    line = _assert_input_error(rc, err, "particles.mrcs", "--skip-bad")
+    assert "2 image(s)" in line and "NaN/inf" in line
+    assert not (tmp_path / "o" / "map.mrc").exists()
+    if np.isinf(value):  # the --skip-bad run once (NaN) is enough
+        return
+
+    # --skip-bad: a successful run that reports how many it skipped
+    out = tmp_path / "ok"
+    rc, stdout, err = _run(["reconstruct", star, "--out", out, "--epochs", 1, "--skip-bad"], capsys)
+    assert rc == 0, err
+    assert "skipping 2 image(s)" in err
+    assert "14 particles" in stdout
+    run = json.loads((out / "run.json").read_text())
+    assert run["n_particles_used"] == 14 and run["config"]["n_particles"] == 14
+    vol, _ = read_map(out / "map.mrc")
+    assert np.all(np.isfinite(vol))
+
+
+def test_bad_empty_selection(tmp_path, capsys):
+    star = _nan_set(tmp_path, slice(None))
+    rc, _, err = _run(["reconstruct", star, "--out", tmp_path / "o", "--quiet", "--skip-bad"], capsys)
+    line = _assert_input_error(rc, err, star)
+    assert "empty" in line
+
+
+def test_bad_box_larger_than_images(small, tmp_path, capsys):
+    star, _ = small
+    rc, _, err = _run(["reconstruct", star, "--out", tmp_path / "o", "--quiet", "--box", 32], capsys)
+    line = _assert_input_error(rc, err, "--box 32")
+    assert "16" in line
+
+
+def test_bad_cs_without_alignments3d(small, tmp_path, capsys):
+    """A cryoSPARC .cs with blob/* and ctf/* but no alignments3D/*: exit 2, "no poses"."""
+    star, sim = small
+    n = len(sim.metadata)
+    dt = [("uid", "<u8"), ("blob/path", "S64"), ("blob/idx", "<u4"), ("blob/shape", "<u4", (2,)),
+          ("blob/psize_A", "<f4"), ("blob/sign", "<f4"), ("ctf/accel_kv", "<f4"), ("ctf/cs_mm", "<f4"),
+          ("ctf/amp_contrast", "<f4"), ("ctf/df1_A", "<f4"), ("ctf/df2_A", "<f4"), ("ctf/df_angle_rad", "<f4"),
+          ("ctf/phase_shift_rad", "<f4")]
+    a = np.zeros(n, dt)
+    a["uid"] = np.arange(n)
+    a["blob/path"] = b"particles.mrcs"
+    a["blob/idx"] = np.arange(n)
+    a["blob/shape"] = 16
+    a["blob/psize_A"] = sim.metadata.pixel_size
+    a["blob/sign"] = 1
+    a["ctf/accel_kv"], a["ctf/cs_mm"], a["ctf/amp_contrast"] = 300, 2.7, 0.07
+    a["ctf/df1_A"] = a["ctf/df2_A"] = 15000
+    cs = star.parent / "noalign.cs"
+    with open(cs, "wb") as f:
+        np.save(f, a)
+    rc, _, err = _run(["reconstruct", cs, "--out", tmp_path / "o", "--quiet"], capsys)
+    line = _assert_input_error(rc, err, cs)
+    assert "no poses" in line and "alignments3D" in line
+
+
+def test_bad_learning_rate_diverges(small, tmp_path, capsys):
+    star, _ = small
+    out = tmp_path / "o"
+    rc, _, err = _run(["reconstruct", star, "--out", out, "--quiet", "--optimizer", "sgd", "--lr", "1e6",
+                       "--epochs", 2, "--batch-size", 4], capsys)
+    line = _assert_input_error(rc, err, "--lr")
+    assert "diverge" in line
+    assert not (out / "map.mrc").exists()
+
+
+def test_bad_resume_without_checkpoint(small, tmp_path, capsys):
+    star, _ = small
+    rc, _, err = _run(["reconstruct", star, "--out", tmp_path / "o", "--quiet", "--resume"], capsys)
+    _assert_input_error(rc, err, "checkpoint.pkl", "resume")
