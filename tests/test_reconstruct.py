@@ -499,3 +499,106 @@ def test_cs_without_alignments_accepted_with_poses_pickle(shared_data, tmp_path,
                             "--optimizer", "backproject", "--quiet"], capsys)
     assert rc == 0, err
     assert f"{len(md)} particles" in stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# the Python API
+# --------------------------------------------------------------------------------------------------
+
+def test_reconstruct_api_array_dataset():
+    """``reconstruct(ArrayDataset(...), optimizer="psgd", epochs=3)``: volume, half maps, history, FSCs."""
+    from jaxcryo.data_source import ArrayDataset
+    from jaxcryo.reconstruct import ReconstructResult, reconstruct
+    from jaxcryo.simulate import simulate
+
+    sim = simulate(n_particles=32, box=16, snr=10.0, seed=1)
+    records, volumes = [], []
+    res = reconstruct(ArrayDataset(sim.metadata, sim.images), optimizer="psgd", epochs=3, batch_size=8,
+                      reference=sim.volume, progress=False, epoch_callback=records.append,
+                      volume_callback=volumes.append)
+    assert isinstance(res, ReconstructResult)
+    assert res.volume.shape == res.half1.shape == res.half2.shape == (16, 16, 16)
+    assert res.volume.dtype == np.float32 and np.all(np.isfinite(res.volume))
+    assert not np.array_equal(res.half1, res.half2)
+    assert [h["epoch"] for h in res.history] == [1, 2, 3] and records == res.history
+    assert len(volumes) == 3 and volumes[-1].shape == (16, 16, 16)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+    assert all(len(h["fsc_ref"]) == 9 for h in res.history)
+    assert res.fsc_half is not None and res.fsc_ref is not None
+    assert res.fsc_ref.fsc[1] > 0.9
+    assert res.pixel_size == pytest.approx(sim.metadata.pixel_size)
+    assert res.config["optimizer"] == "psgd" and res.config["n_particles"] == 32
+
+    # without half maps: one map; bad arguments raise InputError
+    from jaxcryo.errors import InputError
+
+    one = reconstruct(ArrayDataset(sim.metadata, sim.images), optimizer="backproject", halfmaps=False,
+                      progress=False)
+    assert one.half1 is None and one.fsc_half is None and one.volume.shape == (16, 16, 16)
+    with pytest.raises(InputError, match="--optimizer"):
+        reconstruct(ArrayDataset(sim.metadata, sim.images), optimizer="lbfgs", progress=False)
+    with pytest.raises(InputError, match="--box"):
+        reconstruct(ArrayDataset(sim.metadata, sim.images), box=32, progress=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# acceptance 7: streaming, peak memory does not grow with the number of particles
+# --------------------------------------------------------------------------------------------------
+
+_PEAK = textwrap.dedent("""
+    import json, sys
+    from jaxcryo.cli import main
+    rc = main(sys.argv[1:])
+    status = open("/proc/self/status").read().splitlines()
+    kb = {l.split(":")[0]: int(l.split()[1]) for l in status if l.startswith(("VmHWM", "VmRSS"))}
+    print("PEAK " + json.dumps({"rc": rc, "hwm_mb": kb["VmHWM"] / 1024, "rss_mb": kb["VmRSS"] / 1024}))
+""")
+
+
+def _big_set(folder: Path, n: int, box: int, chunk: int = 2000) -> Path:
+    """``n`` random ``box``-px images written in chunks (never all in memory) plus a STAR with random poses."""
+    import mrcfile
+
+    from jaxcryo.io.star import write_star
+    from jaxcryo.particles import ParticleMetadata
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    stack = folder / "big.mrcs"
+    with mrcfile.new_mmap(stack, shape=(n, box, box), mrc_mode=2, overwrite=True) as m:
+        for s in range(0, n, chunk):
+            k = min(chunk, n - s)
+            m.data[s:s + k] = rng.standard_normal((k, box, box), dtype=np.float32)
+        m.voxel_size = 2.0
+    q, _ = np.linalg.qr(rng.standard_normal((n, 3, 3)))
+    q *= np.sign(np.linalg.det(q))[:, None, None]
+    md = ParticleMetadata(rotations=q, shifts=np.zeros((n, 2)), ctf=None,
+                          image_files=np.array([str(stack)] * n, dtype=object), image_indices=np.arange(n),
+                          pixel_size=2.0, box=box, source="big")
+    write_star(folder / "big.star", md)
+    return folder / "big.star"
+
+
+def _peak_mb(star: Path, out: Path) -> float:
+    argv = ["reconstruct", str(star), "--out", str(out), "--optimizer", "backproject", "--box", "16", "--quiet"]
+    p = subprocess.run([sys.executable, "-c", _PEAK] + argv, capture_output=True, text=True, timeout=300)
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("PEAK ")]
+    assert p.returncode == 0 and line, p.stderr[-2000:]
+    d = json.loads(line[-1][5:])
+    assert d["rc"] == 0, p.stderr[-2000:]
+    return d["hwm_mb"]
+
+
+def test_peak_memory_does_not_grow_with_particles(tmp_path):
+    """20000 images of 64x64 float32 (312 MiB): the peak RSS exceeds that of a 500-image run by less than
+    half the stack (the images are streamed batch by batch, never all in memory)."""
+    n, box = 20000, 64
+    big = _big_set(tmp_path / "big", n, box)
+    small = _big_set(tmp_path / "small", 500, box)
+    stack_mb = n * box * box * 4 / 2**20
+    peak_small = _peak_mb(small, tmp_path / "o_small")
+    peak_big = _peak_mb(big, tmp_path / "o_big")
+    growth = peak_big - peak_small
+    print(f"stack {stack_mb:.0f} MB; peak RSS {peak_small:.0f} MB (500 images) -> {peak_big:.0f} MB "
+          f"({n} images): growth {growth:.0f} MB")
+    assert growth < stack_mb / 2, (peak_small, peak_big, stack_mb)
