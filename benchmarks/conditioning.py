@@ -141,10 +141,9 @@ def plot(out, path):
     for a in ax:
         a.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    plt.close(fig)
+    from jaxcryo.plotting import save_figure
+
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -333,10 +333,9 @@ def plot(out, path):
             ax.grid(alpha=0.3)
         axes[i][0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
-    plt.close(fig)
+    from jaxcryo.plotting import save_figure
+
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

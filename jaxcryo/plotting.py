@@ -129,3 +129,10 @@ def _draw_convergence(fig, axes, histories, x_keys, ys, title):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+
+
+def save_figure(fig, path) -> Path:
+    """Save any matplotlib figure as a PNG atomically and release it (pyplot figures are closed)."""
+    import matplotlib.pyplot as plt
+
+    return _save(plt, fig, path)
