@@ -53,5 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def console_main() -> int:
+    """The ``jaxcryo`` console script: :func:`main` with each warning printed as one line on stderr
+    (``jaxcryo: warning: ...``) instead of Python's two-line format with a source line."""
+    import warnings
+
+    def _one_line(message, category, filename, lineno, file=None, line=None):
+        print(f"jaxcryo: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+    warnings.showwarning = _one_line
+    return main()
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    sys.exit(console_main())

@@ -98,6 +98,12 @@ def run(args) -> int:
     if md.extra.get("mixed_optics") and args.box is None:
         raise InputError(f"{args.particles}: optics groups have different pixel sizes or boxes; "
                          "give --box to bring them to one box")
+    px_all = md.extra.get("pixel_size_per_particle")
+    if args.box is not None and px_all is not None and len(set(np.round(np.asarray(px_all), 6))) > 1:
+        raise InputError(f"{args.particles}: optics groups have different pixel sizes "
+                         f"({', '.join(f'{p:g}' for p in sorted(set(np.round(np.asarray(px_all), 4))))} A); "
+                         "rescaling each group to a common pixel size is not implemented yet, "
+                         "select one pixel size (one optics group) per run")
     ds.validate(check_images=True)
     indices = np.arange(len(md))
     bad = ds.find_bad_images()
