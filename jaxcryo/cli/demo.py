@@ -107,7 +107,19 @@ def run(args) -> int:
         print(f"{k:<10} {s['resolution_05']:>12.2f} {s['resolution_0143']:>14.2f} {s['final_loss']:>12.5g} "
               f"{s['relative_error_to_optimum']:>11.3f} {s['seconds']:>8.1f}")
     print("(FSC to the ground truth; 'err to opt' = relative L2 error to the CG optimum of the same objective)")
-    ahead = summary["psgd"]["resolution_05"] < summary["sgd"]["resolution_05"]
-    print(("PSGD is ahead of SGD" if ahead else "PSGD is NOT ahead of SGD") + f" at {args.epochs} epochs; "
-          f"outputs in {out}/ ({time.perf_counter() - t0:.0f} s total)")
+    from ..metrics import first_shell_below
+
+    shells = {k: first_shell_below(results[k].fsc_ref.fsc, 0.5) for k in ("sgd", "psgd")}
+    d = summary["sgd"]["resolution_05"] - summary["psgd"]["resolution_05"]
+    if shells["psgd"] > shells["sgd"]:
+        verdict = f"PSGD is ahead of SGD by {shells['psgd'] - shells['sgd']} shell(s) in FSC-0.5 resolution"
+    elif shells["psgd"] == shells["sgd"]:
+        verdict = (f"PSGD and SGD reach the same FSC-0.5 shell ({d:+.2f} A, i.e. no real difference); PSGD is "
+                   f"{summary['sgd']['relative_error_to_optimum'] / max(summary['psgd']['relative_error_to_optimum'], 1e-12):.1f}x "
+                   "closer to the optimum")
+    else:
+        verdict = f"PSGD is NOT ahead of SGD: {shells['sgd'] - shells['psgd']} shell(s) behind in FSC-0.5 resolution"
+    summary["verdict"] = verdict
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    print(verdict + f" at {args.epochs} epochs; outputs in {out}/ ({time.perf_counter() - t0:.0f} s total)")
     return 0
