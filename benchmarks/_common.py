@@ -63,6 +63,7 @@ def machine_info() -> dict:
         "backend": jax.default_backend(),
         "device": getattr(dev, "device_kind", str(dev)),
         "n_devices": jax.device_count(),
+        "date": __import__("time").strftime("%Y-%m-%d"),
     }
     try:
         import jaxcryo

@@ -9,8 +9,6 @@ Writes DIR/conditioning.json and DIR/conditioning.png.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _common import machine_info, write_json
 from jaxcryo.conditioning import condition_report
 from jaxcryo.data_source import ArrayDataset, epoch_batches, iterate_batches, load_batch, to_batch
 from jaxcryo.loss import objective
@@ -27,16 +26,6 @@ from jaxcryo.projection import Projector
 from jaxcryo.simulate import simulate
 
 LAM = 1e-3
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "device": str(jax.devices()[0]),
-            "date": time.strftime("%Y-%m-%d")}
 
 
 def hutchinson_errors(box, n_particles, batch, epochs, probes_list, interp="trilinear", seed=0) -> dict:
@@ -104,9 +93,7 @@ def main(argv=None) -> int:
            "kappa": kappa, "box": boxes, "kappa_H": kappa["no_ctf"]["kappa_H"],
            "kappa_DinvH": kappa["no_ctf"]["kappa_DinvH"], "kappa_predicted": kappa["no_ctf"]["kappa_predicted"],
            "hutchinson": hut, "seconds": time.perf_counter() - t0}
-    tmp = args.out / ".conditioning.json.tmp"
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, args.out / "conditioning.json")
+    write_json(args.out / "conditioning.json", out)
     plot(out, args.out / "conditioning.png")
     return 0
 

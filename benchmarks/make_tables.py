@@ -21,7 +21,7 @@ def fmt(x, nd=1):
 def sgd_vs_psgd(path: Path) -> None:
     d = json.loads(path.read_text())
     m = d["machine"]
-    print(f"\n`{path}`: {m['cpu']}, {m['cores']} cores, {m['device']}, JAX {m['jax']}, {m['date']}; "
+    print(f"\n`{path}`: {m['cpu']}, {m['cores']} cores, {m['device']}, JAX {m['jax']}, {m.get('date', '')}; "
           f"{d['settings']['interp']} slices, epoch cap {d['settings']['epochs_cap']}\n")
     print("| box | batch (regime) | SGD best of sweep | PSGD K=1 | PSGD K=4 | PSGD exact | Adam | CG | Wiener | "
           "SGD/PSGD-K1 epochs |")
@@ -51,7 +51,7 @@ def sgd_vs_psgd(path: Path) -> None:
 def conditioning(path: Path) -> None:
     d = json.loads(path.read_text())
     m = d["machine"]
-    print(f"\n`{path}`: {m['cpu']}, {m['cores']} cores, {m['device']}, JAX {m['jax']}, {m['date']}\n")
+    print(f"\n`{path}`: {m['cpu']}, {m['cores']} cores, {m['device']}, JAX {m['jax']}, {m.get('date', '')}\n")
     print("| box | κ(H) no CTF | κ(D⁻¹H) no CTF | κ(H) CTF | κ(D⁻¹H) CTF | predicted |")
     print("| --- | --- | --- | --- | --- | --- |")
     a, b = d["kappa"]["no_ctf"], d["kappa"]["ctf"]

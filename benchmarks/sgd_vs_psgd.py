@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import machine_info, write_json  # noqa: E402
 from jaxcryo.data_source import ArrayDataset, iterate_batches, load_batch, to_batch  # noqa: E402
 from jaxcryo.fourier import shell_index  # noqa: E402
 from jaxcryo.loss import loss as loss_fn  # noqa: E402
@@ -43,25 +43,6 @@ from jaxcryo.simulate import simulate  # noqa: E402
 from jaxcryo.solvers import conjugate_gradient, normal_equations, relative_error_in_ball, wiener_backprojection  # noqa: E402
 
 LAM = 1e-3
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "device": str(jax.devices()[0]),
-            "date": time.strftime("%Y-%m-%d")}
-
-
-def atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def fsc_shells(a_f, b_f, n):
@@ -300,7 +281,7 @@ def main(argv=None) -> int:
                         "eta = (c / lambda_max) / (1 + epoch), c in {1, 1.9}" if not quick else "constant, c = 1", "threshold": "FSC vs CG optimum >= 0.9 in every shell 1..N/2",
                         "psgd_step": "eta_0 / (1 + epoch), eta_0 = 1 / lambda_max(D^-1 H_B)"},
            "runs": runs, "summary": summary}
-    atomic_json(args.out / "sgd_vs_psgd.json", out)
+    write_json(args.out / "sgd_vs_psgd.json", out)
     plot(out, args.out / "sgd_vs_psgd.png")
     for row in summary:
         print(json.dumps({k: v for k, v in row.items() if "final" not in k}))

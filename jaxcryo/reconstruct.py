@@ -285,8 +285,6 @@ def reconstruct(
     def _lam_max(raw0, diag):
         fn0 = objective(to_batch(raw0), projector, lam)
         v0 = jnp.zeros((n,) * 3, jnp.complex64)
-        if optimizer == "psgd" and diag is None:
-            diag = hutchinson_estimate(fn0, v0, jax.random.PRNGKey(seed + 7), 8)
         return preconditioned_max_eigenvalue(fn0, v0, diag if optimizer == "psgd" else None)
 
     def opt_for(r: _Run):
