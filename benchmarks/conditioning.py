@@ -16,14 +16,18 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
 
 from _common import machine_info, write_json
+from jaxcryo.batch import epoch_batches, iterate_batches, load_batch, to_batch
 from jaxcryo.conditioning import condition_report
-from jaxcryo.data_source import ArrayDataset, epoch_batches, iterate_batches, load_batch, to_batch
+from jaxcryo.hessian import exact_diagonal
 from jaxcryo.loss import objective
-from jaxcryo.optim import exact_diagonal, hutchinson_diagonal, hutchinson_samples
+from jaxcryo.optim import hutchinson_diagonal, hutchinson_samples
+from jaxcryo.plotting import save_figure
 from jaxcryo.projection import Projector
 from jaxcryo.simulate import simulate
+from jaxcryo.sources import ArrayDataset
 
 LAM = 1e-3
 
@@ -34,7 +38,7 @@ def hutchinson_errors(box, n_particles, batch, epochs, probes_list, interp="tril
     batch's estimate against that batch's exact diagonal as a function of the number of probes K."""
     sim = simulate(n_particles=n_particles, box=box, snr=1.0, seed=seed)
     ds = ArrayDataset(sim.metadata, sim.images)
-    proj = Projector(n=box, pixel_size=sim.metadata.pixel_size, method=interp)
+    proj = Projector(n=box, pixel_size=sim.metadata.pixel_size, operator=interp)
     exact = exact_diagonal(proj, [to_batch(r) for r in iterate_batches(ds, 500)], lam=LAM)
     v0 = jnp.zeros((box,) * 3, jnp.complex64)
     tx = hutchinson_diagonal(seed=seed, n_probes=1, averaging="mean")
@@ -99,12 +103,8 @@ def main(argv=None) -> int:
 
 
 def plot(out, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig = Figure(figsize=(15, 4))
+    ax = fig.subplots(1, 3)
     for key, style in (("no_ctf", "-"), ("ctf", "--")):
         r = out["kappa"][key]
         lab = "no CTF" if key == "no_ctf" else "CTF"
@@ -128,8 +128,6 @@ def plot(out, path):
     for a in ax:
         a.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    from jaxcryo.plotting import save_figure
-
     save_figure(fig, path)
 
 

@@ -30,10 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from _common import host_peak_rss_mb, machine_info, parse_args, save_figure, use_agg, write_json  # noqa: E402
-from jaxcryo.data import ParticleDataset, write_dataset  # noqa: E402
-from jaxcryo.metrics import fsc  # noqa: E402
-from jaxcryo.reconstruct import reconstruct  # noqa: E402
-from jaxcryo.simulate import simulate  # noqa: E402
+from jaxcryo import ParticleDataset, fsc, reconstruct, simulate, write_dataset  # noqa: E402
+from jaxcryo.operators import OPERATOR_NAMES  # noqa: E402
 
 
 def _fsc_record(vol, truth, px) -> dict:
@@ -139,7 +137,7 @@ def main(argv=None) -> dict:
         p.add_argument("--particles", type=int, default=None)
         p.add_argument("--snr", type=float, default=0.1)
         p.add_argument("--epochs", type=int, default=None, help="PSGD epochs (CG: iterations = 2x)")
-        p.add_argument("--interp", default="nearest", choices=("nearest", "trilinear", "nufft"))
+        p.add_argument("--interp", default="nearest", choices=OPERATOR_NAMES)
         p.add_argument("--no-aspire", action="store_true", help="skip ASPIRE even if installed")
 
     args = parse_args(__doc__.splitlines()[0], argv, extra)

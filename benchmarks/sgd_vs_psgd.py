@@ -27,20 +27,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, write_json  # noqa: E402
-from jaxcryo.data_source import ArrayDataset, iterate_batches, load_batch, to_batch  # noqa: E402
+import jaxcryo as jc  # noqa: E402
 from jaxcryo.fourier import shell_index  # noqa: E402
-from jaxcryo.loss import loss as loss_fn  # noqa: E402
-from jaxcryo.loss import objective  # noqa: E402
-from jaxcryo.metrics import fsc  # noqa: E402
-from jaxcryo.optim import preconditioned_max_eigenvalue  # noqa: E402
-from jaxcryo.projection import Projector, fourier_to_volume, volume_to_fourier  # noqa: E402
-from jaxcryo.reconstruct import reconstruct  # noqa: E402
-from jaxcryo.simulate import simulate  # noqa: E402
-from jaxcryo.solvers import conjugate_gradient, normal_equations, relative_error_in_ball, wiener_backprojection  # noqa: E402
+from jaxcryo.linalg import relative_error_in_ball  # noqa: E402
+from jaxcryo.plotting import save_figure  # noqa: E402
 
 LAM = 1e-3
 
@@ -61,17 +56,17 @@ class Problem:
 
     def __init__(self, box, n_particles, snr, interp, seed=0, eval_batch=500, sim_method="nufft"):
         self.box = box
-        self.sim = simulate(n_particles=n_particles, box=box, snr=snr, seed=seed, method=sim_method)
-        self.ds = ArrayDataset(self.sim.metadata, self.sim.images)
+        self.sim = jc.simulate(n_particles=n_particles, box=box, snr=snr, seed=seed, operator=sim_method)
+        self.ds = jc.ArrayDataset(self.sim.metadata, self.sim.images)
         self.px = self.sim.metadata.pixel_size
-        self.proj = Projector(n=box, pixel_size=self.px, method=interp)
+        self.proj = jc.Projector(n=box, pixel_size=self.px, operator=interp)
         self.eval_batch = eval_batch
-        self.batches = [to_batch(r) for r in iterate_batches(self.ds, eval_batch)]
-        self._loss = jax.jit(lambda v, b: loss_fn(v, b, self.proj, 0.0) * jnp.sum(b.mask))
-        self.truth_f = volume_to_fourier(jnp.asarray(self.sim.volume))
+        self.batches = [jc.to_batch(r) for r in jc.iterate_batches(self.ds, eval_batch)]
+        self._loss = jax.jit(lambda v, b: jc.loss(v, b, self.proj, 0.0) * jnp.sum(b.mask))
+        self.truth_f = jc.volume_to_fourier(jnp.asarray(self.sim.volume))
         t = time.perf_counter()
-        ne = normal_equations(self.proj, self.ds, eval_batch, LAM)
-        cg = conjugate_gradient(ne.matvec, ne.rhs, tol=1e-6, maxiter=1000)
+        ne = jc.normal_equations(self.proj, self.ds, eval_batch, LAM)
+        cg = jc.conjugate_gradient(ne.matvec, ne.rhs, tol=1e-6, maxiter=1000)
         self.cg_seconds = time.perf_counter() - t
         self.cg_iterations = cg.iterations
         self.cg_history = []
@@ -86,7 +81,7 @@ class Problem:
     def evaluate(self, v) -> dict:
         n = self.box
         f_opt = fsc_shells(v, self.opt_f, n)
-        gt = fsc(np.asarray(fourier_to_volume(v)), self.sim.volume, pixel_size=self.px)
+        gt = jc.fsc(np.asarray(jc.fourier_to_volume(v)), self.sim.volume, pixel_size=self.px)
         l = self.full_loss(v)
         return {
             "loss": l,
@@ -104,12 +99,12 @@ def run_optimizer(prob: Problem, name: str, batch: int, epochs: int, seed: int =
     hist = []
     if name == "wiener":
         t = time.perf_counter()
-        v, _ = wiener_backprojection(prob.proj, prob.ds, lam=LAM, batch_size=prob.eval_batch)
+        v, _ = jc.wiener_backprojection(prob.proj, prob.ds, lam=LAM, batch_size=prob.eval_batch)
         jax.block_until_ready(v)
         hist.append({"epoch": 1, "seconds": time.perf_counter() - t, **prob.evaluate(v)})
         return {"history": hist}
     if name == "cg":
-        ne = normal_equations(prob.proj, prob.ds, prob.eval_batch, LAM)
+        ne = jc.normal_equations(prob.proj, prob.ds, prob.eval_batch, LAM)
         state = {"t": 0.0, "t0": time.perf_counter()}
 
         def cb(it, x, res):
@@ -117,18 +112,15 @@ def run_optimizer(prob: Problem, name: str, batch: int, epochs: int, seed: int =
             hist.append({"epoch": it, "seconds": state["t"], "relative_residual": res, **prob.evaluate(x)})
             state["t0"] = time.perf_counter()
 
-        conjugate_gradient(ne.matvec, ne.rhs, tol=1e-12, maxiter=epochs, callback=cb)
+        jc.conjugate_gradient(ne.matvec, ne.rhs, tol=1e-12, maxiter=epochs, callback=cb)
         return {"history": hist}
     if name.startswith("sgd_h"):
         return run_sgd_decay(prob, float(name[5:]), batch, epochs, seed)
     kwargs = dict(optimizer=name, epochs=epochs, batch_size=batch, halfmaps=False, seed=seed, progress=False,
-                  interp=prob.proj.method, lam=LAM)
+                  interp=prob.proj.interp, lam=LAM)
     if name.startswith("sgd_c"):
-        c = float(name[5:])
-        b0 = to_batch(load_batch(prob.ds, np.arange(batch)))
-        lmax = float(preconditioned_max_eigenvalue(objective(b0, prob.proj, LAM),
-                                                   jnp.zeros((prob.box,) * 3, jnp.complex64), None))
-        kwargs.update(optimizer="sgd", lr=c / lmax)
+        # c x the SGD strategy's own step (1/lambda_max(H_B) on the first batch)
+        kwargs.update(optimizer="sgd", lr=float(name[5:]) * sgd_step(prob, batch, seed))
     elif name == "psgd_k1":
         kwargs.update(optimizer="psgd", probes=1)
     elif name == "psgd_k4":
@@ -144,7 +136,7 @@ def run_optimizer(prob: Problem, name: str, batch: int, epochs: int, seed: int =
 
     t0 = time.perf_counter()
     try:
-        res = reconstruct(prob.ds, volume_callback=vcb, **kwargs)
+        res = jc.reconstruct(prob.ds, volume_callback=vcb, **kwargs)
         diverged = False
     except Exception as e:  # a learning rate of the sweep may diverge: that is a result
         res, diverged = None, f"{type(e).__name__}: {e}"
@@ -162,15 +154,16 @@ def run_optimizer(prob: Problem, name: str, batch: int, epochs: int, seed: int =
     return out
 
 
+def sgd_step(prob: Problem, batch: int, seed: int = 0) -> float:
+    """The SGD strategy's initial step on this problem (jaxcryo's public step-size policy)."""
+    ls = jc.Problem(prob.ds, prob.proj, np.arange(len(prob.ds)), LAM, batch, seed)
+    return jc.initial_step_size("sgd", ls)
+
+
 def run_sgd_decay(prob: Problem, c: float, batch: int, epochs: int, seed: int = 0) -> dict:
     """Plain SGD with the same 1/epoch decay PSGD uses: eta_k = (c / lambda_max(H_B)) / (1 + epoch)."""
-    from jaxcryo.fit import fit
-    from jaxcryo.optim import harmonic_schedule, sgd
-
     t0 = time.perf_counter()
-    b0 = to_batch(load_batch(prob.ds, np.arange(batch)))
-    lmax = float(preconditioned_max_eigenvalue(objective(b0, prob.proj, LAM),
-                                               jnp.zeros((prob.box,) * 3, jnp.complex64), None))
+    eta = c * sgd_step(prob, batch, seed)
     spe = int(np.ceil(len(prob.ds) / batch))
     hist, eval_times = [], []
 
@@ -180,7 +173,7 @@ def run_sgd_decay(prob: Problem, c: float, batch: int, epochs: int, seed: int = 
         eval_times.append(time.perf_counter() - t)
 
     try:
-        fit(prob.ds, sgd(harmonic_schedule(c / lmax, spe)), prob.proj, epochs=epochs, batch_size=batch, lam=LAM,
+        jc.fit(prob.ds, jc.sgd(jc.harmonic_schedule(eta, spe)), prob.proj, epochs=epochs, batch_size=batch, lam=LAM,
             seed=seed, callback=cb)
         return {"history": hist, "wall_seconds": time.perf_counter() - t0, "eval_seconds": sum(eval_times)}
     except Exception as e:
@@ -289,13 +282,9 @@ def main(argv=None) -> int:
 
 
 def plot(out, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = sorted({(r["box"], r["batch"]) for r in out["runs"]})
-    fig, axes = plt.subplots(len(keys), 3, figsize=(15, 3.6 * len(keys)), squeeze=False)
+    fig = Figure(figsize=(15, 3.6 * len(keys)))  # object-oriented: no global backend switch
+    axes = fig.subplots(len(keys), 3, squeeze=False)
     show = ("sgd", "psgd_k1", "psgd_k4", "psgd_exact", "adam", "cg", "wiener")
     for i, (box, batch) in enumerate(keys):
         for r in out["runs"]:
@@ -314,8 +303,6 @@ def plot(out, path):
             ax.grid(alpha=0.3)
         axes[i][0].legend(fontsize=7)
     fig.tight_layout()
-    from jaxcryo.plotting import save_figure
-
     save_figure(fig, path)
 
 

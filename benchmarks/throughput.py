@@ -34,16 +34,13 @@ import numpy as np  # noqa: E402
 
 from _common import (device_peak_mb, host_peak_rss_mb, machine_info, parse_args, save_figure,  # noqa: E402
                      time_calls, use_agg, write_json)
-from jaxcryo.data_source import ArrayDataset, load_batch, to_batch  # noqa: E402
-from jaxcryo.fit import make_step  # noqa: E402
-from jaxcryo.loss import objective, value_and_grad  # noqa: E402
-from jaxcryo.optim import preconditioned_sgd, sgd  # noqa: E402
-from jaxcryo.particles import ParticleMetadata  # noqa: E402
-from jaxcryo.projection import Projector  # noqa: E402
+from jaxcryo import (ArrayDataset, ParticleMetadata, Projector, load_batch, make_step, objective,  # noqa: E402
+                     preconditioned_sgd, sgd, to_batch, value_and_grad)
+from jaxcryo.operators import OPERATOR_NAMES  # noqa: E402
 from jaxcryo.rotations import random_rotations  # noqa: E402
 from jaxcryo.simulate import random_ctf_params  # noqa: E402
 
-INTERPS = ("nearest", "trilinear", "nufft")
+INTERPS = OPERATOR_NAMES
 OPS = ("forward", "gradient", "sgd_step", "psgd_step_k1", "psgd_step_k4")
 PIXEL_SIZE = 3.0
 
@@ -63,7 +60,7 @@ def make_raw_batch(box: int, batch: int, seed: int = 0):
 
 
 def bench_one(interp: str, box: int, batch: int, reps: int, min_seconds: float) -> list[dict]:
-    proj = Projector(n=box, pixel_size=PIXEL_SIZE, method=interp)
+    proj = Projector(n=box, pixel_size=PIXEL_SIZE, operator=interp)
     raw = make_raw_batch(box, batch)
     key = jax.random.PRNGKey(1)
     vol0 = (jax.random.normal(key, (box,) * 3) + 1j * jax.random.normal(jax.random.split(key)[0], (box,) * 3))

@@ -1,3 +1,61 @@
-"""jaxcryo: differentiable cryo-EM 3D reconstruction in JAX with Hutchinson-preconditioned SGD."""
+"""jaxcryo: differentiable cryo-EM 3D reconstruction in JAX with Hutchinson-preconditioned SGD.
+
+The public API, for notebooks and scripts (``import jaxcryo as jc``)::
+
+    ds = jc.ParticleDataset.from_file("particles.star")         # or jc.ArrayDataset(metadata, images)
+    res = jc.reconstruct(ds, optimizer="psgd", epochs=5)          # half maps, FSC, history
+
+    proj = jc.Projector(n=64, pixel_size=3.0, operator=jc.Trilinear(oversample=2))
+    opt = jc.preconditioned_sgd(jc.harmonic_schedule(0.25, steps_per_epoch=8))
+    out = jc.fit(ds, opt, proj, epochs=5, batch_size=250)
+
+Modules hold one concept each (see the README's layout); everything here is re-exported from them.
+"""
+
+from .batch import Batch, RawBatch, epoch_batches, iterate_batches, load_batch, make_batch, to_batch
+from .ctf import CTFParams, evaluate_ctf
+from .errors import DivergenceError, InputError
+from .fit import FitResult, FitState, fit, make_step
+from .fourier import shell_index
+from .hessian import exact_diagonal, normal_equations, solve_cg, wiener_backprojection
+from .io.mrc import read_map, write_map
+from .linalg import conjugate_gradient, power_iteration, preconditioned_max_eigenvalue, relative_error_in_ball
+from .loss import gradient, hvp, loss, objective, value_and_grad
+from .metrics import FSCResult, fsc
+from .operators import NUFFT, OPERATORS, Nearest, SliceOperator, Trilinear, make_operator
+from .optim import (armijo_linesearch, fixed_diagonal, harmonic_schedule, hutchinson_diagonal,
+                    preconditioned_sgd, scale_by_diagonal, sgd)
+from .particles import ParticleMetadata
+from .projection import Projector, fourier_to_volume, volume_to_fourier
+from .reconstruct import ReconstructResult, reconstruct
+from .simulate import SimulatedData, phantom, project_metadata, simulate
+from .sources import (ArrayDataset, CroppedSource, ParticleDataset, ParticleSource, read_particles,
+                      split_halves, write_dataset)
+from .strategies import (PSGD, SGD, STRATEGIES, Adam, Backproject, CG, Plan, Problem, Strategy,
+                         initial_step_size, make_strategy)
 
 __version__ = "0.1.0"
+
+__all__ = [
+    # data
+    "ParticleSource", "ParticleDataset", "ArrayDataset", "CroppedSource", "ParticleMetadata", "read_particles",
+    "write_dataset", "split_halves", "Batch", "RawBatch", "make_batch", "to_batch", "load_batch",
+    "epoch_batches", "iterate_batches", "simulate", "SimulatedData", "phantom", "project_metadata",
+    # forward model
+    "Projector", "SliceOperator", "Nearest", "Trilinear", "NUFFT", "OPERATORS", "make_operator", "CTFParams",
+    "evaluate_ctf", "volume_to_fourier", "fourier_to_volume",
+    # objective, Hessian, linear algebra
+    "loss", "objective", "gradient", "value_and_grad", "hvp", "exact_diagonal", "normal_equations",
+    "wiener_backprojection", "solve_cg", "conjugate_gradient", "power_iteration",
+    "preconditioned_max_eigenvalue",
+    # optimisers and strategies
+    "preconditioned_sgd", "hutchinson_diagonal", "fixed_diagonal", "scale_by_diagonal", "armijo_linesearch",
+    "sgd", "harmonic_schedule", "Strategy", "PSGD", "SGD", "Adam", "CG", "Backproject", "STRATEGIES",
+    "make_strategy", "Problem", "Plan", "initial_step_size",
+    # running
+    "fit", "make_step", "FitState", "FitResult", "reconstruct", "ReconstructResult",
+    # maps and metrics
+    "read_map", "write_map", "fsc", "FSCResult", "relative_error_in_ball", "shell_index",
+    # errors
+    "InputError", "DivergenceError",
+]

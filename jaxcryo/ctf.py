@@ -10,10 +10,12 @@ negative-for-underfocus ``deltaf``), the sign checked on RELION's own CTF projec
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+
+from .errors import InputError
 
 
 def electron_wavelength(voltage_kv):
@@ -90,3 +92,110 @@ def evaluate_ctf(params: CTFParams, freqs):
     ctf = jnp.sqrt(1.0 - q0 * q0) * jnp.sin(chi) + q0 * jnp.cos(chi)
     ctf = ctf * jnp.exp(-b(params.bfactor) * s2 / 4.0) * b(params.scale)
     return ctf.astype(freqs.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Physical plausibility of the inputs: an impossible value is named (file, field, where, what was expected)
+# instead of surfacing later as a diverging loss.
+
+#: RELION's STAR field for each :class:`CTFParams` field (the default names in messages).
+RELION_FIELDS = {
+    "defocus_u": "rlnDefocusU", "defocus_v": "rlnDefocusV", "astig_angle": "rlnDefocusAngle",
+    "voltage": "rlnVoltage", "cs": "rlnSphericalAberration", "amp_contrast": "rlnAmplitudeContrast",
+    "phase_shift": "rlnPhaseShift", "bfactor": "rlnCtfBfactor", "scale": "rlnCtfScalefactor",
+}
+
+#: cryoSPARC's ``.cs`` field for each :class:`CTFParams` field.
+CRYOSPARC_FIELDS = {
+    "defocus_u": "ctf/df1_A", "defocus_v": "ctf/df2_A", "astig_angle": "ctf/df_angle_rad",
+    "voltage": "ctf/accel_kv", "cs": "ctf/cs_mm", "amp_contrast": "ctf/amp_contrast",
+    "phase_shift": "ctf/phase_shift_rad", "bfactor": "ctf/bfactor", "scale": "ctf/scale",
+}
+
+#: Largest accepted accelerating voltage (kV); no electron microscope exceeds 3 MV, and a value in volts
+#: (300000) is the usual mistake above it.
+MAX_VOLTAGE_KV = 3000.0
+#: Largest accepted ``|Cs|`` (mm). Objective lenses have 0-6 mm (2.7 on a Krios, ~0 with a corrector);
+#: a larger value is a unit mistake (e.g. Å or µm). Negative Cs is accepted: RELION does not restrict its
+#: sign, and aberration-corrected microscopes can be tuned to small negative Cs.
+MAX_ABS_CS_MM = 20.0
+
+
+def _default_where(field: str, i: int) -> str:
+    return f"particle {i + 1}"
+
+
+def validate_ctf(ctf: CTFParams, source: str, *, fields: dict | None = None,
+                 where: Callable[[str, int], str] | None = None) -> None:
+    """Raise :class:`InputError` (one line naming ``source``, the file's field and what was expected) if
+    ``ctf`` holds a physically impossible value. Checks, per image:
+
+    * every field finite (no NaN or inf);
+    * voltage ``0 < kV <= 3000`` (:data:`MAX_VOLTAGE_KV`);
+    * ``|Cs| <= 20 mm`` (:data:`MAX_ABS_CS_MM`; negative Cs allowed, as RELION does);
+    * amplitude contrast ``0 <= Q0 < 1`` (RELION's ``CTF::initialise`` rejects Q0 outside [0, 1]; Q0 = 1
+      would leave no phase contrast at all, so it is rejected here too).
+
+    Defocus may be negative (overfocus) and the phase shift, B-factor and scale any finite value.
+
+    Args:
+        ctf: parameters with ``(n,)`` (or scalar) fields, in :class:`CTFParams` units.
+        source: the file (or other origin) named at the start of the message.
+        fields: name of each :class:`CTFParams` field in the file (default :data:`RELION_FIELDS`).
+        where: ``(ctf_field, index) -> str`` describing where image ``index`` sits in the file
+            (default ``"particle {index + 1}"``; the STAR reader says ``"optics group G"`` for optics values).
+    """
+    names = dict(RELION_FIELDS if fields is None else fields)
+    where = where or _default_where
+
+    def arr(f):
+        return np.atleast_1d(np.asarray(getattr(ctf, f), np.float64))
+
+    def first(bad):
+        return int(np.flatnonzero(bad)[0])
+
+    for f in CTFParams._fields:
+        v = arr(f)
+        bad = ~np.isfinite(v)
+        if bad.any():
+            i = first(bad)
+            raise InputError(f"{source}: CTF field {names.get(f, f)} contains NaN or inf ({v[i]:g} in "
+                             f"{where(f, i)}); expected finite values")
+    v = arr("voltage")
+    bad = ~(v > 0)
+    if bad.any():
+        i = first(bad)
+        raise InputError(f"{source}: {names['voltage']} {v[i]:g} kV in {where('voltage', i)}; "
+                         "expected > 0 kV (typically 100-300)")
+    bad = v > MAX_VOLTAGE_KV
+    if bad.any():
+        i = first(bad)
+        raise InputError(f"{source}: {names['voltage']} {v[i]:g} kV in {where('voltage', i)}; expected kV "
+                         f"(typically 100-300, at most {MAX_VOLTAGE_KV:g}), not volts")
+    v = arr("cs")
+    bad = np.abs(v) > MAX_ABS_CS_MM
+    if bad.any():
+        i = first(bad)
+        raise InputError(f"{source}: {names['cs']} {v[i]:g} mm in {where('cs', i)}; expected the spherical "
+                         f"aberration in mm (typically 0-4, |Cs| <= {MAX_ABS_CS_MM:g})")
+    v = arr("amp_contrast")
+    bad = ~((v >= 0) & (v < 1))
+    if bad.any():
+        i = first(bad)
+        raise InputError(f"{source}: {names['amp_contrast']} {v[i]:g} in {where('amp_contrast', i)}; "
+                         "expected an amplitude contrast fraction in [0, 1) (typically 0.07-0.1)")
+
+
+def validate_pixel_size(pixel_size, source: str, field: str = "rlnImagePixelSize",
+                        where: Callable[[int], str] | None = None, hint: str = "",
+                        param: str | None = None) -> None:
+    """Raise :class:`InputError` (one line naming ``source`` and ``field``, ending in ``hint`` if given)
+    unless every pixel size is finite and ``> 0`` Å. ``where(index)`` describes where value ``index`` sits
+    (default ``particle i``)."""
+    v = np.atleast_1d(np.asarray(pixel_size, np.float64))
+    bad = ~(np.isfinite(v) & (v > 0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        loc = where(i) if where is not None else (f"particle {i + 1}" if v.size > 1 else "")
+        raise InputError(f"{source}: {field} {v[i]:g} Å" + (f" in {loc}" if loc else "")
+                         + "; expected a pixel size > 0 Å" + (f"; {hint}" if hint else ""), param=param)

@@ -9,7 +9,7 @@ Usable from Python and notebooks::
 Each step computes the minibatch objective, its (conjugate-corrected) gradient and the optimiser update
 (which may evaluate HVPs or line-search values through the ``obj_fn`` extra argument) in one jitted
 function. Batches have a static shape: the ragged last batch is padded and masked (see
-:func:`jaxcryo.data_source.epoch_batches`), so every image is used exactly once per epoch.
+:func:`jaxcryo.batch.epoch_batches`), so every image is used exactly once per epoch.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
-from .data_source import RawBatch, epoch_batches, load_batch, to_batch
+from .batch import RawBatch, complex_dtype, epoch_batches, load_batch, to_batch
 from .errors import DivergenceError
 from .loss import objective, value_and_grad
+from .metrics import fsc as fsc_fn
 from .projection import Projector
 
 
@@ -91,7 +93,7 @@ def fit(
     """Run ``epochs`` epochs of minibatch optimisation of the least-squares objective.
 
     Args:
-        source: :class:`~jaxcryo.data_source.ArrayDataset` or :class:`jaxcryo.data.ParticleDataset`.
+        source: :class:`~jaxcryo.sources.ParticleSource` (e.g. ``ArrayDataset``, ``ParticleDataset``).
         optimizer: an optax transformation (e.g. :func:`jaxcryo.optim.preconditioned_sgd`).
         projector: the forward model (box and pixel size of the images).
         epochs, batch_size, lam: as named; ``lam`` is the Tikhonov weight.
@@ -111,7 +113,7 @@ def fit(
         ``resolution_05_ref``, ``fsc_ref``).
     """
     n = projector.n
-    cdt = jnp.complex128 if dtype == jnp.float64 else jnp.complex64
+    cdt = complex_dtype(dtype)
     if indices is None:
         indices = np.arange(len(source.metadata))
     indices = np.asarray(indices)
@@ -126,12 +128,8 @@ def fit(
     history = list(state.history)
     t_total = history[-1]["seconds"] if history else 0.0
     first_loss = history[0]["loss"] if history else None
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=(epochs - state.epoch) * int(np.ceil(len(indices) / batch_size)), desc=desc,
-                   unit="batch", leave=False)
+    bar = tqdm(total=(epochs - state.epoch) * int(np.ceil(len(indices) / batch_size)), desc=desc,
+               unit="batch", leave=False, disable=not progress)
     for epoch in range(state.epoch, epochs):
         t0 = time.perf_counter()
         losses = []
@@ -144,12 +142,11 @@ def fit(
             if not np.isfinite(val) or abs(val) > divergence_factor * first_loss:
                 raise DivergenceError(
                     f"loss diverged at epoch {epoch + 1} ({val:.3g}, first loss {first_loss:.3g}); "
-                    "lower the learning rate (--lr) or use the line search"
+                    "lower the learning rate ({param}) or use the line search", param="lr"
                 )
             losses.append(val)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{val:.4g}")
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{val:.4g}")
         jax.block_until_ready(vol)
         dt = time.perf_counter() - t0
         t_total += dt
@@ -162,8 +159,6 @@ def fit(
             "fsc_ref": None,
         }
         if reference_f is not None:
-            from .metrics import fsc as fsc_fn
-
             r = fsc_fn(np.asarray(vol), np.asarray(reference_f), pixel_size=pixel_size or projector.pixel_size,
                        fourier=True)
             rec["resolution_05_ref"] = float(r.resolution_05)
@@ -174,6 +169,5 @@ def fit(
             callback(rec, vol)
         if on_epoch_end is not None:
             on_epoch_end(state)
-    if bar is not None:
-        bar.close()
+    bar.close()
     return FitResult(vol, history, state)

@@ -17,53 +17,18 @@ steepest-ascent direction. Every gradient returned here (:func:`gradient`, :func
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Complex, Float
 
-from .ctf import CTFParams
-from .fourier import fft2c
+from .batch import Batch
 from .projection import Projector
 
 
-class Batch(NamedTuple):
-    """A minibatch of images and their metadata (all leading dimensions ``B``; static for jit).
-
-    Attributes:
-        images_f: ``(B, n, n)`` complex centred Fourier transforms of the images.
-        rotations: ``(B, 3, 3)`` RELION matrices.
-        shifts: ``(B, 2)`` RELION origins in Å.
-        ctf: :class:`CTFParams` with ``(B,)`` fields, or ``None`` (no CTF).
-        weights: ``(B,)`` inverse noise variances (1 if unknown).
-        mask: ``(B,)`` 1 for real entries, 0 for padding of a ragged last batch.
-    """
-
-    images_f: jax.Array
-    rotations: jax.Array
-    shifts: jax.Array
-    ctf: CTFParams | None
-    weights: jax.Array
-    mask: jax.Array
-
-
-def make_batch(images, rotations, shifts, ctf: CTFParams | None = None, weights=None, mask=None,
-               dtype=jnp.float32) -> Batch:
-    """Build a :class:`Batch` from real-space images ``(B, n, n)`` (transformed here) and metadata."""
-    cdt = jnp.complex128 if dtype == jnp.float64 else jnp.complex64
-    images = jnp.asarray(images, dtype)
-    b = images.shape[0]
-    return Batch(
-        images_f=fft2c(images.astype(cdt)),
-        rotations=jnp.asarray(rotations, dtype),
-        shifts=jnp.asarray(shifts, dtype),
-        ctf=None if ctf is None else CTFParams(*(jnp.asarray(f, dtype) for f in ctf)),
-        weights=jnp.ones((b,), dtype) if weights is None else jnp.asarray(weights, dtype),
-        mask=jnp.ones((b,), dtype) if mask is None else jnp.asarray(mask, dtype),
-    )
-
-
-def loss(vol_f, batch: Batch, projector: Projector, lam: float = 0.0, vol_mask=None):
+def loss(vol_f: Complex[Array, "n n n"], batch: Batch, projector: Projector, lam: float = 0.0,
+         vol_mask: Float[Array, "n n n"] | None = None) -> Float[Array, ""]:
     """``F_B(v)`` above (a real scalar). ``vol_mask`` (``(n, n, n)`` 0/1) restricts the volume's support."""
     v = vol_f if vol_mask is None else vol_f * vol_mask
     rdt = jnp.real(vol_f).dtype
@@ -106,9 +71,3 @@ def value_and_grad(fn: Callable) -> Callable:
 def hvp(fn: Callable, v, z):
     """Hessian-vector product ``H z`` by forward-over-reverse (``jax.jvp`` of the gradient)."""
     return jax.jvp(gradient(fn), (v,), (z,))[1]
-
-
-def hvp_probes(fn: Callable, v, zs):
-    """``H z_k`` for a stack of probes ``zs`` ``(K, ...)``, vmapped over ``K`` in one call."""
-    g = gradient(fn)
-    return jax.vmap(lambda z: jax.jvp(g, (v,), (z,))[1])(zs)

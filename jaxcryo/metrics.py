@@ -10,6 +10,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
+from jaxtyping import ArrayLike, Float, Num
 
 from .errors import InputError
 from .fourier import radius_grid, shell_index
@@ -99,7 +100,8 @@ def resolution_at(frequency, fsc, threshold: float, pixel_size: float | None = N
     return float(1.0 / k) if k > 0 else float("inf")
 
 
-def fsc(map1, map2, pixel_size: float = 1.0, mask=None, fourier: bool = False) -> FSCResult:
+def fsc(map1: Num[ArrayLike, "n n n"], map2: Num[ArrayLike, "n n n"], pixel_size: float = 1.0,
+        mask: Float[ArrayLike, "n n n"] | None = None, fourier: bool = False) -> FSCResult:
     """Fourier shell correlation of two maps.
 
     Args:

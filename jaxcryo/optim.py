@@ -6,8 +6,8 @@ The pieces, each a small ``optax.GradientTransformationExtraArgs`` with NamedTup
 * :func:`hutchinson_diagonal`: estimates ``diag(H)`` of the objective passed as the ``obj_fn`` extra argument
   (the protocol of ``optax.contrib``'s Sophia) with ``K`` Rademacher probes, vmapped, by forward-over-reverse
   HVPs; carries its running average and PRNG key. Its ``update`` *returns the diagonal estimate*.
-* :func:`fixed_diagonal`: a precomputed diagonal (e.g. :func:`exact_diagonal`, the "precomputed"
-  preconditioner of the paper) in the same protocol.
+* :func:`fixed_diagonal`: a precomputed diagonal (e.g. :func:`jaxcryo.hessian.exact_diagonal`, the
+  "precomputed" preconditioner of the paper) in the same protocol.
 * :func:`scale_by_diagonal`: divides the updates by ``max(|D|, threshold)`` with ``D`` from one of the above.
 * :func:`armijo_linesearch`: the paper's preconditioned Armijo backtracking (step grown by 1.2 before each
   step, halved on failure, reset every epoch), taking ``obj_fn`` too.
@@ -301,7 +301,8 @@ def preconditioned_sgd(
 
     Args:
         learning_rate: constant or optax schedule (ignored with ``linesearch=True``).
-        diagonal: a fixed diagonal array (e.g. :func:`exact_diagonal`), or ``None`` for Hutchinson.
+        diagonal: a fixed diagonal array (e.g. :func:`jaxcryo.hessian.exact_diagonal`), or ``None`` for
+            Hutchinson.
         n_probes, seed, averaging, beta, update_every, init_value: Hutchinson options (see :func:`hutchinson_diagonal`).
         threshold: floor on ``|D|`` (default :func:`default_threshold`).
         shell_floor: for the Hutchinson estimate, floor ``|D|`` at this fraction of its shell mean (see
@@ -332,89 +333,6 @@ def sgd(learning_rate: float | optax.Schedule = 1.0, momentum: float | None = No
         parts = [optax.trace(decay=momentum)] if momentum else []
         return optax.chain(*parts, armijo_linesearch(init_learning_rate, reset_every=steps_per_epoch))
     return optax.with_extra_args_support(optax.sgd(learning_rate, momentum=momentum))
-
-
-# --------------------------------------------------------------------------------------------------
-# Exact Hessian diagonal
-# --------------------------------------------------------------------------------------------------
-def _trilinear_weights_sq(vol, points):
-    """Like :func:`jaxcryo.projection.slice_trilinear` with the weights squared (real volume)."""
-    from .projection import slice_trilinear
-
-    return slice_trilinear(vol, points, weight_power=2)
-
-
-def batch_diagonal_sum(projector, batch):
-    """``sum_i w_i mask_i diag(S_i^H M S_i)`` over one batch (real ``(n, n, n)``), exact for ``nearest`` and
-    ``trilinear`` (no oversampling): the backprojection of ``w CTF^2 M`` through the hit counts / squared
-    interpolation weights."""
-    from .projection import slice_nearest, slice_points
-
-    if projector.method not in ("nearest", "trilinear") or projector.oversample != 1:
-        raise NotImplementedError(
-            "the exact Hessian diagonal is available for 'nearest' and 'trilinear' slices without "
-            "oversampling; use the Hutchinson estimator for other operators"
-        )
-    n = projector.n
-    rdt = jnp.real(batch.images_f).dtype
-    pts = slice_points(batch.rotations, n, rdt)
-    ctf = projector.ctf(batch.ctf, rdt)
-    wimg = jnp.broadcast_to(projector.image_mask(rdt), batch.images_f.shape)
-    if ctf is not None:
-        wimg = wimg * ctf * ctf
-    wimg = wimg * (batch.weights * batch.mask)[:, None, None]
-    fwd = (lambda v: slice_nearest(v, pts)) if projector.method == "nearest" else (lambda v: _trilinear_weights_sq(v, pts))
-    (d,) = jax.linear_transpose(fwd, jax.ShapeDtypeStruct((n,) * 3, rdt))(wimg)
-    return d
-
-
-def exact_diagonal(projector, batches, lam: float = 0.0, n_images: int | None = None):
-    """The exact diagonal of the full-data Hessian ``(1/n) sum_i w_i S_i^H M S_i + lam``, in one data pass.
-
-    Args:
-        projector: a ``nearest`` or ``trilinear`` :class:`~jaxcryo.projection.Projector`.
-        batches: an iterable of :class:`~jaxcryo.loss.Batch` (padding masked out) or a single Batch.
-        lam: Tikhonov weight.
-        n_images: number of real images (default: the sum of the batch masks).
-    """
-    from .loss import Batch
-
-    if isinstance(batches, Batch):
-        batches = [batches]
-    f = jax.jit(lambda b: batch_diagonal_sum(projector, b))
-    total, count = None, 0.0
-    for b in batches:
-        d = f(b)
-        total = d if total is None else total + d
-        count += float(jnp.sum(b.mask))
-    n = count if n_images is None else n_images
-    return total / n + lam
-
-
-def preconditioned_max_eigenvalue(obj_fn: Callable, params, diag, threshold: float | None = None,
-                                  iters: int = 20, seed: int = 0) -> jax.Array:
-    """Largest eigenvalue of ``D-hat^{-1} H`` (``H`` the Hessian of ``obj_fn``) by power iteration on HVPs.
-
-    ``diag=None`` gives the largest eigenvalue of ``H`` itself. A stable constant step for (preconditioned)
-    gradient descent is below ``2 / lambda_max``; :func:`auto_learning_rate` uses ``1 / lambda_max``.
-    """
-    n = params.shape[-1]
-    if diag is None:
-        dhat = jnp.ones(params.shape, jnp.real(params).dtype)
-    else:
-        thr = default_threshold(n) if threshold is None else threshold
-        dhat = jnp.maximum(jnp.abs(diag), thr).astype(jnp.real(params).dtype)
-    g = gradient(obj_fn)
-    x = jax.random.normal(jax.random.PRNGKey(seed), params.shape, jnp.real(params).dtype).astype(params.dtype)
-
-    def body(_, carry):
-        x, _lam = carry
-        y = jax.jvp(g, (params,), (x,))[1] / dhat
-        lam = jnp.linalg.norm(y) / jnp.linalg.norm(x)
-        return y / jnp.linalg.norm(y), lam
-
-    _, lam = jax.lax.fori_loop(0, iters, body, (x / jnp.linalg.norm(x), jnp.zeros([], jnp.real(params).dtype)))
-    return lam
 
 
 def harmonic_schedule(init_value: float, steps_per_epoch: int) -> optax.Schedule:

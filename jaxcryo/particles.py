@@ -11,12 +11,23 @@ Every reader (RELION STAR, cryoSPARC .cs, cryoDRGN pickles) converts its file's 
   of the image in it;
 * ``pixel_size`` (Å/px) and ``box`` (px) of the images;
 * ``contrast_sign``: +1, or -1 where the images have inverted contrast (cryoSPARC ``blob/sign``).
+
+What the readers find beyond that is kept in typed fields (``None`` / ``False`` when the file says nothing):
+
+* ``random_subset``: ``(n,)`` int64 half-set 1 or 2 (RELION ``rlnRandomSubset``, cryoSPARC
+  ``alignments3D/split + 1``);
+* ``missing_poses``: why ``rotations`` is ``None`` (``"alignments3D"`` for a ``.cs`` without it, or the
+  missing STAR columns, e.g. ``"rlnAngleRot/rlnAngleTilt/rlnAnglePsi"``);
+* ``optics_group``, ``box_per_particle``, ``pixel_size_per_particle``: ``(n,)`` per particle (STAR optics
+  groups); ``mixed_optics``: the groups differ in pixel size or box (``pixel_size``/``box`` are then those
+  of the first group);
+* ``poses_from``: the cryoDRGN pose pickle whose poses replaced the file's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,7 +45,13 @@ class ParticleMetadata:
     box: int
     contrast_sign: np.ndarray | None = None
     source: str = ""
-    extra: dict = field(default_factory=dict)
+    random_subset: np.ndarray | None = None
+    missing_poses: str | None = None
+    optics_group: np.ndarray | None = None
+    box_per_particle: np.ndarray | None = None
+    pixel_size_per_particle: np.ndarray | None = None
+    mixed_optics: bool = False
+    poses_from: str | None = None
 
     def __len__(self) -> int:
         return int(len(self.image_indices))
@@ -46,6 +63,10 @@ class ParticleMetadata:
     def subset(self, idx) -> "ParticleMetadata":
         """The particles selected by ``idx`` (integer array or boolean mask)."""
         idx = np.asarray(idx)
+
+        def per(v):  # a per-particle array, sliced; anything else kept
+            return v[idx] if isinstance(v, np.ndarray) and v.shape[:1] == (len(self),) else v
+
         return dataclasses.replace(
             self,
             rotations=None if self.rotations is None else self.rotations[idx],
@@ -54,6 +75,8 @@ class ParticleMetadata:
             image_files=self.image_files[idx],
             image_indices=self.image_indices[idx],
             contrast_sign=None if self.contrast_sign is None else self.contrast_sign[idx],
-            extra={k: (v[idx] if isinstance(v, np.ndarray) and len(v) == len(self) else v)
-                   for k, v in self.extra.items()},
+            random_subset=per(self.random_subset),
+            optics_group=per(self.optics_group),
+            box_per_particle=per(self.box_per_particle),
+            pixel_size_per_particle=per(self.pixel_size_per_particle),
         )

@@ -1,9 +1,11 @@
-"""FSC and convergence figures as PNG files (matplotlib object-oriented API, written atomically)."""
+"""FSC, convergence and conditioning figures as PNG files (matplotlib object-oriented API, written atomically)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import numpy as np
 
 
 class _ObjectOriented:
@@ -129,6 +131,38 @@ def _draw_convergence(fig, axes, histories, x_keys, ys, title):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+
+
+def plot_condition(report: dict, path) -> Path:
+    """Log-log plot of ``kappa`` against box size (measured ``H``, ``D^-1 H`` and predicted) from a
+    :func:`jaxcryo.conditioning.condition_report`. Returns ``path``."""
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    try:
+        _draw_condition(ax, report)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return _save(plt, fig, path)
+
+
+def _draw_condition(ax, report):
+    box = np.asarray(report["box"], float)
+    order = np.argsort(box)
+    s = report.get("settings", {})
+    for key, label, style in (("kappa_H", "κ(H)", "o-"), ("kappa_DinvH", "κ(D⁻¹H)", "s-"),
+                              ("kappa_predicted", "predicted (paper's bound)", "--")):
+        y = np.asarray([np.nan if v is None else v for v in report[key]], float)
+        ax.plot(box[order], y[order], style, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(box[order], [str(int(b)) for b in box[order]])
+    ax.set_xlabel("box size N (ball radius N/2)")
+    ax.set_ylabel("condition number")
+    ax.set_title(f"{s.get('interp', '')}, {s.get('n_poses', '')} poses"
+                 + (", CTF" if s.get("ctf") else ""), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
 
 
 def save_figure(fig, path) -> Path:

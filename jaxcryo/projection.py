@@ -7,33 +7,25 @@ image's centred Fourier transform is
     ``Y(k) = CTF(k) * exp(+2 pi i k . o) * V((kx, ky, 0) @ A)``       for ``|k| <= mask_radius``
 
 with ``k`` in 1/Å for the shift (the image is the projection shifted by ``-o``, RELION's origin convention)
-and in Fourier-voxel units for the slice. ``V`` at off-grid points is obtained by one of three slice
-operators, chosen by name:
+and in Fourier-voxel units for the slice. ``V`` at off-grid points is read by a slice operator of
+:mod:`jaxcryo.operators` (nearest, trilinear with optional oversampling, NUFFT).
 
-* ``"nearest"``: nearest Fourier voxel (the Hessian of the least-squares loss is then exactly diagonal);
-* ``"trilinear"``: trilinear interpolation between the 8 neighbouring voxels; with ``oversample = s > 1`` the
-  volume is first zero-padded ``s``-fold in real space (finer Fourier sampling, more accurate slices);
-* ``"nufft"``: exact trigonometric interpolation of the DFT by a type-2 non-uniform FFT (jax-finufft).
-
-All three are linear in ``V``; the adjoint is derived by ``jax.linear_transpose`` of the same code, never
+The model is linear in ``V``; the adjoint is derived by ``jax.linear_transpose`` of the same code, never
 written twice. Everything is jit- and vmap-friendly; float32/complex64 by default, float64/complex128 when
 given such inputs with ``jax_enable_x64``.
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Complex, Float
 
 from .ctf import CTFParams, evaluate_ctf
 from .fourier import fft3c, freq_grid_2d, freq_indices, ifft2c, ifft3c
-
-SliceMethod = Literal["nearest", "trilinear", "nufft"]
-METHODS: tuple[str, ...] = ("nearest", "trilinear", "nufft")
+from .operators import SliceOperator, Trilinear, as_operator, operator_name
 
 
 def _real_dtype(cdtype):
@@ -57,61 +49,6 @@ def slice_points(rotations, n: int, dtype=jnp.float32):
     return jnp.einsum("yxi,bij->byxj", k2, rotations[:, :2, :].astype(dtype))
 
 
-def _gather(vol, iz, iy, ix):
-    """``vol[iz, iy, ix]`` with zeros outside the grid."""
-    n = vol.shape[-1]
-    valid = (ix >= 0) & (ix < n) & (iy >= 0) & (iy < n) & (iz >= 0) & (iz < n)
-    flat = (jnp.clip(iz, 0, n - 1) * n + jnp.clip(iy, 0, n - 1)) * n + jnp.clip(ix, 0, n - 1)
-    return jnp.where(valid, vol.reshape(-1)[flat], 0)
-
-
-def slice_nearest(vol_f, points):
-    """Nearest-voxel values of the centred Fourier volume at ``points`` ``(..., 3)`` (voxel units, xyz)."""
-    c = jnp.rint(points).astype(jnp.int32) + vol_f.shape[-1] // 2
-    return _gather(vol_f, c[..., 2], c[..., 1], c[..., 0])
-
-
-def slice_trilinear(vol_f, points, weight_power: int = 1):
-    """Trilinear interpolation of the centred Fourier volume at ``points`` ``(..., 3)`` (voxel units, xyz).
-
-    ``weight_power=2`` sums the 8 neighbours with squared weights: its transpose applied to ``CTF^2``
-    backprojects the exact Hessian diagonal (:func:`jaxcryo.optim.batch_diagonal_sum`).
-    """
-    c = points + vol_f.shape[-1] // 2
-    c0 = jnp.floor(c)
-    f = (c - c0).astype(jnp.real(vol_f).dtype)
-    i0 = c0.astype(jnp.int32)
-    out = 0
-    for dz in (0, 1):
-        wz = f[..., 2] if dz else 1 - f[..., 2]
-        for dy in (0, 1):
-            wy = f[..., 1] if dy else 1 - f[..., 1]
-            for dx in (0, 1):
-                wx = f[..., 0] if dx else 1 - f[..., 0]
-                val = _gather(vol_f, i0[..., 2] + dz, i0[..., 1] + dy, i0[..., 0] + dx)
-                out = out + (wz * wy * wx) ** weight_power * val
-    return out
-
-
-def slice_nufft(vol_f, points, eps: float | None = None):
-    """Exact (trigonometric) interpolation of the DFT ``vol_f`` at ``points`` by a type-2 NUFFT.
-
-    ``V(q) = sum_r v(r) exp(-2 pi i q . r / N)`` with ``v = ifft3c(vol_f)`` on the centred grid.
-    """
-    from jax_finufft import nufft2
-
-    n = vol_f.shape[-1]
-    if eps is None:
-        eps = 1e-12 if vol_f.dtype == jnp.complex128 else 1e-6
-    vol = ifft3c(vol_f)
-    shape = points.shape[:-1]
-    p = points.reshape(-1, 3) * (2 * jnp.pi / n)
-    # jax-finufft: modes f[k1, k2, k3] in CMCL (centred) order, points (x, y, z) paired with (k1, k2, k3);
-    # our volume is [z, y, x], so pass the z coordinate first.
-    vals = nufft2(vol, p[:, 2], p[:, 1], p[:, 0], iflag=-1, eps=eps)
-    return vals.reshape(shape)
-
-
 def shift_phase(shifts, freqs):
     """Phase ramps ``exp(+2 pi i k . o)`` ``(B, n, n)`` for origins ``shifts`` ``(B, 2)`` (Å, RELION's
     rlnOriginX/YAngst) on the frequency grid ``freqs`` ``(n, n, 2)`` (1/Å)."""
@@ -125,22 +62,19 @@ class Projector(eqx.Module):
     Attributes:
         n: box size (images ``n x n``, volume ``n^3``).
         pixel_size: Å per pixel.
-        method: ``"nearest"``, ``"trilinear"`` or ``"nufft"``.
-        oversample: real-space zero-padding factor for ``"trilinear"``/``"nearest"`` (1 = none).
+        operator: the slice operator (:mod:`jaxcryo.operators`), or its registry name; default trilinear.
         mask_radius: image frequencies with ``|k| > mask_radius`` (voxel units) are zeroed; default ``n/2``.
     """
 
     n: int = eqx.field(static=True)
     pixel_size: float = eqx.field(static=True)
-    method: str = eqx.field(static=True, default="trilinear")
-    oversample: int = eqx.field(static=True, default=1)
+    operator: SliceOperator = eqx.field(static=True, default_factory=Trilinear, converter=as_operator)
     mask_radius: float | None = eqx.field(static=True, default=None)
 
-    def __check_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown slice method {self.method!r}; expected one of {METHODS}")
-        if self.oversample < 1 or int(self.oversample) != self.oversample:
-            raise ValueError(f"oversample must be a positive integer, got {self.oversample}")
+    @property
+    def interp(self) -> str:
+        """The operator's registry name (what ``--interp`` takes)."""
+        return operator_name(self.operator)
 
     # -- grids -------------------------------------------------------------------------------------
     def freqs(self, dtype=jnp.float32):
@@ -161,23 +95,12 @@ class Projector(eqx.Module):
         return evaluate_ctf(ctf_params, self.freqs(dtype))
 
     # -- the operator ------------------------------------------------------------------------------
-    def slices(self, vol_f, rotations):
+    def slices(self, vol_f: Complex[Array, "n n n"], rotations: Float[Array, "b 3 3"]) -> Complex[Array, "b n n"]:
         """Central slices ``(B, n, n)`` of ``vol_f`` (no shift, no CTF, no mask)."""
-        rdt = _real_dtype(vol_f.dtype)
-        s = self.oversample
-        if self.method == "nufft":
-            return slice_nufft(vol_f, slice_points(rotations, self.n, rdt))
-        if s > 1:
-            vol = ifft3c(vol_f)
-            pad = (s * self.n) // 2 - self.n // 2
-            vol = jnp.pad(vol, [(pad, s * self.n - self.n - pad)] * 3)
-            vol_f = fft3c(vol)
-        pts = slice_points(rotations, self.n, rdt) * s
-        if self.method == "nearest":
-            return slice_nearest(vol_f, pts)
-        return slice_trilinear(vol_f, pts)
+        return self.operator.slice(vol_f, slice_points(rotations, self.n, _real_dtype(vol_f.dtype)))
 
-    def __call__(self, vol_f, rotations, shifts, ctf_params: CTFParams | None = None, ctf=None):
+    def __call__(self, vol_f: Complex[Array, "n n n"], rotations: Float[Array, "b 3 3"], shifts: Float[Array, "b 2"],
+                 ctf_params: CTFParams | None = None, ctf: Float[Array, "b n n"] | None = None) -> Complex[Array, "b n n"]:
         """Fourier images ``(B, n, n)`` complex.
 
         Args:
@@ -196,7 +119,8 @@ class Projector(eqx.Module):
             mult = mult * ctf
         return y * mult
 
-    def adjoint(self, images_f, rotations, shifts, ctf_params: CTFParams | None = None, ctf=None):
+    def adjoint(self, images_f: Complex[Array, "b n n"], rotations: Float[Array, "b 3 3"], shifts: Float[Array, "b 2"],
+                ctf_params: CTFParams | None = None, ctf: Float[Array, "b n n"] | None = None) -> Complex[Array, "n n n"]:
         """Exact Hermitian adjoint (backprojection) ``(B, n, n) -> (n, n, n)`` of :meth:`__call__`.
 
         Derived with ``jax.linear_transpose`` of the forward model (conjugated, since that gives the plain
@@ -208,18 +132,19 @@ class Projector(eqx.Module):
         (out,) = jax.linear_transpose(fwd, spec)(jnp.conj(images_f))
         return jnp.conj(out)
 
-    def images(self, vol_f, rotations, shifts, ctf_params: CTFParams | None = None, ctf=None):
+    def images(self, vol_f: Complex[Array, "n n n"], rotations: Float[Array, "b 3 3"], shifts: Float[Array, "b 2"],
+               ctf_params: CTFParams | None = None, ctf: Float[Array, "b n n"] | None = None) -> Float[Array, "b n n"]:
         """Real-space images ``(B, n, n)`` (inverse centred FFT of :meth:`__call__`)."""
         return ifft2c(self(vol_f, rotations, shifts, ctf_params, ctf)).real
 
 
-def volume_to_fourier(vol):
+def volume_to_fourier(vol: Float[ArrayLike, "n n n"]) -> Complex[Array, "n n n"]:
     """Real-space volume ``(n, n, n)`` ``[z, y, x]`` -> centred Fourier volume (complex)."""
     vol = jnp.asarray(vol)
     cdt = jnp.complex128 if vol.dtype == jnp.float64 else jnp.complex64
     return fft3c(vol.astype(cdt))
 
 
-def fourier_to_volume(vol_f):
+def fourier_to_volume(vol_f: Complex[Array, "n n n"]) -> Float[Array, "n n n"]:
     """Centred Fourier volume -> real-space volume (real part of the inverse centred FFT)."""
     return ifft3c(vol_f).real

@@ -10,9 +10,12 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from .ctf import CTFParams
+from .errors import InputError
 from .fourier import freq_indices
+from .operators import NUFFT, SliceOperator
 from .particles import ParticleMetadata
 from .projection import Projector, volume_to_fourier
 from .rotations import random_rotations
@@ -79,16 +82,15 @@ def random_ctf_params(rng: np.random.Generator, n: int, defocus_range=(10000.0, 
     )
 
 
-def project_metadata(vol: np.ndarray, md: ParticleMetadata, method: str = "nufft", oversample: int = 1,
+def project_metadata(vol: np.ndarray, md: ParticleMetadata, operator: SliceOperator | str = NUFFT(),
                      batch_size: int = 256, progress: bool = False) -> np.ndarray:
     """Noise-free real-space images ``(n, box, box)`` float32 of ``vol`` for the poses, shifts and CTF of
-    ``md`` (the volume must already have the images' box and pixel size)."""
+    ``md`` (the volume must already have the images' box and pixel size), made with the slice ``operator``
+    (default the exact NUFFT)."""
     if md.rotations is None:
-        from .errors import InputError
-
         raise InputError(f"{md.source or 'particles'}: no poses (rlnAngleRot/Tilt/Psi) to project with")
     n = md.box
-    proj = Projector(n=n, pixel_size=float(md.pixel_size), method=method, oversample=oversample,
+    proj = Projector(n=n, pixel_size=float(md.pixel_size), operator=operator,
                      mask_radius=n)  # keep every frequency: images, not a least-squares model
     vf = volume_to_fourier(jnp.asarray(vol, jnp.float32))
 
@@ -97,12 +99,7 @@ def project_metadata(vol: np.ndarray, md: ParticleMetadata, method: str = "nufft
         return proj.images(vf, rot, sh, ctf)
 
     out = np.empty((len(md), n, n), np.float32)
-    it = range(0, len(md), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="project", unit="batch")
-    for s in it:
+    for s in tqdm(range(0, len(md), batch_size), desc="project", unit="batch", disable=not progress):
         idx = np.arange(s, min(s + batch_size, len(md)))
         pad = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])])  # static batch shape
         ctf = None if md.ctf is None else CTFParams(*(jnp.asarray(f_[pad], jnp.float32) for f_ in md.ctf))
@@ -126,7 +123,7 @@ def simulate(
     voltage: float = 300.0,
     cs: float = 2.7,
     amp_contrast: float = 0.07,
-    method: str = "nufft",
+    operator: SliceOperator | str = NUFFT(),
     progress: bool = False,
 ) -> SimulatedData:
     """Simulate a particle set with uniform random poses, random shifts, RELION CTF and white noise.
@@ -141,7 +138,7 @@ def simulate(
         max_shift: shifts uniform in ``[-max_shift, max_shift]`` Å per axis (default 2 px).
         volume: ground truth ``(box, box, box)``; default :func:`phantom`.
         seed: seeds poses, CTF, shifts and noise.
-        method: slice operator used to make the images (default exact ``nufft``).
+        operator: slice operator (or its name) used to make the images (default the exact NUFFT).
     """
     if volume is None:
         volume = phantom(box)
@@ -159,7 +156,7 @@ def simulate(
         image_files=np.array(["particles.mrcs"] * n_particles, dtype=object),
         image_indices=np.arange(n_particles), pixel_size=float(pixel_size), box=int(box), source="simulated",
     )
-    clean = project_metadata(volume, md, method=method, progress=progress)
+    clean = project_metadata(volume, md, operator=operator, progress=progress)
     signal_var = float(np.mean(np.var(clean, axis=(1, 2))))
     sigma = 0.0 if not np.isfinite(snr) else float(np.sqrt(signal_var / snr))
     noise_rng = np.random.default_rng([seed, 1])

@@ -11,24 +11,19 @@ import numpy as np
 import pytest
 
 from jaxcryo.cli import main
-from jaxcryo.conditioning import (
-    condition_number,
-    condition_report,
-    hessian_operator,
-    lanczos_extreme_eigs,
-    power_iteration,
-    predicted_condition_number,
-)
+from jaxcryo.batch import Batch
+from jaxcryo.conditioning import condition_report, predicted_condition_number
 from jaxcryo.fourier import ball_mask
-from jaxcryo.loss import Batch
-from jaxcryo.optim import default_threshold, exact_diagonal
+from jaxcryo.hessian import exact_diagonal, hessian_operator
+from jaxcryo.linalg import condition_number, lanczos_extreme_eigs, power_iteration
+from jaxcryo.optim import default_threshold
 from jaxcryo.projection import Projector
 from jaxcryo.rotations import random_rotations
 from jaxcryo.simulate import random_ctf_params
 
 
 def _setup(n, n_poses, method="trilinear", ctf=False, seed=0):
-    proj = Projector(n=n, pixel_size=3.0, method=method)
+    proj = Projector(n=n, pixel_size=3.0, operator=method)
     rots = random_rotations(jax.random.PRNGKey(seed), n_poses)
     ctfp = random_ctf_params(np.random.default_rng(seed), n_poses) if ctf else None
     shifts = np.random.default_rng(seed + 1).normal(size=(n_poses, 2)) * 4.0

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxcryo.ctf import CTFParams
-from jaxcryo.data import ParticleDataset, read_particles, require_poses, write_dataset
+from jaxcryo.batch import epoch_batches
+from jaxcryo.sources import ParticleDataset, read_particles, require_poses, write_dataset
 from jaxcryo.errors import InputError
 from jaxcryo.io import read_star, write_stack
 from jaxcryo.particles import ParticleMetadata
@@ -98,22 +99,22 @@ def test_find_bad_images_streams_in_chunks(tmp_path):
 
 def test_batches_static_shape_and_mask(dataset):
     ds, _, _ = dataset
-    batches = list(ds.batches(4, shuffle=False))
+    batches = epoch_batches(np.arange(len(ds)), 4)
     assert len(batches) == 3 and all(len(b) == 4 and len(m) == 4 for b, m in batches)
     assert batches[0][0].tolist() == [0, 1, 2, 3] and batches[2][0].tolist() == [8, 9, 8, 9]
     assert batches[2][1].tolist() == [1, 1, 0, 0] and batches[0][1].dtype == np.float32
     assert batches[0][0].dtype == np.int64
     # Shuffled: every index exactly once among the real entries; reproducible per (seed, epoch).
-    b1 = list(ds.batches(3, shuffle=True, seed=5, epoch=0))
+    b1 = epoch_batches(np.arange(len(ds)), 3, np.random.default_rng([5, 0]))
     real = np.concatenate([b[m > 0] for b, m in b1])
     assert sorted(real.tolist()) == list(range(10)) and len(b1) == 4
-    again = np.concatenate([b for b, _ in ds.batches(3, shuffle=True, seed=5, epoch=0)])
-    other = np.concatenate([b for b, _ in ds.batches(3, shuffle=True, seed=5, epoch=1)])
+    again = np.concatenate([b for b, _ in epoch_batches(np.arange(len(ds)), 3, np.random.default_rng([5, 0]))])
+    other = np.concatenate([b for b, _ in epoch_batches(np.arange(len(ds)), 3, np.random.default_rng([5, 1]))])
     assert np.array_equal(np.concatenate([b for b, _ in b1]), again) and not np.array_equal(again, other)
     # A subset of indices; a batch larger than the subset is one padded batch.
-    (b, m), = list(ds.batches(8, indices=[2, 5, 7], shuffle=False))
+    (b, m), = epoch_batches([2, 5, 7], 8)
     assert b.tolist() == [2, 5, 7, 2, 5, 7, 2, 5] and m.tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
-    assert list(ds.batches(4, indices=[])) == []
+    assert epoch_batches([], 4) == []
     # images() of a padded batch have the static shape
     assert ds.images(b).shape == (8, 16, 16)
 
@@ -125,8 +126,8 @@ def test_split_halves(dataset, shared_data):
     assert np.array_equal(ds.split_halves(seed=0)[0], h1) and not np.array_equal(ds.split_halves(seed=1)[0], h1)
     md = read_star(shared_data / "cryodrgn" / "relion5.star")  # rlnRandomSubset is used when present
     a, b = ParticleDataset(md).split_halves(seed=0)
-    np.testing.assert_array_equal(a, np.flatnonzero(md.extra["random_subset"] == 1))
-    np.testing.assert_array_equal(b, np.flatnonzero(md.extra["random_subset"] == 2))
+    np.testing.assert_array_equal(a, np.flatnonzero(md.random_subset == 1))
+    np.testing.assert_array_equal(b, np.flatnonzero(md.random_subset == 2))
     assert len(a) + len(b) == 17 and a[0] == 0 and b[0] == 1
 
 

@@ -12,13 +12,14 @@ import pytest
 
 from jaxcryo.cli import main
 from jaxcryo.ctf import CTFParams
-from jaxcryo.data import ParticleDataset, read_particles, require_poses
+from jaxcryo.sources import ParticleDataset, read_particles, require_poses
 from jaxcryo.errors import InputError
 from jaxcryo.fourier import resample_real
 from jaxcryo.io import (apply_poses, open_stack, read_cs, read_ctf_pickle, read_map, read_pose_pickle, read_star,
                         stack_pixel_size, write_map, write_stack, write_star)
 from jaxcryo.particles import ParticleMetadata
 from jaxcryo.rotations import axis_angle_to_matrix, cryosparc_pose_to_relion, euler_to_matrix, matrix_to_euler
+from jaxcryo.operators import Trilinear
 from jaxcryo.simulate import project_metadata
 
 
@@ -54,7 +55,7 @@ def test_cryodrgn_toy_set_reproduced(shared_data):
         md = dataclasses.replace(md, ctf=None)
         ref = ParticleDataset(md).images(np.arange(len(md)))
     vol, px = read_map(d / "toymodel_small_nocenter.mrc")
-    ours = project_metadata(vol, md, method="trilinear", oversample=2)
+    ours = project_metadata(vol, md, operator=Trilinear(oversample=2))
     corrs = np.array([_corr(a, b) for a, b in zip(ours, ref)])
     assert len(corrs) == 1000
     assert corrs.min() >= 0.98, (corrs.min(), corrs.argmin())
@@ -92,7 +93,7 @@ def test_empiar_star_and_cs_same_ctf(shared_data):
     assert list(s.image_files) == list(c.image_files)
     assert list(s.image_indices) == list(c.image_indices) == list(range(7))
     assert np.all(c.contrast_sign == -1) and s.contrast_sign is None  # blob/sign = -1: opposite contrast
-    assert s.rotations is None and c.rotations is None and c.extra["missing"] == "alignments3D"
+    assert s.rotations is None and c.rotations is None and c.missing_poses == "alignments3D"
     with pytest.raises(InputError, match=r"empiar_10076_7\.cs.*alignments3D"):
         require_poses(c)
 
@@ -128,7 +129,7 @@ def test_every_metadata_file_parses_or_names_itself(shared_data, rel):
 def test_unreadable_files_say_why(shared_data, tmp_path):
     with pytest.raises(InputError, match="empty_loop.star: no particle table"):
         read_star(shared_data / "starfile" / "empty_loop.star")
-    with pytest.raises(InputError, match=r"rln3.1_data_style.star: no pixel size.*--apix"):
+    with pytest.raises(InputError, match=r"rln3.1_data_style.star: no pixel size.*give apix"):
         read_star(shared_data / "starfile" / "rln3.1_data_style.star")
     bad = tmp_path / "bad.star"
     bad.write_text("data_particles\n\nloop_\n_rlnImageName\n_rlnAngleRot\n_rlnAngleTilt\n_rlnAnglePsi\n"
@@ -242,7 +243,7 @@ def test_write_star_read_star_round_trip(tmp_path):
     (tmp_path / "sub").mkdir()
     md = dataclasses.replace(md, image_files=np.array([str(tmp_path / "sub" / "x.mrcs")] * 7, dtype=object),
                              image_indices=np.arange(7)[::-1].copy(),
-                             extra={"random_subset": np.array([1, 2] * 3 + [1])})
+                             random_subset=np.array([1, 2] * 3 + [1]))
     write_star(tmp_path / "p.star", md)
     text = (tmp_path / "p.star").read_text()
     assert "data_optics" in text and "data_particles" in text and "000007@sub/x.mrcs" in text
@@ -253,17 +254,17 @@ def test_write_star_read_star_round_trip(tmp_path):
     for f in CTFParams._fields:
         np.testing.assert_allclose(getattr(back.ctf, f), getattr(md.ctf, f), rtol=1e-6, atol=1e-6, err_msg=f)
     assert list(back.image_files) == list(md.image_files) and list(back.image_indices) == list(md.image_indices)
-    np.testing.assert_array_equal(back.extra["random_subset"], md.extra["random_subset"])
+    np.testing.assert_array_equal(back.random_subset, md.random_subset)
     # Two optics groups (different voltage and pixel size) survive the round trip.
     volt = np.array([300.0] * 4 + [200.0] * 3)
     md2 = dataclasses.replace(md, ctf=md.ctf._replace(voltage=volt),
-                              extra={"pixel_size_per_particle": np.array([2.0] * 4 + [1.5] * 3)})
+                              pixel_size_per_particle=np.array([2.0] * 4 + [1.5] * 3))
     write_star(tmp_path / "p2.star", md2)
     with pytest.warns(UserWarning, match="different pixel sizes"):
         back2 = read_star(tmp_path / "p2.star")
     np.testing.assert_allclose(back2.ctf.voltage, volt)
-    np.testing.assert_allclose(back2.extra["pixel_size_per_particle"], md2.extra["pixel_size_per_particle"])
-    assert back2.extra["mixed_optics"] and back2.pixel_size == pytest.approx(2.0)
+    np.testing.assert_allclose(back2.pixel_size_per_particle, md2.pixel_size_per_particle)
+    assert back2.mixed_optics and back2.pixel_size == pytest.approx(2.0)
 
 
 def test_datadir_resolution(tmp_path):
@@ -297,13 +298,13 @@ def test_relion_versions(shared_data):
     np.testing.assert_allclose(md.shifts[0], [-3.12578, -1.41031])
     np.testing.assert_allclose(matrix_to_euler(md.rotations[:1]), [[111.508618], [36.742536], [141.158035]], atol=1e-6)
     assert md.ctf.voltage[0] == 100.0 and md.ctf.cs[0] == pytest.approx(1.6)
-    assert md.extra["random_subset"][:2].tolist() == [1, 2]
+    assert md.random_subset[:2].tolist() == [1, 2]
 
     with pytest.warns(UserWarning, match="different pixel sizes"):
         md = read_star(d / "cryodrgn" / "relion31.6opticsgroups.star")
-    assert len(md) == 139 and md.extra["mixed_optics"] and md.box == 196
+    assert len(md) == 139 and md.mixed_optics and md.box == 196
     assert md.pixel_size == pytest.approx(1.25)  # optics group 1
-    og, px = md.extra["optics_group"], md.extra["pixel_size_per_particle"]
+    og, px = md.optics_group, md.pixel_size_per_particle
     assert np.bincount(og).tolist() == [0, 48, 29, 5, 7, 26, 24]
     assert set(px[og == 2]) == {1.24} and set(px[og == 6]) == {1.25} and og[0] == 6
     assert md.shifts[0, 0] == pytest.approx(13.284554) and md.ctf.voltage[0] == 200.0
@@ -336,12 +337,12 @@ def test_cryosparc_poses_and_shifts(shared_data):
     np.testing.assert_allclose(z, [[0, 1, 0], [-1, 0, 0], [0, 0, 1]], atol=1e-12)
     # Shifts in pixels, same sign as RELION's origin (pyem csparc2star, cryoDRGN parse_pose_csparc).
     assert md.shifts[0] == pytest.approx(np.array([11.334375, -1.828125]) * 2.95, rel=1e-5)
-    np.testing.assert_array_equal(md.extra["random_subset"], raw["alignments3D/split"] + 1)
+    np.testing.assert_array_equal(md.random_subset, raw["alignments3D/split"] + 1)
     assert np.all(md.contrast_sign == -1)
     assert md.ctf.voltage[0] == 200.0 and md.ctf.defocus_u[0] == pytest.approx(45591.37)
     assert md.ctf.astig_angle[0] == pytest.approx(np.rad2deg(-1.3636448), rel=1e-6)
     md2 = read_cs(shared_data / "cryodrgn" / "cryosparc_J2_particles_exported.cs")  # 2D only, '>' path prefix
-    assert md2.rotations is None and md2.extra["missing"] == "alignments3D" and md2.box == 300
+    assert md2.rotations is None and md2.missing_poses == "alignments3D" and md2.box == 300
     assert not Path(md2.image_files[0]).name.startswith(">")
 
 

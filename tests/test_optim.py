@@ -5,14 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcryo.data_source import ArrayDataset, iterate_batches, load_batch, to_batch
+from jaxcryo.batch import iterate_batches, load_batch, make_batch, to_batch
 from jaxcryo.fit import fit, make_step
-from jaxcryo.loss import gradient, hvp, make_batch, objective, value_and_grad
-from jaxcryo.optim import (exact_diagonal, harmonic_schedule, hutchinson_estimate, hutchinson_samples, preconditioned_max_eigenvalue,
-                           preconditioned_sgd, sgd)
+from jaxcryo.hessian import exact_diagonal, normal_equations, solve_cg, wiener_backprojection
+from jaxcryo.linalg import largest_eigenvalue, preconditioned_max_eigenvalue, relative_error_in_ball
+from jaxcryo.loss import gradient, hvp, objective, value_and_grad
+from jaxcryo.optim import harmonic_schedule, hutchinson_estimate, hutchinson_samples, preconditioned_sgd, sgd
 from jaxcryo.projection import Projector, volume_to_fourier
 from jaxcryo.simulate import phantom, simulate
-from jaxcryo.solvers import largest_eigenvalue, normal_equations, relative_error_in_ball, solve_cg, wiener_backprojection
+from jaxcryo.sources import ArrayDataset
 
 
 @pytest.fixture
@@ -25,7 +26,7 @@ def x64():
 def _problem(n, n_img, method, dtype, snr=1.0, seed=0, lam=1e-3):
     s = simulate(n_img, n, snr=snr, seed=seed)
     md = s.metadata
-    proj = Projector(n=n, pixel_size=md.pixel_size, method=method)
+    proj = Projector(n=n, pixel_size=md.pixel_size, operator=method)
     b = make_batch(s.images, md.rotations, md.shifts, md.ctf, dtype=dtype)
     return s, proj, b, objective(b, proj, lam)
 
@@ -105,7 +106,7 @@ def test_psgd_beats_best_sgd_in_epochs():
     n, n_img, lam = 32, 1000, 1e-3
     s = simulate(n_img, n, snr=0.5, seed=1)
     ds = ArrayDataset(s.metadata, s.images)
-    proj = Projector(n=n, pixel_size=s.metadata.pixel_size, method="nearest")
+    proj = Projector(n=n, pixel_size=s.metadata.pixel_size, operator="nearest")
     bs = n_img // 4
     cg = solve_cg(proj, ds, lam=lam, tol=1e-5, maxiter=300, batch_size=bs)
     ref = cg.x
@@ -140,14 +141,14 @@ def test_cg_residual_and_wiener_recovers_hit_voxels():
     vol = phantom(n)
     s = simulate(300, n, snr=float("inf"), seed=2)
     ds = ArrayDataset(s.metadata, s.images)
-    proj = Projector(n=n, pixel_size=s.metadata.pixel_size, method="nearest")
+    proj = Projector(n=n, pixel_size=s.metadata.pixel_size, operator="nearest")
     cg = solve_cg(proj, ds, lam=1e-2, tol=1e-4, maxiter=300, batch_size=100)
     assert cg.residuals[-1] <= 1e-4
     # Noise-free data made by the same nearest operator: Wiener with lam -> 0 is exact where hit.
     from jaxcryo.simulate import project_metadata
 
-    clean = project_metadata(vol, s.metadata, method="nearest")
-    proj_full = Projector(n=n, pixel_size=s.metadata.pixel_size, method="nearest", mask_radius=n)
+    clean = project_metadata(vol, s.metadata, operator="nearest")
+    proj_full = Projector(n=n, pixel_size=s.metadata.pixel_size, operator="nearest", mask_radius=n)
     ds2 = ArrayDataset(s.metadata, clean)
     w, den = wiener_backprojection(proj_full, ds2, lam=1e-12, batch_size=100)
     truth = volume_to_fourier(jnp.asarray(vol))
@@ -165,7 +166,7 @@ def test_step_is_one_jit_and_does_not_recompile():
     n = 16
     s = simulate(64, n, snr=1.0, seed=3)
     ds = ArrayDataset(s.metadata, s.images)
-    proj = Projector(n=n, pixel_size=s.metadata.pixel_size, method="trilinear")
+    proj = Projector(n=n, pixel_size=s.metadata.pixel_size, operator="trilinear")
     opt = preconditioned_sgd(0.5, n_probes=4)
     step = make_step(opt, proj, lam=1e-3)
     v = jnp.zeros((n,) * 3, jnp.complex64)

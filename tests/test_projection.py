@@ -7,7 +7,8 @@ import pytest
 
 from jaxcryo.ctf import CTFParams
 from jaxcryo.fourier import fft2c, fft3c, freq_indices
-from jaxcryo.projection import METHODS, Projector, volume_to_fourier
+from jaxcryo.operators import OPERATOR_NAMES, make_operator
+from jaxcryo.projection import Projector, volume_to_fourier
 from jaxcryo.rotations import random_rotations
 
 N = 16
@@ -25,7 +26,7 @@ def _random_ctf(rng, b):
 def test_adjoint_dot_product(method, oversample):
     rng = np.random.default_rng(0)
     b = 5
-    proj = Projector(n=N, pixel_size=2.0, method=method, oversample=oversample)
+    proj = Projector(n=N, pixel_size=2.0, operator=make_operator(method, **({"oversample": oversample} if oversample > 1 else {})))
     x = jnp.asarray(rng.standard_normal((N,) * 3) + 1j * rng.standard_normal((N,) * 3), jnp.complex64)
     y = jnp.asarray(rng.standard_normal((b, N, N)) + 1j * rng.standard_normal((b, N, N)), jnp.complex64)
     rots = random_rotations(jax.random.PRNGKey(3), b)
@@ -70,7 +71,8 @@ def test_fourier_slice_theorem_gaussians(method, oversample, tol):
     amps = rng.uniform(0.5, 1.5, k)
     vol = _gaussian_blobs(n, centers, sigmas, amps)
     rots = np.asarray(random_rotations(jax.random.PRNGKey(7), 6), np.float64)
-    proj = Projector(n=n, pixel_size=1.0, method=method, oversample=oversample, mask_radius=n)
+    proj = Projector(n=n, pixel_size=1.0, operator=make_operator(method, **({"oversample": oversample} if oversample > 1 else {})),
+                     mask_radius=n)
     imgs = np.asarray(proj.images(volume_to_fourier(jnp.asarray(vol, jnp.float32)), jnp.asarray(rots, jnp.float32),
                                   jnp.zeros((6, 2), jnp.float32)))
     for i in range(6):
@@ -83,8 +85,8 @@ def test_identity_pose_is_sum_along_z():
     rng = np.random.default_rng(2)
     vol = rng.standard_normal((N,) * 3).astype(np.float32)
     vf = volume_to_fourier(jnp.asarray(vol))
-    for method in METHODS:
-        proj = Projector(n=N, pixel_size=1.0, method=method, mask_radius=N)
+    for method in OPERATOR_NAMES:
+        proj = Projector(n=N, pixel_size=1.0, operator=method, mask_radius=N)
         img = proj.images(vf, jnp.eye(3)[None], jnp.zeros((1, 2)))[0]
         np.testing.assert_allclose(np.asarray(img), vol.sum(0), atol=2e-4 * np.abs(vol.sum(0)).max())
 
@@ -94,7 +96,7 @@ def test_shift_convention_moves_particle_to_minus_origin():
     n, px = N, 2.0
     vol = np.zeros((n,) * 3, np.float32)
     vol[n // 2, n // 2, n // 2] = 1.0
-    proj = Projector(n=n, pixel_size=px, method="nearest", mask_radius=n)
+    proj = Projector(n=n, pixel_size=px, operator="nearest", mask_radius=n)
     img = np.asarray(proj.images(volume_to_fourier(jnp.asarray(vol)), jnp.eye(3)[None], jnp.asarray([[4.0, -2.0]])))[0]
     iy, ix = np.unravel_index(np.argmax(img), img.shape)
     assert (ix - n // 2, iy - n // 2) == (-2, 1)
@@ -103,7 +105,7 @@ def test_shift_convention_moves_particle_to_minus_origin():
 def test_nufft_vmap():
     """Guards the jax<0.10 pin: vmapping through jax-finufft (images and forward-over-reverse HVPs)."""
     rng = np.random.default_rng(4)
-    proj = Projector(n=8, pixel_size=1.0, method="nufft")
+    proj = Projector(n=8, pixel_size=1.0, operator="nufft")
     vf = jnp.asarray(rng.standard_normal((8,) * 3) + 0j, jnp.complex64)
     rots = random_rotations(jax.random.PRNGKey(0), 3)
     sh = jnp.zeros((3, 2))

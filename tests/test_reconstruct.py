@@ -7,6 +7,7 @@ the same map bit for bit, every bad input giving exit code 2 with a one-line mes
 
 from __future__ import annotations
 
+import importlib
 import json
 import pickle
 import subprocess
@@ -85,7 +86,7 @@ def test_acceptance_psgd_resolution(rec_psgd):
 def test_acceptance_outputs(rec_psgd):
     """Acceptance 1: every output file, with its schema; map.mrc has the ground truth's box and pixel size."""
     for name in ("map.mrc", "half1.mrc", "half2.mrc", "fsc.json", "fsc.png", "history.json", "convergence.png",
-                 "run.json", "checkpoint.pkl"):
+                 "run.json", "checkpoint.npz", "checkpoint.json"):
         assert (rec_psgd / name).is_file() and (rec_psgd / name).stat().st_size > 0, name
     vol, px = read_map(rec_psgd / "map.mrc")
     gt, px_gt = read_map(rec_psgd.parent / "sim" / "ground_truth.mrc")
@@ -120,9 +121,10 @@ def test_acceptance_outputs(rec_psgd):
     assert run["config"]["n_particles"] == 2000
     assert run["versions"]["jax"] and run["device"]
 
-    with open(rec_psgd / "checkpoint.pkl", "rb") as f:
-        ck = pickle.load(f)
+    ck = json.loads((rec_psgd / "checkpoint.json").read_text())
     assert ck["epoch"] == 5
+    with np.load(rec_psgd / "checkpoint.npz", allow_pickle=False) as z:  # data only, no pickle
+        assert json.loads(bytes(z["__meta__"]).decode())["epoch"] == 5
 
 
 def test_history_without_reference(sim32, tmp_path):
@@ -161,7 +163,7 @@ def test_acceptance_cg_backproject_quality(sim32, rec_psgd, tmp_path, optimizer,
 
 def _small_set(out: Path, n: int = 16, box: int = 16, snr: float = 1.0, seed: int = 0):
     """A small simulated RELION 3.1 set: ``out/particles.star`` + ``out/particles.mrcs``; returns (star, sim)."""
-    from jaxcryo.data import write_dataset
+    from jaxcryo.sources import write_dataset
     from jaxcryo.simulate import simulate
 
     sim = simulate(n_particles=n, box=box, snr=snr, seed=seed)
@@ -355,10 +357,20 @@ def test_bad_learning_rate_diverges(small, tmp_path, capsys):
     assert not (out / "map.mrc").exists()
 
 
+def test_bad_out_is_an_existing_file(small, tmp_path, capsys):
+    """``--out PATH`` where PATH is a file: exit 2, one line naming the path (was a traceback)."""
+    star, _ = small
+    target = tmp_path / "not_a_folder.txt"
+    target.write_text("x")
+    rc, _, err = _run(["reconstruct", star, "--out", target, "--quiet"], capsys)
+    line = _assert_input_error(rc, err, target, "--out")
+    assert "not a folder" in line and target.read_text() == "x"
+
+
 def test_bad_resume_without_checkpoint(small, tmp_path, capsys):
     star, _ = small
     rc, _, err = _run(["reconstruct", star, "--out", tmp_path / "o", "--quiet", "--resume"], capsys)
-    _assert_input_error(rc, err, "checkpoint.pkl", "resume")
+    _assert_input_error(rc, err, "checkpoint.npz", "resume")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,7 +378,7 @@ def test_bad_resume_without_checkpoint(small, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 
 def test_resume_after_interrupt_is_bitwise(tmp_path, capsys, monkeypatch, optimizer="psgd"):
-    import jaxcryo.fit
+    fit_module = importlib.import_module("jaxcryo.fit")  # the module (``jaxcryo.fit`` is the function)
 
     star, _ = _small_set(tmp_path / "data", n=64, box=16)
     args = ["--epochs", 4, "--batch-size", 16, "--seed", 3, "--optimizer", optimizer, "--quiet"]
@@ -375,7 +387,7 @@ def test_resume_after_interrupt_is_bitwise(tmp_path, capsys, monkeypatch, optimi
     assert _run(["reconstruct", star, "--out", full] + args, capsys)[0] == 0
 
     calls = {"n": 0}
-    real = jaxcryo.fit.load_batch
+    real = fit_module.load_batch
 
     def flaky(*a, **k):
         calls["n"] += 1
@@ -383,15 +395,14 @@ def test_resume_after_interrupt_is_bitwise(tmp_path, capsys, monkeypatch, optimi
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(jaxcryo.fit, "load_batch", flaky)
+    monkeypatch.setattr(fit_module, "load_batch", flaky)
     out = tmp_path / "resumed"
     rc, _, err = _run(["reconstruct", star, "--out", out] + args, capsys)
     assert rc == 130, err
     assert "--resume" in err and "Traceback" not in err
     assert not (out / "map.mrc").exists()
-    with open(out / "checkpoint.pkl", "rb") as f:
-        assert pickle.load(f)["epoch"] == 2
-    monkeypatch.setattr(jaxcryo.fit, "load_batch", real)
+    assert json.loads((out / "checkpoint.json").read_text())["epoch"] == 2
+    monkeypatch.setattr(fit_module, "load_batch", real)
 
     rc, _, err = _run(["reconstruct", star, "--out", out, "--resume"] + args, capsys)
     assert rc == 0, err
@@ -411,7 +422,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert _run(["reconstruct", star, "--out", out, "--epochs", 1, "--quiet", "--optimizer", "sgd"], capsys)[0] == 0
     rc, _, err = _run(["reconstruct", star, "--out", out, "--epochs", 2, "--quiet", "--optimizer", "sgd",
                        "--lambda", 0.5, "--resume"], capsys)
-    _assert_input_error(rc, err, "checkpoint.pkl", "lam")
+    _assert_input_error(rc, err, "checkpoint.npz", "lam")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -451,7 +462,7 @@ def test_cryodrgn_toy_set_recovers_model(shared_data, tmp_path, capsys):
 ])
 def test_real_files_accepted(shared_data, tmp_path, capsys, name, n, n_px):
     """Real RELION 3.0 / 3.1 files with poses reconstruct (cropped to --box 32; one-pass backprojection)."""
-    from jaxcryo.data import read_particles
+    from jaxcryo.sources import read_particles
 
     f = shared_data / name
     md = read_particles(f)
@@ -486,7 +497,7 @@ def test_real_files_rejected(shared_data, tmp_path, capsys, name, names, why):
 
 def test_cs_without_alignments_accepted_with_poses_pickle(shared_data, tmp_path, capsys):
     """empiar_10076_7.cs plus --poses (a cryoDRGN rotation pickle, here random rotations): accepted."""
-    from jaxcryo.data import read_particles
+    from jaxcryo.sources import read_particles
 
     f = shared_data / "cryodrgn" / "empiar_10076_7.cs"
     md = read_particles(f)
@@ -509,7 +520,7 @@ def test_cs_without_alignments_accepted_with_poses_pickle(shared_data, tmp_path,
 
 def test_reconstruct_api_array_dataset():
     """``reconstruct(ArrayDataset(...), optimizer="psgd", epochs=3)``: volume, half maps, history, FSCs."""
-    from jaxcryo.data_source import ArrayDataset
+    from jaxcryo.sources import ArrayDataset
     from jaxcryo.reconstruct import ReconstructResult, reconstruct
     from jaxcryo.simulate import simulate
 
@@ -537,10 +548,13 @@ def test_reconstruct_api_array_dataset():
     one = reconstruct(ArrayDataset(sim.metadata, sim.images), optimizer="backproject", halfmaps=False,
                       progress=False)
     assert one.half1 is None and one.fsc_half is None and one.volume.shape == (16, 16, 16)
-    with pytest.raises(InputError, match="--optimizer"):
+    # the library names its parameters (the CLI shows them as flags: tests of `jaxcryo reconstruct` above)
+    with pytest.raises(InputError, match="optimizer 'lbfgs': expected one of psgd") as e:
         reconstruct(ArrayDataset(sim.metadata, sim.images), optimizer="lbfgs", progress=False)
-    with pytest.raises(InputError, match="--box"):
+    assert e.value.param == "optimizer"
+    with pytest.raises(InputError, match="box 32 is larger") as e:
         reconstruct(ArrayDataset(sim.metadata, sim.images), box=32, progress=False)
+    assert e.value.param == "box"
 
 
 # --------------------------------------------------------------------------------------------------

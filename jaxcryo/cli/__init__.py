@@ -3,15 +3,82 @@
 Each subcommand lives in its own module ``jaxcryo/cli/<name>.py`` defining ``register(subparsers)`` (adds
 its parser and sets ``func`` to a function ``args -> int``). :class:`jaxcryo.errors.InputError` becomes
 exit code 2 with a one-line message on stderr and no traceback.
+
+``--platform cpu|gpu`` (anywhere on the line, e.g. ``jaxcryo --platform cpu reconstruct ...`` or
+``jaxcryo reconstruct ... --platform cpu``) is read from ``argv`` before any subcommand module, and so
+JAX, is imported: it sets ``JAX_PLATFORMS`` (``cpu`` or ``cuda``), which JAX reads once, at import. When JAX
+is already imported in this process (``main`` called from Python), the platform is set through
+``jax.config`` if no backend has started yet; if one has and it differs, or the platform has no device,
+the command exits 2 with one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
+from ..errors import JaxcryoError
+
 SUBCOMMANDS = ("simulate", "project", "fsc", "reconstruct", "condition", "demo")
+
+#: Library parameters whose flag is not ``--`` + the name with ``-`` for ``_``.
+FLAGS = {"lam": "--lambda"}
+
+
+def flag_for(param: str) -> str:
+    """The command-line flag of library parameter ``param`` (``batch_size`` -> ``--batch-size``)."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+#: ``--platform`` value -> JAX platform name (``JAX_PLATFORMS``).
+PLATFORMS = {"cpu": "cpu", "gpu": "cuda"}
+
+
+def _platform_arg(argv: list[str]) -> str | None:
+    """The value of the last ``--platform X`` / ``--platform=X`` in ``argv`` (before a ``--``), or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == "--":
+            break
+        if a == "--platform" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith("--platform="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def select_platform(name: str) -> str | None:
+    """Make JAX use platform ``name`` (``cpu`` or ``gpu``); return None, or a one-line error message.
+
+    Before JAX is imported this sets ``JAX_PLATFORMS``; after, ``jax.config`` while no backend has started;
+    once one has, only the platform already in use is accepted. Checks that the platform has a device.
+    """
+    if name not in PLATFORMS:
+        return f"--platform {name}: unknown platform; expected one of {', '.join(PLATFORMS)}"
+    jax_name = PLATFORMS[name]
+    if "jax" not in sys.modules:
+        os.environ["JAX_PLATFORMS"] = jax_name
+    import jax
+
+    try:
+        from jax._src import xla_bridge
+
+        started = xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # private API moved: assume started, check the active backend
+        started = True
+    if not started:
+        jax.config.update("jax_platforms", jax_name)
+    try:
+        active = jax.default_backend()
+    except Exception as e:  # noqa: BLE001 - JAX raises RuntimeError, AssertionError, ... for a missing plugin
+        why = " ".join(str(e).split())[:200] or f"{type(e).__name__} initialising JAX platform {jax_name!r}"
+        return f"--platform {name}: JAX finds no {name} device ({why})"
+    if (active == "cpu") != (name == "cpu"):
+        return (f"--platform {name}: JAX already runs on {active} in this process; "
+                f"set JAX_PLATFORMS={jax_name} before JAX is imported")
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"jaxcryo {__version__}")
+    parser.add_argument("--platform", dest="global_platform", choices=tuple(PLATFORMS), default=None,
+                        help="JAX platform for any subcommand (default: what JAX finds); read before JAX starts")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -35,17 +104,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    platform = _platform_arg(argv)
+    if platform is not None:  # before build_parser: the subcommand modules import JAX
+        err = select_platform(platform)
+        if err is not None:
+            print(f"jaxcryo: error: {err}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    from ..errors import DivergenceError, InputError
-
     try:
         return int(args.func(args) or 0)
-    except (InputError, DivergenceError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except JaxcryoError as e:  # InputError, DivergenceError: the parameter shown as its flag
+        msg = e.render(flag_for(e.param)) if e.param else str(e)
+        msg = msg.splitlines()[0] if msg else type(e).__name__
         print(f"jaxcryo {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -9,6 +9,16 @@ import math
 import sys
 from pathlib import Path
 
+from ..conditioning import condition_report
+from ..errors import InputError
+from ..io.atomic import atomic_write_text
+from ..linalg import LANCZOS_ITERS
+from ..operators import OPERATORS, Trilinear, operator_name
+from ..plotting import plot_condition
+
+#: ``--interp`` choices: the registered operators that can have a local stencil (assembled Hessian, exact D).
+INTERP_CHOICES = tuple(name for name, cls in OPERATORS.items() if cls.local_capable)
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -22,7 +32,7 @@ def register(sub) -> None:
     )
     p.add_argument("--box", type=int, nargs="+", default=[16, 32, 64], help="box sizes N")
     p.add_argument("--n-poses", type=int, default=2000, help="number of uniformly random poses")
-    p.add_argument("--interp", choices=("trilinear", "nearest"), default="trilinear", help="slice operator")
+    p.add_argument("--interp", choices=INTERP_CHOICES, default=operator_name(Trilinear()), help="slice operator")
     p.add_argument("--ctf", action="store_true", help="random CTFs (defocus 1-2.5 um, 300 kV, 3 A/px)")
     p.add_argument("--seed", type=int, default=0, help="seed of the poses, CTFs and Lanczos start vectors")
     p.add_argument("--lanczos-iters", type=int, default=None,
@@ -39,9 +49,6 @@ def _finite(x):
 
 
 def run(args) -> int:
-    from ..conditioning import LANCZOS_ITERS, condition_report, plot_condition
-    from ..errors import InputError
-
     if any(b < 4 for b in args.box):
         raise InputError(f"--box: sizes must be at least 4, got {args.box}")
     if args.n_poses < 1:
@@ -63,8 +70,6 @@ def run(args) -> int:
     if bad:
         print(f"note: lambda_min(H) <= 0 at box {bad} (voxels no slice touches); try --lam", file=sys.stderr)
     if args.json:
-        from ..io.atomic import atomic_write_text
-
         out = {k: ([_finite(v) for v in rep[k]] if k != "settings" else rep[k]) for k in
                ("box", "kappa_H", "kappa_DinvH", "kappa_predicted", "settings")}
         atomic_write_text(args.json, json.dumps(out, indent=1, allow_nan=False))

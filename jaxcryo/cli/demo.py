@@ -7,6 +7,19 @@ import json
 import time
 from pathlib import Path
 
+from ..errors import InputError
+from ..hessian import solve_cg
+from ..io.atomic import atomic_write_text
+from ..io.mrc import write_map
+from ..linalg import relative_error_in_ball
+from ..metrics import first_shell_below
+from ..operators import OPERATOR_NAMES, Nearest, operator_name
+from ..plotting import plot_convergence, plot_fsc
+from ..projection import Projector
+from ..reconstruct import DEFAULTS, reconstruct
+from ..simulate import simulate
+from ..sources import ArrayDataset
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -26,23 +39,13 @@ def register(sub) -> None:
     p.add_argument("--snr", type=float, default=0.5, help="signal-to-noise ratio of the images")
     p.add_argument("--epochs", type=int, default=4, help="epochs for each optimiser")
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default n/4)")
-    p.add_argument("--interp", choices=("nearest", "trilinear", "nufft"), default="nearest")
+    p.add_argument("--interp", choices=OPERATOR_NAMES, default=operator_name(Nearest()), help="slice operator")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    import numpy as np
-
-    from ..data_source import ArrayDataset
-    from ..errors import InputError
-    from ..io.atomic import atomic_write_text
-    from ..io.mrc import write_map
-    from ..plotting import plot_convergence, plot_fsc
-    from ..reconstruct import reconstruct
-    from ..simulate import simulate
-
     if args.n_particles < 8:
         raise InputError(f"--n-particles {args.n_particles}: expected at least 8")
     out = Path(args.out)
@@ -55,11 +58,7 @@ def run(args) -> int:
     bs = args.batch_size or max(1, args.n_particles // 4)
     # The optimum of the same objective (CG to a 1e-5 residual): the paper's yardstick. FSC to the ground
     # truth is blind to a per-shell scale factor, which is most of what an unconverged SGD iterate gets wrong.
-    from ..projection import Projector, volume_to_fourier
-    from ..reconstruct import DEFAULTS
-    from ..solvers import relative_error_in_ball, solve_cg
-
-    proj = Projector(n=args.box, pixel_size=sim.metadata.pixel_size, method=args.interp)
+    proj = Projector(n=args.box, pixel_size=sim.metadata.pixel_size, operator=args.interp)
     t = time.perf_counter()
     cg = solve_cg(proj, ds, lam=DEFAULTS["lam"], tol=1e-5, maxiter=300, batch_size=min(bs, 1000))
     cg_seconds = time.perf_counter() - t
@@ -107,8 +106,6 @@ def run(args) -> int:
         print(f"{k:<10} {s['resolution_05']:>12.2f} {s['resolution_0143']:>14.2f} {s['final_loss']:>12.5g} "
               f"{s['relative_error_to_optimum']:>11.3f} {s['seconds']:>8.1f}")
     print("(FSC to the ground truth; 'err to opt' = relative L2 error to the CG optimum of the same objective)")
-    from ..metrics import first_shell_below
-
     shells = {k: first_shell_below(results[k].fsc_ref.fsc, 0.5) for k in ("sgd", "psgd")}
     d = summary["sgd"]["resolution_05"] - summary["psgd"]["resolution_05"]
     if shells["psgd"] > shells["sgd"]:

@@ -5,6 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
+from ..errors import InputError
+from ..fourier import resample_real
+from ..io.mrc import read_map, write_stack
+from ..operators import NUFFT, OPERATOR_NAMES, make_operator, operator_name
+from ..simulate import project_metadata
+from ..sources import read_particles
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -20,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("map", type=Path, help="map (.mrc/.map or .npy)")
     p.add_argument("particles", type=Path, help="particles (.star or .cs)")
     p.add_argument("--out", required=True, type=Path, help="output stack (.mrcs)")
-    p.add_argument("--interp", choices=("nearest", "trilinear", "nufft"), default="nufft",
+    p.add_argument("--interp", choices=OPERATOR_NAMES, default=operator_name(NUFFT()),
                    help="slice operator")
     p.add_argument("--oversample", type=int, default=1, help="real-space padding factor (trilinear/nearest)")
     p.add_argument("--datadir", type=Path, default=None, help="folder holding the particle stacks")
@@ -31,11 +40,6 @@ def register(sub) -> None:
 
 def load_map_any(path: Path):
     """Read an MRC map or a ``.npy`` volume -> (float32 volume [z,y,x], pixel size or None)."""
-    import numpy as np
-
-    from ..errors import InputError
-    from ..io.mrc import read_map
-
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
@@ -48,17 +52,11 @@ def load_map_any(path: Path):
 
 
 def run(args) -> int:
-    import numpy as np
-
-    from ..data import read_particles
-    from ..fourier import resample_real
-    from ..io.mrc import write_stack
-    from ..simulate import project_metadata
-
     md = read_particles(args.particles, datadir=args.datadir, apix=args.apix)
     vol, _ = load_map_any(args.map)
     vol = np.asarray(resample_real(vol, md.box, 3), np.float32)
-    imgs = project_metadata(vol, md, method=args.interp, oversample=args.oversample, progress=not args.quiet)
+    op = make_operator(args.interp, **({"oversample": args.oversample} if args.oversample != 1 else {}))
+    imgs = project_metadata(vol, md, operator=op, progress=not args.quiet)
     write_stack(args.out, imgs, md.pixel_size)
     if not args.quiet:
         print(f"wrote {args.out}: {len(imgs)} images {md.box}x{md.box} at {md.pixel_size:.4g} A/px")

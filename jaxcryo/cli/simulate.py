@@ -5,6 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
+
+from ..errors import InputError
+from ..fourier import resample_real
+from ..io.mrc import read_map, write_map
+from ..simulate import simulate
+from ..sources import write_dataset
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -36,14 +44,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
-
-    from ..data import write_dataset
-    from ..errors import InputError
-    from ..fourier import resample_real
-    from ..io.mrc import read_map, write_map
-    from ..simulate import simulate
-
     if args.box < 4:
         raise InputError(f"--box {args.box}: expected at least 4 pixels")
     if args.n_particles < 1:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ctf import CTFParams
+from ..ctf import CTFParams, validate_ctf
 from ..errors import InputError
 from ..particles import ParticleMetadata
 
@@ -64,13 +64,23 @@ def read_pose_pickle(path, box: int | None = None) -> tuple[np.ndarray, np.ndarr
     return rot, trans
 
 
+#: The column of a cryoDRGN CTF table holding each :class:`CTFParams` field (named in messages).
+_CTF_COLUMNS = {
+    "defocus_u": "dfU (column 3)", "defocus_v": "dfV (column 4)", "astig_angle": "dfang (column 5)",
+    "voltage": "kV (column 6)", "cs": "Cs (column 7)", "amp_contrast": "w (column 8)",
+    "phase_shift": "phase (column 9)", "bfactor": "bfactor", "scale": "scale",
+}
+
+
 def read_ctf_pickle(path) -> CTFParams:
     """Read a cryoDRGN CTF table ``(N, 9)`` into :class:`CTFParams`."""
     t = np.asarray(_load(path), np.float64)
     if t.ndim != 2 or t.shape[1] != 9:
         raise InputError(f"{path}: CTF table has shape {t.shape}, expected (N, 9)")
-    return CTFParams.create(defocus_u=t[:, 2], defocus_v=t[:, 3], astig_angle=t[:, 4], voltage=t[:, 5],
-                            cs=t[:, 6], amp_contrast=t[:, 7], phase_shift=t[:, 8], dtype=np.float64)
+    ctf = CTFParams.create(defocus_u=t[:, 2], defocus_v=t[:, 3], astig_angle=t[:, 4], voltage=t[:, 5],
+                           cs=t[:, 6], amp_contrast=t[:, 7], phase_shift=t[:, 8], dtype=np.float64)
+    validate_ctf(ctf, str(path), fields=_CTF_COLUMNS, where=lambda f, i: f"row {i + 1}")
+    return ctf
 
 
 def apply_poses(md: ParticleMetadata, path, use_translations: bool = True) -> ParticleMetadata:
@@ -84,6 +94,5 @@ def apply_poses(md: ParticleMetadata, path, use_translations: bool = True) -> Pa
     shifts = md.shifts
     if trans is not None and use_translations:
         shifts = trans * md.box * md.pixel_size
-    extra = {k: v for k, v in md.extra.items() if k != "missing"}
-    extra["poses_from"] = str(path)
-    return dataclasses.replace(md, rotations=rot, shifts=np.asarray(shifts, np.float64), extra=extra)
+    return dataclasses.replace(md, rotations=rot, shifts=np.asarray(shifts, np.float64), missing_poses=None,
+                               poses_from=str(path))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ctf import CTFParams
+from ..ctf import CRYOSPARC_FIELDS, CTFParams, validate_ctf, validate_pixel_size
 from ..errors import InputError
 from ..particles import ParticleMetadata
 from ..rotations import cryosparc_pose_to_relion
@@ -36,7 +36,7 @@ def _field(path, data, name, required=True):
 def read_cs(path, datadir=None, apix: float | None = None) -> ParticleMetadata:
     """Read a cryoSPARC particle ``.cs`` file into :class:`ParticleMetadata`.
 
-    Without ``alignments3D`` the poses are ``None`` and ``extra['missing'] = 'alignments3D'``.
+    Without ``alignments3D`` the poses are ``None`` and ``missing_poses = 'alignments3D'``.
     Stacks (``blob/path``, a leading ``>`` stripped) are looked for under ``datadir`` (path, then
     basename), then beside the ``.cs`` file. Every problem is reported as :class:`InputError` naming it.
     """
@@ -66,9 +66,15 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
     shape = _field(path, data, "blob/shape", required=False)
     psize = _field(path, data, "blob/psize_A", required=False)
     sign = _field(path, data, "blob/sign", required=False)
-    px = float(apix) if apix is not None else (float(psize[0]) if psize is not None else None)
-    if px is None or px <= 0:
-        raise InputError(f"{path}: field blob/psize_A missing or zero; give --apix")
+    if apix is not None:
+        if not (np.isfinite(apix) and apix > 0):
+            raise InputError(f"apix {float(apix):g}: expected a pixel size > 0 Å", param="apix")
+        px = float(apix)
+    elif psize is None:
+        raise InputError(f"{path}: field blob/psize_A missing; give {{param}}", param="apix")
+    else:
+        validate_pixel_size(psize, str(path), "blob/psize_A", hint="give {param}", param="apix")
+        px = float(psize[0])
     box = int(np.asarray(shape[0]).ravel()[-1]) if shape is not None else None
     if psize is not None and apix is None and np.ptp(np.asarray(psize, np.float64)) > 1e-4 * px:
         raise InputError(f"{path}: field blob/psize_A: particles have different pixel sizes "
@@ -90,7 +96,7 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
         if not Path(files[0]).exists():
             raise InputError(f"{path}: field blob/shape missing and stack {files[0]} not found")
         box = stack_shape(files[0])[-1]
-    extra: dict = {}
+    random_subset, missing_poses = None, None
     rotations, shifts = None, np.zeros((n, 2))
     if "alignments3D/pose" in data.dtype.names:
         rotations = cryosparc_pose_to_relion(np.asarray(data["alignments3D/pose"], np.float64))
@@ -102,9 +108,9 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
                 apx = np.where(a > 0, a, px)
             shifts = np.asarray(data["alignments3D/shift"], np.float64).reshape(n, 2) * apx[:, None]
         if "alignments3D/split" in data.dtype.names:
-            extra["random_subset"] = np.asarray(data["alignments3D/split"], np.int64) + 1
+            random_subset = np.asarray(data["alignments3D/split"], np.int64) + 1
     else:
-        extra["missing"] = "alignments3D"
+        missing_poses = "alignments3D"
     ctf = None
     if "ctf/df1_A" in data.dtype.names:
         g = lambda k, d: np.asarray(data[k], np.float64) if k in data.dtype.names else np.full(n, d)  # noqa: E731
@@ -115,8 +121,10 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
             phase_shift=np.rad2deg(g("ctf/phase_shift_rad", 0.0)), bfactor=g("ctf/bfactor", 0.0),
             scale=g("ctf/scale", 1.0), dtype=np.float64,
         )
+        validate_ctf(ctf, str(path), fields=CRYOSPARC_FIELDS)
     contrast = None if sign is None else np.where(np.asarray(sign) < 0, -1.0, 1.0)
     return ParticleMetadata(
         rotations=rotations, shifts=shifts, ctf=ctf, image_files=files, image_indices=bidx, pixel_size=px,
-        box=int(box), contrast_sign=contrast, source=str(path), extra=extra,
+        box=int(box), contrast_sign=contrast, source=str(path), random_subset=random_subset,
+        missing_poses=missing_poses,
     )

@@ -90,7 +90,7 @@ def read_map(path) -> tuple[np.ndarray, float | None]:
         data = np.ascontiguousarray(data)
     px = sizes[0] if sizes[0] > 0 else None
     if px is None:
-        warnings.warn(f"{path}: no pixel size in the header (0); pass it explicitly (--apix)", stacklevel=2)
+        warnings.warn(f"{path}: no pixel size in the header (0); pass it explicitly (apix / --apix)", stacklevel=2)
     return data, px
 
 
@@ -180,6 +180,8 @@ def stack_shape(path) -> tuple[int, int, int]:
 
 
 def _write(path, data, pixel_size, stack: bool):
+    if pixel_size is not None and not (np.isfinite(pixel_size) and pixel_size >= 0):
+        raise ValueError(f"{path}: pixel size {pixel_size}: expected > 0 Å (or 0/None for unset)")
     data = np.ascontiguousarray(np.asarray(data, dtype=np.float32))
     with atomic_path(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as m:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ctf import CTFParams
+from ..ctf import RELION_FIELDS, CTFParams, validate_ctf, validate_pixel_size
 from ..errors import InputError
 from ..particles import ParticleMetadata
 from ..rotations import euler_to_matrix, matrix_to_euler
@@ -92,7 +92,7 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
     """Read a RELION particle STAR file into :class:`ParticleMetadata` (see its docstring for units).
 
     Pixel size: ``apix`` if given, else ``rlnImagePixelSize``, else ``rlnDetectorPixelSize * 1e4 /
-    rlnMagnification``, else the stack header, else :class:`InputError` asking for ``--apix``.
+    rlnMagnification``, else the stack header, else :class:`InputError` asking for ``apix``.
     Shifts: ``rlnOriginX/YAngst``, else ``rlnOriginX/Y`` (pixels) times the pixel size, else zero.
     Missing CTF columns: CTF off, with a warning naming them. Missing angles: ``rotations=None``.
     """
@@ -102,6 +102,7 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
         raise InputError(f"{path}: no particles")
     parts = parts.reset_index(drop=True)
     n = len(parts)
+    from_optics: set = set()  # columns whose values come from the optics block
     # Merge optics-group columns per particle (RELION 3.1+).
     if optics is not None and len(optics):
         if "rlnOpticsGroup" not in optics.columns:
@@ -118,8 +119,12 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
         for col in optics.columns:
             if col not in parts.columns and col not in ("rlnOpticsGroupName",):
                 parts[col] = optics[col].to_numpy()[rows]
+                from_optics.add(col)
     else:
         og = np.ones(n, np.int64)
+
+    def where(col: str, i: int) -> str:  # where value i of column col sits in the file
+        return f"optics group {int(og[i])}" if col in from_optics else f"particle {i + 1}"
 
     # Image locations.
     names = parts["rlnImageName"].astype(str).to_numpy()
@@ -142,13 +147,21 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
     files = np.array(files, dtype=object)
 
     # Pixel size and box.
-    px_per = None
+    px_per, px_field = None, None
     if apix is not None:
+        if not (np.isfinite(apix) and apix > 0):
+            raise InputError(f"apix {float(apix):g}: expected a pixel size > 0 Å", param="apix")
         px_per = np.full(n, float(apix))
     elif "rlnImagePixelSize" in parts.columns:
-        px_per = _numeric(path, parts, "rlnImagePixelSize")
+        px_per, px_field = _numeric(path, parts, "rlnImagePixelSize"), "rlnImagePixelSize"
     elif "rlnDetectorPixelSize" in parts.columns and "rlnMagnification" in parts.columns:
-        px_per = _numeric(path, parts, "rlnDetectorPixelSize") * 1e4 / _numeric(path, parts, "rlnMagnification")
+        det, mag = _numeric(path, parts, "rlnDetectorPixelSize"), _numeric(path, parts, "rlnMagnification")
+        for col, v, unit in (("rlnDetectorPixelSize", det, " µm"), ("rlnMagnification", mag, "")):
+            bad = ~(np.isfinite(v) & (v > 0))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise InputError(f"{path}: {col} {v[i]:g}{unit} in {where(col, i)}; expected > 0{unit}")
+        px_per, px_field = det * 1e4 / mag, "rlnDetectorPixelSize"
     box_per = _numeric(path, parts, "rlnImageSize", np.int64) if "rlnImageSize" in parts.columns else None
     if px_per is None or box_per is None:
         from .mrc import stack_pixel_size, stack_shape
@@ -157,26 +170,30 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
         if not Path(first).exists():
             what = "pixel size" if px_per is None else "image size"
             raise InputError(f"{path}: no {what} in the STAR file and stack {first} not found; "
-                             + ("give --apix" if px_per is None else "check --datadir"))
+                             + ("give {param}" if px_per is None else "check {param}"),
+                             param="apix" if px_per is None else "datadir")
         if px_per is None:
             p = stack_pixel_size(first)
             if p is None:
                 raise InputError(f"{path}: no pixel size (rlnImagePixelSize, rlnDetectorPixelSize/rlnMagnification "
-                                 f"or the stack header of {first}); give --apix")
+                                 f"or the stack header of {first}); give {{param}}", param="apix")
             px_per = np.full(n, p)
         if box_per is None:
             box_per = np.full(n, stack_shape(first)[-1], np.int64)
-    if not np.all(px_per > 0):
-        raise InputError(f"{path}: pixel size must be positive, got {px_per[~(px_per > 0)][0]}")
+    if px_field is not None:
+        validate_pixel_size(px_per, str(path), px_field, lambda i: where(px_field, i))
 
     # Poses and shifts.
     ang = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
-    rotations = None
+    rotations, missing_poses = None, None
     if all(c in parts.columns for c in ang):
         rotations = euler_to_matrix(*(_numeric(path, parts, c) for c in ang))
-    elif any(c in parts.columns for c in ang):
-        present = [c for c in ang if c in parts.columns]
-        warnings.warn(f"{path}: only {present} of the Euler angles present; poses treated as missing", stacklevel=3)
+    else:
+        missing_poses = "/".join(c for c in ang if c not in parts.columns)
+        if any(c in parts.columns for c in ang):
+            present = [c for c in ang if c in parts.columns]
+            warnings.warn(f"{path}: only {present} of the Euler angles present; poses treated as missing",
+                          stacklevel=3)
     if "rlnOriginXAngst" in parts.columns and "rlnOriginYAngst" in parts.columns:
         shifts = np.stack([_numeric(path, parts, "rlnOriginXAngst"), _numeric(path, parts, "rlnOriginYAngst")], 1)
     elif "rlnOriginX" in parts.columns and "rlnOriginY" in parts.columns:
@@ -197,33 +214,35 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
             phase_shift=get("rlnPhaseShift", 0.0), bfactor=get("rlnCtfBfactor", 0.0),
             scale=get("rlnCtfScalefactor", 1.0), dtype=np.float64,
         )
+        validate_ctf(ctf, str(path), where=lambda f, i: where(RELION_FIELDS[f], i))
     elif "rlnDefocusU" not in parts.columns and "rlnDefocusV" not in parts.columns:
         warnings.warn(f"{path}: no defocus columns (rlnDefocusU/V); the CTF is off", stacklevel=3)
     else:
         warnings.warn(f"{path}: incomplete CTF parameters, missing {', '.join(missing)}; the CTF is off",
                       stacklevel=3)
 
-    extra: dict = {"optics_group": og, "pixel_size_per_particle": px_per, "box_per_particle": box_per}
     first = int(np.flatnonzero(og == og.min())[0])  # a particle of the first optics group
-    if len(np.unique(px_per)) > 1 or len(np.unique(box_per)) > 1:
-        extra["mixed_optics"] = True
+    mixed = bool(len(np.unique(px_per)) > 1 or len(np.unique(box_per)) > 1)
+    if mixed:
         warnings.warn(f"{path}: optics groups with different pixel sizes or boxes "
                       f"({sorted(set(np.round(px_per, 4).tolist()))} Å, {sorted(set(box_per.tolist()))} px); "
                       f"using those of optics group {int(og.min())}", stacklevel=3)
+    random_subset = None
     if "rlnRandomSubset" in parts.columns:
-        extra["random_subset"] = _numeric(path, parts, "rlnRandomSubset", np.int64)
+        random_subset = _numeric(path, parts, "rlnRandomSubset", np.int64)
     if "rlnCtfDataAreCtfPremultiplied" in parts.columns:
         if np.any(_numeric(path, parts, "rlnCtfDataAreCtfPremultiplied") != 0):
             warnings.warn(f"{path}: images are CTF-premultiplied; jaxcryo's forward model assumes they are not",
                           stacklevel=3)
     return ParticleMetadata(
         rotations=rotations, shifts=shifts.astype(np.float64), ctf=ctf, image_files=files, image_indices=idx,
-        pixel_size=float(px_per[first]), box=int(box_per[first]), source=str(path), extra=extra,
+        pixel_size=float(px_per[first]), box=int(box_per[first]), source=str(path),
+        random_subset=random_subset, missing_poses=missing_poses, optics_group=og,
+        box_per_particle=box_per, pixel_size_per_particle=px_per, mixed_optics=mixed,
     )
 
 
-def _per_particle(md: ParticleMetadata, key: str, default):
-    v = md.extra.get(key) if md.extra else None
+def _per_particle(md: ParticleMetadata, v, default):
     if isinstance(v, np.ndarray) and v.shape == (len(md),):
         return v
     return np.full(len(md), default)
@@ -244,8 +263,8 @@ def write_star(path, md: ParticleMetadata) -> None:
     if n == 0:
         raise InputError(f"{path}: no particles to write")
     ctf = md.ctf
-    px = _per_particle(md, "pixel_size_per_particle", float(md.pixel_size)).astype(np.float64)
-    box = _per_particle(md, "box_per_particle", int(md.box)).astype(np.int64)
+    px = _per_particle(md, md.pixel_size_per_particle, float(md.pixel_size)).astype(np.float64)
+    box = _per_particle(md, md.box_per_particle, int(md.box)).astype(np.int64)
     if ctf is not None:
         volt, cs, q0 = (np.broadcast_to(np.asarray(getattr(ctf, f), np.float64), (n,))
                         for f in ("voltage", "cs", "amp_contrast"))
@@ -291,7 +310,7 @@ def write_star(path, md: ParticleMetadata) -> None:
                     rlnDefocusAngle=f64(ctf.astig_angle), rlnPhaseShift=f64(ctf.phase_shift),
                     rlnCtfBfactor=f64(ctf.bfactor), rlnCtfScalefactor=f64(ctf.scale))
     cols["rlnOpticsGroup"] = group.astype(np.int64)
-    rs = md.extra.get("random_subset") if md.extra else None
+    rs = md.random_subset
     if isinstance(rs, np.ndarray) and rs.shape == (n,):
         cols["rlnRandomSubset"] = rs.astype(np.int64)
     parts = pd.DataFrame(cols)

@@ -1,18 +1,48 @@
-"""Particle data sets: read any supported file, serve images lazily from memory-mapped stacks.
+"""Particle sources: where images and their metadata come from.
 
-``ParticleDataset.from_file("particles.star")`` reads the metadata only; images are read on demand, a
-batch at a time, from memory-mapped MRC stacks, so memory does not grow with the number of particles.
+Everything downstream takes a :class:`ParticleSource` (metadata in RELION conventions + ``images(idx)``):
+
+* :class:`ParticleDataset`: a RELION ``.star`` / cryoSPARC ``.cs`` file (:func:`read_particles`), images
+  read lazily a batch at a time from the stacks, so memory does not grow with the number of particles;
+* :class:`ArrayDataset`: images already in memory (tests, notebooks, benchmarks);
+* :class:`CroppedSource`: another source Fourier-cropped to a smaller box.
+
+Also the one half-set split (:func:`split_halves`) and :func:`write_dataset` (STAR + MRCS).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
+import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError
+from .fourier import resample_real
+from .io.cryodrgn import apply_poses
+from .io.cryosparc import read_cs
+from .io.mrc import StackReader, write_stack
+from .io.star import read_star, write_star
 from .particles import ParticleMetadata
+
+
+@runtime_checkable
+class ParticleSource(Protocol):
+    """What every consumer of particles needs: the metadata (RELION conventions) and the images.
+
+    ``images(idx)`` returns real-space images ``(len(idx), box, box)`` float32 with the contrast sign
+    applied. Implementations: :class:`ParticleDataset` (file-backed), :class:`ArrayDataset` (in memory),
+    :class:`CroppedSource` (a Fourier-cropped view of another source).
+    """
+
+    metadata: ParticleMetadata
+
+    def __len__(self) -> int: ...
+
+    def images(self, idx) -> np.ndarray: ...
 
 
 def read_particles(path, datadir=None, apix: float | None = None, poses=None) -> ParticleMetadata:
@@ -22,18 +52,12 @@ def read_particles(path, datadir=None, apix: float | None = None, poses=None) ->
     if not path.exists():
         raise InputError(f"{path}: no such file")
     if path.suffix == ".star":
-        from .io.star import read_star
-
         md = read_star(path, datadir=datadir, apix=apix)
     elif path.suffix == ".cs":
-        from .io.cryosparc import read_cs
-
         md = read_cs(path, datadir=datadir, apix=apix)
     else:
         raise InputError(f"{path}: unknown particle file type {path.suffix!r}; expected .star or .cs")
     if poses is not None:
-        from .io.cryodrgn import apply_poses
-
         md = apply_poses(md, poses)
     return md
 
@@ -42,11 +66,11 @@ def require_poses(md: ParticleMetadata) -> ParticleMetadata:
     """Return ``md``, or raise :class:`InputError` naming the file if it has no poses."""
     if md.rotations is None:
         src = md.source or "particles"
-        if md.extra.get("missing") == "alignments3D":
+        if md.missing_poses == "alignments3D":
             raise InputError(f"{src}: has no alignments3D (no 3D poses); use a refinement's particles .cs "
-                             "or give --poses POSES.pkl")
+                             "or give {param} (a cryoDRGN pose pickle)", param="poses")
         raise InputError(f"{src}: no poses (rlnAngleRot/rlnAngleTilt/rlnAnglePsi missing); "
-                         "give --poses POSES.pkl")
+                         "give {param} (a cryoDRGN pose pickle)", param="poses")
     return md
 
 
@@ -71,14 +95,12 @@ class ParticleDataset:
         return len(self.metadata)
 
     def _stack(self, f):
-        from .io.mrc import StackReader
-
         if f in self._stacks:
             self._stacks.move_to_end(f)
             return self._stacks[f]
         if not Path(f).exists():
             raise InputError(f"{f}: image stack not found (referenced by {self.metadata.source}); "
-                             "check the path or give --datadir")
+                             "check the path or give {param}", param="datadir")
         s = StackReader(f)
         self._stacks[f] = s
         if len(self._stacks) > self._max_open:
@@ -131,7 +153,7 @@ class ParticleDataset:
                     raise InputError(f"{src}: CTF field {name} contains NaN or inf")
         if not check_images:
             return
-        box_per = md.extra.get("box_per_particle") if md.extra else None
+        box_per = md.box_per_particle
         if not (isinstance(box_per, np.ndarray) and box_per.shape == (n,)):
             box_per = np.full(n, md.box)
         for f in np.unique(md.image_files):
@@ -162,38 +184,58 @@ class ParticleDataset:
         return bad
 
     def split_halves(self, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Two disjoint halves of the particle indices (sorted): RELION's ``rlnRandomSubset`` (1/2, kept in
-        ``extra['random_subset']``) when present and valid, else a permutation seeded by ``seed``."""
-        md = self.metadata
-        sub = md.extra.get("random_subset") if md.extra else None
-        if isinstance(sub, np.ndarray) and sub.shape == (len(md),) and set(np.unique(sub).tolist()) == {1, 2}:
-            return np.flatnonzero(sub == 1), np.flatnonzero(sub == 2)
-        perm = np.random.default_rng([seed, 12345]).permutation(len(md))
-        h = len(perm) // 2
-        return np.sort(perm[:h]), np.sort(perm[h:])
+        """:func:`split_halves` of this set's metadata."""
+        return split_halves(self.metadata, seed)
 
-    def batches(self, batch_size: int, indices=None, shuffle: bool = True, seed: int = 0, epoch: int = 0):
-        """Yield ``(idx, mask)`` per minibatch, every one of static length ``batch_size``.
 
-        ``idx`` (int64) are particle indices; the last batch is padded by repeating its first indices and
-        ``mask`` (float32, 1 = real, 0 = padding) marks the real entries, so jitted steps see one shape.
-        With ``shuffle`` the order is a permutation seeded by ``(seed, epoch)`` (reproducible per epoch).
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        idx = np.arange(len(self)) if indices is None else np.asarray(indices, np.int64).reshape(-1)
-        if idx.size == 0:
-            return
-        if shuffle:
-            idx = idx[np.random.default_rng([seed, epoch]).permutation(idx.size)]
-        for s in range(0, idx.size, batch_size):
-            b = idx[s:s + batch_size]
-            k = b.size
-            mask = np.zeros(batch_size, np.float32)
-            mask[:k] = 1.0
-            if k < batch_size:
-                b = np.concatenate([b, np.resize(b, batch_size - k)])
-            yield b.astype(np.int64), mask
+class ArrayDataset:
+    """Particles whose images are already in memory (``(n, box, box)`` float32)."""
+
+    def __init__(self, metadata: ParticleMetadata, images: np.ndarray):
+        if len(images) != len(metadata):
+            raise ValueError(f"{len(images)} images for {len(metadata)} particles")
+        self.metadata = metadata
+        self._images = np.asarray(images, np.float32)
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    def images(self, idx) -> np.ndarray:
+        idx = np.asarray(idx)
+        imgs = self._images[idx]
+        if self.metadata.contrast_sign is not None:
+            imgs = imgs * np.asarray(self.metadata.contrast_sign, np.float32)[idx, None, None]
+        return imgs
+
+
+class CroppedSource:
+    """A view of a particle source with the images Fourier-cropped to ``box`` (pixel size scaled)."""
+
+    def __init__(self, source: ParticleSource, box: int):
+        md = source.metadata
+        if box > md.box:
+            raise InputError(f"{{param}} {box} is larger than the images ({md.box} px)", param="box")
+        self.source = source
+        self.box = box
+        self.metadata = dataclasses.replace(md, box=box, pixel_size=md.pixel_size * md.box / box)
+
+    def __len__(self) -> int:
+        return len(self.metadata)
+
+    def images(self, idx) -> np.ndarray:
+        imgs = self.source.images(idx)
+        return np.asarray(resample_real(jnp.asarray(imgs), self.box, 2), np.float32)
+
+
+def split_halves(md: ParticleMetadata, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of the particle indices (sorted): RELION's ``rlnRandomSubset`` (1/2, the
+    metadata's ``random_subset``) when present and valid, else a permutation seeded by ``seed``."""
+    sub = md.random_subset
+    if isinstance(sub, np.ndarray) and sub.shape == (len(md),) and set(np.unique(sub).tolist()) == {1, 2}:
+        return np.flatnonzero(sub == 1), np.flatnonzero(sub == 2)
+    perm = np.random.default_rng([seed, 12345]).permutation(len(md))
+    h = len(perm) // 2
+    return np.sort(perm[:h]), np.sort(perm[h:])
 
 
 def write_dataset(out_dir, metadata: ParticleMetadata, images, stack_name: str = "particles.mrcs",
@@ -204,11 +246,6 @@ def write_dataset(out_dir, metadata: ParticleMetadata, images, stack_name: str =
     ``metadata.contrast_sign`` where present, so the pair reads back (by RELION or :func:`read_particles`)
     to the same images. Both files are written atomically. Returns the STAR path.
     """
-    import dataclasses
-
-    from .io.mrc import write_stack
-    from .io.star import write_star
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     images = np.asarray(images, np.float32)

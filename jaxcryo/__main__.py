@@ -1,0 +1,7 @@
+"""``python -m jaxcryo ...``: the ``jaxcryo`` command."""
+
+import sys
+
+from .cli import console_main
+
+sys.exit(console_main())
