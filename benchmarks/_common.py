@@ -177,3 +177,31 @@ def use_agg() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+
+
+def run_timed(cmd: Sequence[str], cwd=None, env: dict | None = None, log=None, timeout: float | None = None) -> dict:
+    """Run ``cmd`` as a subprocess and time it end to end.
+
+    Returns ``wall_s`` (the whole command, start-up included), ``cpu_s`` (user + system CPU seconds of the
+    child and its descendants, which a busy machine does not inflate the way it inflates wall time),
+    ``loadavg_before`` (1-minute load average when it started), ``returncode`` and ``command``. Output goes
+    to ``log`` (a path) or is discarded.
+    """
+    import subprocess
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = open(log, "w") if log is not None else subprocess.DEVNULL
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(list(map(str, cmd)), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=timeout)
+        rc = proc.returncode
+    finally:
+        wall = time.perf_counter() - t0
+        if log is not None:
+            out.close()
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"command": " ".join(map(str, cmd)), "wall_s": wall, "cpu_s": cpu, "loadavg_before": load,
+            "returncode": rc}

@@ -66,6 +66,36 @@ def conditioning(path: Path) -> None:
           + "; one batch vs K probes: " + ", ".join(f"K={k}: {v:.3f}" for k, v in h["error_vs_probes"].items()))
 
 
+def slice_accuracy(path: Path) -> None:
+    """Relative slice error against the exact DFT at shells N/8, N/4, 3N/8, N/2 and overall, per operator,
+    for each volume at its largest box, with value+gradient time when measured."""
+    d = json.loads(path.read_text())
+    m = d["machine"]
+    tim = {t["operator"]: t for t in d.get("timing", [])}
+    tb = next(iter(tim.values()), None)
+    print(f"\n`{path}`: {m['cpu']}, {m['cores']} cores, {m['device']}, JAX {m['jax']}, {m.get('date', '')}; "
+          f"{d['settings']['images']} random rotations, operators in complex64\n")
+    big = {}
+    for c in d["cases"]:
+        if c["box"] >= big.get(c["volume"], {"box": 0})["box"]:
+            big[c["volume"]] = c
+    cases = list(big.values())
+    head = " | ".join(f"{c['volume']} (box {c['box']}): overall / N/8 / N/4 / 3N/8 / N/2" for c in cases)
+    ext = f" | value+grad (box {tb['box']}, batch {tb['batch']}) |" if tb else " |"
+    print(f"| operator | {head}{ext}")
+    print("| --- | " + " | ".join("---" for _ in cases) + (" | --- |" if tb else " |"))
+    e = lambda x: "—" if x is None else (f"{x:.0e}" if x < 1e-3 else f"{x:.3f}")  # noqa: E731
+    for i, r in enumerate(cases[0]["results"]):
+        cells = []
+        for c in cases:
+            rr = c["results"][i]
+            a = rr["at"]
+            cells.append(" / ".join(e(v) for v in (rr["overall"], a["N/8"], a["N/4"], a["3N/8"], a["N/2"])))
+        t = tim.get(r["operator"])
+        tcell = (f" | {t['gradient_s'] * 1e3:.0f} ms |" if t else " | — |") if tb else " |"
+        print(f"| {r['operator']} | " + " | ".join(cells) + tcell)
+
+
 def main(argv) -> int:
     dirs = [Path(a) for a in argv] or [Path("benchmarks/results"), Path("benchmarks/results/gpu_h100")]
     for d in dirs:
@@ -73,6 +103,8 @@ def main(argv) -> int:
             sgd_vs_psgd(d / "sgd_vs_psgd.json")
         if (d / "conditioning.json").exists():
             conditioning(d / "conditioning.json")
+        if (d / "slice_accuracy.json").exists():
+            slice_accuracy(d / "slice_accuracy.json")
     return 0
 
 

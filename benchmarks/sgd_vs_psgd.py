@@ -136,7 +136,7 @@ def run_optimizer(prob: Problem, name: str, batch: int, epochs: int, seed: int =
 
     t0 = time.perf_counter()
     try:
-        res = jc.reconstruct(prob.ds, volume_callback=vcb, **kwargs)
+        res = jc.reconstruct(prob.ds, volume_callback=vcb, prior="tikhonov", **kwargs)  # the CG optimum's objective
         diverged = False
     except Exception as e:  # a learning rate of the sweep may diverge: that is a result
         res, diverged = None, f"{type(e).__name__}: {e}"

@@ -1,27 +1,46 @@
 """Throughput of the forward model, the gradient and the full optimiser steps, per slice operator and box.
 
 For each interpolation (``nearest``, ``trilinear``, ``nufft``) and box we time, on one static-shape minibatch
-of random poses, shifts and CTFs (the images are noise: the cost does not depend on their content):
+of random poses, shifts and CTFs (the images are noise: the cost does not depend on their content), all
+from the same device-resident batch (``to_batch`` runs inside each jitted function, as in
+:func:`jaxcryo.fit.fit`, so forward and gradient start from the same prepared batch):
 
 * ``forward``: the forward model ``P_i V`` (slice, shift, CTF) for the batch;
 * ``gradient``: the minibatch objective and its gradient (``jaxcryo.loss.value_and_grad``);
+* ``hvp``: one Hessian-vector product of the minibatch objective (forward-over-reverse);
 * ``sgd_step``: :func:`jaxcryo.fit.make_step` with :func:`jaxcryo.optim.sgd`;
 * ``psgd_step_k1`` / ``psgd_step_k4``: the same with :func:`jaxcryo.optim.preconditioned_sgd` and K = 1 / 4
-  Hutchinson probes (gradient + K Hessian-vector products + the diagonal update).
+  Hutchinson probes (gradient + K Hessian-vector products + the diagonal update);
+* ``psgd_step_k1_every4``: Hutchinson K = 1 refreshed every 4th step (``update_every=4``); its time is the
+  mean over groups of 4 consecutive steps (one with the HVP, three without);
+* ``psgd_step_exact``: ``preconditioned_sgd(diagonal="batch")``, the exact diagonal of each minibatch's
+  Hessian (one extra adjoint pass; slice operators with a local stencil only, else absent).
 
-Each is jitted; ``compile_s`` is the first call (trace + compile + one run) and ``step_s`` the median of the
-later calls, both with ``block_until_ready``. The batch is put on the device beforehand (``to_batch`` runs
-inside the step, as in :func:`jaxcryo.fit.fit`), so host-side I/O is not included. The figure to watch is
-``psgd_over_sgd``: the cost of a PSGD step relative to an SGD step, per operator and box.
+Each is jitted and compiled ahead of the timing: ``compile_s`` is trace + compile + the first call,
+``step_s`` the median and ``step_min_s`` the minimum of the later calls, all with ``block_until_ready``. The
+later calls are made round-robin over the operations of one configuration (each round calls every one once),
+so a change of machine load affects them alike and the ratios stay meaningful on a shared machine. The
+figures to watch are in ``psgd_over_sgd``: per ``<interp>_<box>``, ``gradient_over_forward``, and the cost
+of a PSGD step over an SGD step (``psgd_k1``, ``psgd_k4``, ``psgd_k1_every4``, ``psgd_exact``).
+
+Each record also has ``hlo``: counts of ``scatter``, ``gather``, ``sine`` and ``cosine`` instructions in
+the compiled (optimised) HLO, and ``sine_computations``, the number of (fused) computations containing a
+``sine``: with the per-image filters computed once per batch it is 1 (the CTF and the phase are evaluated
+once per call) and the trilinear gradient has one scatter (its adjoint is one windowed scatter-add).
 
 Peak memory: host ``ru_maxrss`` after each configuration (monotone: the process peak so far) and, on GPU,
-the device's ``peak_bytes_in_use``.
+the device's ``peak_bytes_in_use``. The 1-minute load average is recorded before and after each
+configuration (``loadavg``).
 
-Usage: python benchmarks/throughput.py [--quick] [--out DIR] [--boxes 64 128] [--batch 128] [--reps 5]
+Usage: python benchmarks/throughput.py [--quick] [--out DIR] [--boxes 64 128] [--interps trilinear nearest]
+       [--batch 128] [--reps 5] [--compare BEFORE.json]
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,16 +52,25 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _common import (device_peak_mb, host_peak_rss_mb, machine_info, parse_args, save_figure,  # noqa: E402
-                     time_calls, use_agg, write_json)
+                     use_agg, write_json)
 from jaxcryo import (ArrayDataset, ParticleMetadata, Projector, load_batch, make_step, objective,  # noqa: E402
                      preconditioned_sgd, sgd, to_batch, value_and_grad)
+from jaxcryo.loss import hvp  # noqa: E402
 from jaxcryo.operators import OPERATOR_NAMES  # noqa: E402
 from jaxcryo.rotations import random_rotations  # noqa: E402
 from jaxcryo.simulate import random_ctf_params  # noqa: E402
 
 INTERPS = OPERATOR_NAMES
-OPS = ("forward", "gradient", "sgd_step", "psgd_step_k1", "psgd_step_k4")
+OPS = ("forward", "gradient", "hvp", "sgd_step", "psgd_step_k1", "psgd_step_k4", "psgd_step_k1_every4",
+       "psgd_step_exact")
+#: operations timed in groups of this many consecutive calls (the time is the group's mean)
+GROUPS = {"psgd_step_k1_every4": 4}
+#: ``psgd_over_sgd`` key -> operation
+PSGD_RATIOS = {"psgd_k1": "psgd_step_k1", "psgd_k4": "psgd_step_k4", "psgd_k1_every4": "psgd_step_k1_every4",
+               "psgd_exact": "psgd_step_exact"}
 PIXEL_SIZE = 3.0
+#: the acceptance goals of issue 9 on this benchmark
+GOALS = {"trilinear_gradient_over_forward_max": 3.0, "psgd_exact_over_sgd_max": 1.3}
 
 
 def make_raw_batch(box: int, batch: int, seed: int = 0):
@@ -59,12 +87,26 @@ def make_raw_batch(box: int, batch: int, seed: int = 0):
     return jax.device_put(raw)
 
 
+def hlo_counts(compiled) -> dict:
+    """Instruction counts in a compiled executable's optimised HLO (see the module docstring)."""
+    txt = compiled.as_text()
+    out = {op: len(re.findall(rf"= \S+ {op}\(", txt)) for op in ("scatter", "gather", "sine", "cosine")}
+    out["sine_computations"] = sum(1 for c in re.split(r"\n(?=\S)", txt) if re.search(r"= \S+ sine\(", c))
+    return out
+
+
+def _loadavg():
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def bench_one(interp: str, box: int, batch: int, reps: int, min_seconds: float) -> list[dict]:
     proj = Projector(n=box, pixel_size=PIXEL_SIZE, operator=interp)
     raw = make_raw_batch(box, batch)
     key = jax.random.PRNGKey(1)
-    vol0 = (jax.random.normal(key, (box,) * 3) + 1j * jax.random.normal(jax.random.split(key)[0], (box,) * 3))
-    vol0 = vol0.astype(jnp.complex64)
+    k1, k2 = jax.random.split(key)
+    vol0 = (jax.random.normal(k1, (box,) * 3) + 1j * jax.random.normal(k2, (box,) * 3)).astype(jnp.complex64)
+    z0 = jnp.roll(vol0, 3)
+    load0 = _loadavg()
 
     @jax.jit
     def forward(v, raw):
@@ -75,48 +117,129 @@ def bench_one(interp: str, box: int, batch: int, reps: int, min_seconds: float) 
     def grad(v, raw):
         return value_and_grad(objective(to_batch(raw), proj))(v)
 
-    fns = {
-        "forward": lambda: forward(vol0, raw),
-        "gradient": lambda: grad(vol0, raw),
+    @jax.jit
+    def hv(v, z, raw):
+        return hvp(objective(to_batch(raw), proj), v, z)
+
+    # name -> (jitted function, example args, runner(compiled) -> callable)
+    calls = {
+        "forward": (forward, (vol0, raw), lambda c: lambda: c(vol0, raw)),
+        "gradient": (grad, (vol0, raw), lambda c: lambda: c(vol0, raw)),
+        "hvp": (hv, (vol0, z0, raw), lambda c: lambda: c(vol0, z0, raw)),
     }
     opts = {"sgd_step": sgd(1e-3), "psgd_step_k1": preconditioned_sgd(1e-3, n_probes=1),
-            "psgd_step_k4": preconditioned_sgd(1e-3, n_probes=4)}
+            "psgd_step_k4": preconditioned_sgd(1e-3, n_probes=4),
+            "psgd_step_k1_every4": preconditioned_sgd(1e-3, n_probes=1, update_every=4)}
+    if proj.operator.has_local_stencil:
+        opts["psgd_step_exact"] = preconditioned_sgd(1e-3, diagonal="batch", projector=proj)
     for name, opt in opts.items():
         step = make_step(opt, proj, donate=True)
         state = {"v": jnp.array(vol0), "s": None}
         state["s"] = opt.init(state["v"])
 
-        def call(step=step, state=state):
-            state["v"], state["s"], val = step(state["v"], state["s"], raw)
-            return state["v"], val
+        def runner(c, state=state):
+            def call():
+                state["v"], state["s"], val = c(state["v"], state["s"], raw)
+                return state["v"], val
+            return call
 
-        fns[name] = call
+        calls[name] = (step, (state["v"], state["s"], raw), runner)
+
+    fns, first, hlo = {}, {}, {}
+    for name, (jitted, args, runner) in calls.items():
+        t0 = time.perf_counter()
+        compiled = jitted.lower(*args).compile()
+        fns[name] = runner(compiled)
+        jax.block_until_ready(fns[name]())
+        first[name] = time.perf_counter() - t0
+        hlo[name] = hlo_counts(compiled)
+    # round-robin steady state: every round calls each operation once (a group of calls for GROUPS)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < max(1, reps) or (time.perf_counter() - start < min_seconds and rounds < 100):
+        for name, fn in fns.items():
+            g = GROUPS.get(name, 1)
+            t0 = time.perf_counter()
+            for _ in range(g):
+                jax.block_until_ready(fn())
+            times[name].append((time.perf_counter() - t0) / g)
+        rounds += 1
+    load1 = _loadavg()
 
     out = []
     for op in OPS:
-        first, med = time_calls(fns[op], reps, min_seconds)
-        rec = {"op": op, "interp": interp, "box": box, "batch": batch, "compile_s": first, "step_s": med,
-               "images_per_s": batch / med, "host_peak_rss_mb": host_peak_rss_mb(),
-               "device_peak_mb": device_peak_mb()}
-        print(f"  {interp:9s} box {box:4d} {op:13s} first {first:7.3f} s  step {med * 1e3:9.2f} ms  "
-              f"{rec['images_per_s']:10.1f} img/s", flush=True)
+        if op not in fns:
+            continue
+        med, mn = float(np.median(times[op])), float(np.min(times[op]))
+        rec = {"op": op, "interp": interp, "box": box, "batch": batch, "compile_s": first[op], "step_s": med,
+               "step_min_s": mn, "images_per_s": batch / med, "rounds": rounds, "hlo": hlo[op],
+               "host_peak_rss_mb": host_peak_rss_mb(), "device_peak_mb": device_peak_mb(),
+               "loadavg": [load0, load1]}
+        h = hlo[op]
+        print(f"  {interp:9s} box {box:4d} {op:20s} compile {first[op]:7.3f} s  step {med * 1e3:9.2f} ms "
+              f"(min {mn * 1e3:8.2f})  {rec['images_per_s']:9.1f} img/s  scatter {h['scatter']} "
+              f"sin-computations {h['sine_computations']}", flush=True)
         out.append(rec)
     return out
 
 
 def ratios(results: list[dict]) -> dict:
-    """``{"<interp>_<box>": {"psgd_k1": t_psgd1 / t_sgd, "psgd_k4": ..., "gradient_over_forward": ...}}``."""
+    """``{"<interp>_<box>": {"gradient_over_forward", "psgd_k1", "psgd_k4", "psgd_k1_every4", "psgd_exact",
+    ...}}``: step-time ratios (medians); ``psgd_exact`` is ``None`` for operators without a local stencil."""
     by = {(r["interp"], r["box"], r["op"]): r["step_s"] for r in results}
     out = {}
     for interp, box in sorted({(r["interp"], r["box"]) for r in results}, key=lambda t: (t[1], t[0])):
         sgd_t = by[(interp, box, "sgd_step")]
-        out[f"{interp}_{box}"] = {
-            "interp": interp, "box": box,
-            "psgd_k1": by[(interp, box, "psgd_step_k1")] / sgd_t,
-            "psgd_k4": by[(interp, box, "psgd_step_k4")] / sgd_t,
-            "gradient_over_forward": by[(interp, box, "gradient")] / by[(interp, box, "forward")],
-        }
+        rec = {"interp": interp, "box": box,
+               "gradient_over_forward": by[(interp, box, "gradient")] / by[(interp, box, "forward")],
+               "hvp_over_gradient": by[(interp, box, "hvp")] / by[(interp, box, "gradient")]}
+        for key, op in PSGD_RATIOS.items():
+            t = by.get((interp, box, op))
+            rec[key] = None if t is None else t / sgd_t
+        out[f"{interp}_{box}"] = rec
     return out
+
+
+def goals(rat: dict) -> dict:
+    """Issue 9's throughput goals per configuration: ``{"value", "max", "met"}``."""
+    out = {}
+    for key, r in rat.items():
+        g = {}
+        if r["interp"] == "trilinear":
+            v = r["gradient_over_forward"]
+            g["gradient_over_forward"] = {"value": v, "max": GOALS["trilinear_gradient_over_forward_max"],
+                                          "met": v <= GOALS["trilinear_gradient_over_forward_max"]}
+        if r["psgd_exact"] is not None:
+            v = r["psgd_exact"]
+            g["psgd_exact"] = {"value": v, "max": GOALS["psgd_exact_over_sgd_max"],
+                               "met": v <= GOALS["psgd_exact_over_sgd_max"]}
+        if g:
+            out[key] = g
+    return out
+
+
+def markdown(d: dict, before: dict | None = None) -> str:
+    """Table of steady-state step times (ms, median) and ratios; with ``before`` (an older throughput.json)
+    its times in parentheses where the same operation was measured."""
+    old = {}
+    if before is not None:
+        old = {(r["interp"], r["box"], r["op"]): r["step_s"] for r in before["results"]}
+    cols = [op for op in OPS if any(r["op"] == op for r in d["results"])]
+    lines = ["| interp | box | " + " | ".join(cols) + " | grad/fwd | PSGD K=1 / SGD | PSGD exact / SGD |",
+             "| --- | --- | " + " | ".join("---" for _ in cols) + " | --- | --- | --- |"]
+    by = {(r["interp"], r["box"], r["op"]): r["step_s"] for r in d["results"]}
+    for key, rat in d["psgd_over_sgd"].items():
+        i, b = rat["interp"], rat["box"]
+        cells = []
+        for op in cols:
+            t = by.get((i, b, op))
+            o = old.get((i, b, op))
+            cells.append("—" if t is None else f"{t * 1e3:.0f}" + (f" ({o * 1e3:.0f})" if o else ""))
+        ex = rat.get("psgd_exact")
+        lines.append(f"| {i} | {b} | " + " | ".join(cells) + f" | {rat['gradient_over_forward']:.2f} | "
+                     f"{rat['psgd_k1']:.2f} | {'—' if ex is None else f'{ex:.2f}'} |")
+    return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -125,7 +248,7 @@ def plot(results: list[dict], path: Path) -> None:
 
     boxes = sorted({r["box"] for r in results})
     interps = [i for i in INTERPS if any(r["interp"] == i for r in results)]
-    fig, axes = plt.subplots(1, len(boxes), figsize=(6.5 * len(boxes), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(boxes), figsize=(7.5 * len(boxes), 4.4), squeeze=False)
     w = 0.8 / len(interps)
     for ax, box in zip(axes[0], boxes):
         for j, interp in enumerate(interps):
@@ -134,7 +257,8 @@ def plot(results: list[dict], path: Path) -> None:
             x = np.arange(len(OPS)) + (j - (len(interps) - 1) / 2) * w
             ax.bar(x, vals, w, label=interp)
         ax.set_xticks(np.arange(len(OPS)))
-        ax.set_xticklabels([o.replace("_step", "\nstep").replace("_k", " K=") for o in OPS], fontsize=8)
+        ax.set_xticklabels([o.replace("psgd_step_", "PSGD\n").replace("_step", "\nstep").replace("k1_every4", "K=1/4th")
+                            .replace("k1", "K=1").replace("k4", "K=4") for o in OPS], fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("images / s (steady state)")
         batch = next(r["batch"] for r in results if r["box"] == box)
@@ -149,22 +273,25 @@ def main(argv=None) -> dict:
     def extra(p):
         p.add_argument("--boxes", type=int, nargs="+", default=None)
         p.add_argument("--batch", type=int, default=None, help="images per step")
-        p.add_argument("--interps", nargs="+", default=None, choices=INTERPS,
-                       help="default all (quick: nearest and nufft, to keep CI compile time down)")
-        p.add_argument("--reps", type=int, default=None, help="timed calls after the first")
-        p.add_argument("--min-seconds", type=float, default=None, help="keep timing until this long (per op)")
+        p.add_argument("--interps", nargs="+", default=None, choices=INTERPS, help="default all")
+        p.add_argument("--reps", type=int, default=None, help="timed rounds after the first call")
+        p.add_argument("--min-seconds", type=float, default=None, help="keep timing rounds until this long")
+        p.add_argument("--compare", type=Path, default=None,
+                       help="an older throughput.json: print the table with its times in parentheses")
 
     args = parse_args(__doc__.splitlines()[0], argv, extra)
     boxes = args.boxes or ([32] if args.quick else [64, 128])
     batch = args.batch or (16 if args.quick else 128)
     reps = args.reps or (2 if args.quick else 5)
-    args.interps = args.interps or (["nearest", "nufft"] if args.quick else list(INTERPS))
+    args.interps = args.interps or list(INTERPS)
     min_s = args.min_seconds if args.min_seconds is not None else (0.0 if args.quick else 1.0)
     settings = {"quick": args.quick, "boxes": boxes, "batch": batch, "interps": args.interps, "reps": reps,
                 "min_seconds": min_s, "dtype": "float32/complex64", "pixel_size": PIXEL_SIZE, "ctf": True,
                 "learning_rate": 1e-3, "batch_on_device": True,
-                "timing": "compile_s = first call (trace+compile+run); step_s = median of later calls; "
-                          "block_until_ready"}
+                "psgd_exact": "preconditioned_sgd(diagonal='batch', beta=0.9): exact minibatch diagonal, "
+                              "operators with a local stencil only (None otherwise)",
+                "timing": "compile_s = trace+compile+first call; step_s = median (step_min_s = min) of later "
+                          "calls, made round-robin over the operations; block_until_ready"}
     print(f"throughput: boxes {boxes}, batch {batch}, interps {args.interps}", flush=True)
     t0 = time.perf_counter()
     results = []
@@ -173,12 +300,16 @@ def main(argv=None) -> dict:
             results.extend(bench_one(interp, box, batch, reps, min_s))
     rat = ratios(results)
     for k, v in rat.items():
-        print(f"  psgd/sgd {k:14s} K=1 {v['psgd_k1']:.2f}  K=4 {v['psgd_k4']:.2f}")
+        ex = "—" if v["psgd_exact"] is None else f"{v['psgd_exact']:.2f}"
+        print(f"  {k:14s} grad/fwd {v['gradient_over_forward']:.2f}  psgd/sgd K=1 {v['psgd_k1']:.2f}  "
+              f"K=4 {v['psgd_k4']:.2f}  K=1 every 4 {v['psgd_k1_every4']:.2f}  exact {ex}")
     out = {"machine": machine_info(), "settings": settings, "results": results, "psgd_over_sgd": rat,
-           "peak_memory": {"host_rss_mb": host_peak_rss_mb(), "device_mb": device_peak_mb()},
+           "goals": goals(rat), "peak_memory": {"host_rss_mb": host_peak_rss_mb(), "device_mb": device_peak_mb()},
            "seconds_total": time.perf_counter() - t0}
     write_json(args.out / "throughput.json", out)
     plot(results, args.out / "throughput.png")
+    before = json.loads(args.compare.read_text()) if args.compare else None
+    print(markdown(out, before))
     print(f"wrote {args.out / 'throughput.json'} and .png in {out['seconds_total']:.1f} s")
     return out
 

@@ -1,4 +1,5 @@
-"""``python -m jaxcryo ...``: the ``jaxcryo`` command."""
+"""``python -m jaxcryo ...``: the ``jaxcryo`` command (``python -m jaxcryo_main`` also quiets XLA's C++ log
+before JAX loads; see :mod:`jaxcryo_main`)."""
 
 import sys
 

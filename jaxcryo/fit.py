@@ -54,7 +54,8 @@ def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam
     """The jitted step ``(volume_f, opt_state, raw_batch) -> (volume_f, opt_state, loss)``.
 
     The optimiser's ``update`` receives the extra arguments ``obj_fn`` (the minibatch objective), ``grad``
-    (the gradient) and ``value`` (the loss), so Hutchinson estimators and line searches can use them.
+    (the gradient), ``value`` (the loss) and ``batch`` (the minibatch :class:`~jaxcryo.batch.Batch`), so
+    Hutchinson estimators, line searches and the exact batch diagonal can use them.
     """
     opt = optax.with_extra_args_support(optimizer)
 
@@ -62,7 +63,7 @@ def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam
         batch = to_batch(raw, dtype)
         fn = objective(batch, projector, lam, vol_mask)
         val, g = value_and_grad(fn)(vol_f)
-        updates, opt_state = opt.update(g, opt_state, vol_f, obj_fn=fn, grad=g, value=val)
+        updates, opt_state = opt.update(g, opt_state, vol_f, obj_fn=fn, grad=g, value=val, batch=batch)
         return optax.apply_updates(vol_f, updates), opt_state, val
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())

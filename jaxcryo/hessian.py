@@ -21,6 +21,7 @@ Which of these apply is read from the slice operator's properties (``has_local_s
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ from .ctf import CTFParams
 from .linalg import CGResult, conjugate_gradient
 from .loss import hvp, loss
 from .operators import describe
+from .priors import prior_diagonal
 from .projection import Projector, slice_points
 
 
@@ -95,7 +97,7 @@ def exact_diagonal(projector: Projector, batches, lam: float = 0.0, n_images: in
         projector: a :class:`~jaxcryo.projection.Projector` whose operator has a local stencil (nearest or
             trilinear without oversampling).
         batches: an iterable of :class:`~jaxcryo.batch.Batch` (padding masked out) or a single Batch.
-        lam: Tikhonov weight.
+        lam: Tikhonov weight or a :class:`~jaxcryo.priors.Prior` (its ``lambda_j`` are added).
         n_images: number of real images (default: the sum of the batch masks).
     """
     if isinstance(batches, Batch):
@@ -107,7 +109,7 @@ def exact_diagonal(projector: Projector, batches, lam: float = 0.0, n_images: in
         total = d if total is None else total + d
         count += float(jnp.sum(b.mask))
     n = count if n_images is None else n_images
-    return total / n + lam
+    return total / n + prior_diagonal(lam, total.shape[-1], total.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,6 +264,7 @@ def normal_equations(projector: Projector, source, batch_size: int = 256, lam: f
     def each():
         return batches if cache else iterate_batches(source, batch_size, indices)
 
+    lam_diag = prior_diagonal(lam, n, rdt)
     n_img = 0
     rhs = jnp.zeros((n,) * 3, cdt)
     for raw in each():
@@ -273,7 +276,7 @@ def normal_equations(projector: Projector, source, batch_size: int = 256, lam: f
         out = jnp.zeros((n,) * 3, cdt)
         for raw in each():
             out = out + batch_matvec(z, raw)
-        return out / n_img + lam * z
+        return out / n_img + lam_diag * z
 
     return NormalEquations(matvec, rhs, n_img)
 
@@ -309,21 +312,20 @@ def wiener_backprojection(projector: Projector, source, lam: float = 0.0, batch_
     cdt = complex_dtype(dtype)
     n = projector.n
 
-    @jax.jit
-    def one(raw):
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def accumulate(num, den, raw):  # the sums stay on the device, updated in place: one call per batch
         b = to_batch(raw, rdt)
         wm = (b.weights * b.mask)[:, None, None]
-        num = projector.adjoint(b.images_f * projector.image_mask(rdt) * wm, b.rotations, b.shifts, b.ctf)
-        return num, weight_backprojection(projector, b, squared=False)
+        a = projector.adjoint(b.images_f * projector.image_mask(rdt) * wm, b.rotations, b.shifts, b.ctf)
+        return num + a, den + weight_backprojection(projector, b, squared=False)
 
     num = jnp.zeros((n,) * 3, cdt)
     den = jnp.zeros((n,) * 3, rdt)
     count = 0
     for raw in iterate_batches(source, batch_size, indices):
-        a, d = one(raw)
-        num, den = num + a, den + d
+        num, den = accumulate(num, den, raw)
         count += int(raw.mask.sum())
     num, den = num / count, den / count
-    safe = den + lam
+    safe = den + prior_diagonal(lam, n, rdt)
     vol = jnp.where(safe > 0, num / jnp.where(safe > 0, safe, 1), 0)
     return vol, den

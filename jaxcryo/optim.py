@@ -6,6 +6,8 @@ The pieces, each a small ``optax.GradientTransformationExtraArgs`` with NamedTup
 * :func:`hutchinson_diagonal`: estimates ``diag(H)`` of the objective passed as the ``obj_fn`` extra argument
   (the protocol of ``optax.contrib``'s Sophia) with ``K`` Rademacher probes, vmapped, by forward-over-reverse
   HVPs; carries its running average and PRNG key. Its ``update`` *returns the diagonal estimate*.
+* :func:`batch_diagonal`: the exact diagonal of each minibatch's Hessian (slice operators with a local
+  stencil: one adjoint pass, no probe noise), from the ``batch`` extra argument, optionally EMA-averaged.
 * :func:`fixed_diagonal`: a precomputed diagonal (e.g. :func:`jaxcryo.hessian.exact_diagonal`, the
   "precomputed" preconditioner of the paper) in the same protocol.
 * :func:`scale_by_diagonal`: divides the updates by ``max(|D|, threshold)`` with ``D`` from one of the above.
@@ -27,7 +29,9 @@ import numpy as np
 import optax
 
 from .fourier import shell_index
-from .loss import gradient
+from .loss import batch_filters, gradient
+from .priors import prior_diagonal
+from .projection import slice_points
 
 Averaging = Literal["paper", "ema", "mean"]
 
@@ -166,6 +170,86 @@ def fixed_diagonal(diag) -> optax.GradientTransformationExtraArgs:
 
 
 # --------------------------------------------------------------------------------------------------
+# Exact diagonal of the minibatch Hessian (operators with a local stencil)
+# --------------------------------------------------------------------------------------------------
+def minibatch_diagonal(projector, batch, lam=0.0):
+    """The exact diagonal of the minibatch Hessian ``(1/|B|) sum_i w_i diag(S_i^H M S_i) + lambda`` (real
+    ``(n, n, n)``), for a slice operator with a local stencil (nearest, trilinear without oversampling).
+
+    One adjoint pass and no probe noise: the squared-weight backprojection of ``w_i mask_i M CTF_i^2``
+    (:func:`jaxcryo.hessian.batch_diagonal_sum` divided by the real images of the batch, plus ``lam``, a float
+    or a :class:`~jaxcryo.priors.Prior`). ``M CTF^2`` is read as ``|filter|^2`` of the batch's
+    :func:`jaxcryo.loss.batch_filters`, the same (materialised) values the objective uses, so a step
+    evaluates the CTF once (equal to ``batch_diagonal_sum`` to rounding: ``|exp(i phi)|^2 = 1``).
+    """
+    op = projector.operator
+    if not op.has_local_stencil:
+        op.squared_weight_slice(None, None)  # raises NotImplementedError naming the operator
+    n = projector.n
+    rdt = jnp.real(batch.images_f).dtype
+    f = batch_filters(batch, projector)
+    w = jnp.real(f * jnp.conj(f)) * (batch.weights * batch.mask)[:, None, None]
+    pts = slice_points(batch.rotations, n, rdt)
+    (d,) = jax.linear_transpose(lambda v: op.squared_weight_slice(v, pts), jax.ShapeDtypeStruct((n,) * 3, rdt))(w)
+    return d / jnp.maximum(jnp.sum(batch.mask), 1.0) + prior_diagonal(lam, n, rdt)
+
+
+class BatchDiagonalState(NamedTuple):
+    """``count``: steps seen; ``diag``: the (EMA of the) minibatch diagonals; ``n_updates``: diagonals made."""
+
+    count: jax.Array
+    diag: Any
+    n_updates: jax.Array
+
+
+def batch_diagonal(projector, lam=0.0, beta: float = 0.0, update_every: int = 1
+                   ) -> optax.GradientTransformationExtraArgs:
+    """The exact diagonal of each minibatch's Hessian (:func:`minibatch_diagonal`) in the protocol of
+    :func:`hutchinson_diagonal`: ``update(updates, state, params, batch=...)`` returns ``(D, new_state)``.
+
+    Args:
+        projector: the forward model of the objective (its operator must have a local stencil).
+        lam: the objective's Tikhonov weight or :class:`~jaxcryo.priors.Prior` (added to the diagonal).
+        beta: EMA across steps, ``D_k = beta D_{k-1} + (1 - beta) d_k`` from ``D_0 = 0``, returned with Adam's
+            bias correction ``/ (1 - beta^k)``; ``0`` (default) uses each batch's own diagonal.
+        update_every: compute the diagonal only every ``m``-th step (the others reuse ``D``).
+
+    ``batch`` is the minibatch :class:`~jaxcryo.batch.Batch` (:func:`jaxcryo.fit.make_step` passes it).
+    """
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    if update_every < 1:
+        raise ValueError("update_every must be positive")
+    if not projector.operator.has_local_stencil:
+        projector.operator.squared_weight_slice(None, None)  # NotImplementedError naming the operator
+
+    def init_fn(params):
+        rdt = jnp.real(params).dtype
+        return BatchDiagonalState(jnp.zeros([], jnp.int32), jnp.zeros(params.shape, rdt), jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None, batch=None, **extra):
+        del updates, params, extra
+        if batch is None:
+            raise ValueError("batch_diagonal.update needs batch= (the minibatch; jaxcryo.fit.make_step passes it)")
+
+        def compute(st):
+            d = minibatch_diagonal(projector, batch, lam).astype(st.diag.dtype)
+            return BatchDiagonalState(st.count, beta * st.diag + (1 - beta) * d, st.n_updates + 1)
+
+        if update_every == 1:
+            st = compute(state)
+        else:
+            st = jax.lax.cond(state.count % update_every == 0, compute, lambda s: s, state)
+        st = st._replace(count=state.count + 1)
+        diag = st.diag
+        if beta:
+            diag = diag / (1 - beta ** jnp.maximum(st.n_updates, 1).astype(diag.dtype))
+        return diag, st
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# --------------------------------------------------------------------------------------------------
 # Diagonal preconditioning
 # --------------------------------------------------------------------------------------------------
 class ScaleByDiagonalState(NamedTuple):
@@ -296,26 +380,48 @@ def preconditioned_sgd(
     linesearch: bool = False,
     steps_per_epoch: int | None = None,
     init_learning_rate: float = 10.0,
+    projector=None,
+    lam=0.0,
 ) -> optax.GradientTransformationExtraArgs:
     """SGD with a diagonal preconditioner: ``v <- v - eta * D-hat^{-1} g``.
 
     Args:
         learning_rate: constant or optax schedule (ignored with ``linesearch=True``).
-        diagonal: a fixed diagonal array (e.g. :func:`jaxcryo.hessian.exact_diagonal`), or ``None`` for
-            Hutchinson.
-        n_probes, seed, averaging, beta, update_every, init_value: Hutchinson options (see :func:`hutchinson_diagonal`).
+        diagonal: where ``D`` comes from:
+
+            * ``None`` or ``"hutchinson"``: Hutchinson's estimate from HVPs of ``obj_fn``
+              (:func:`hutchinson_diagonal`; any model);
+            * ``"batch"``: the exact diagonal of each minibatch's Hessian (:func:`batch_diagonal`: one adjoint
+              pass, no probe noise; slice operators with a local stencil); needs ``projector`` (and ``lam``)
+              and the ``batch`` extra argument, which :func:`jaxcryo.fit.make_step` passes;
+            * an array: a fixed diagonal (e.g. :func:`jaxcryo.hessian.exact_diagonal`).
+        n_probes, seed, averaging, init_value: Hutchinson options (see :func:`hutchinson_diagonal`).
+        beta: EMA factor of the Hutchinson averaging, and of ``"batch"`` (which averages the minibatch
+            diagonals with bias correction; 0 uses each batch's own).
+        update_every: refresh the Hutchinson or batch diagonal every ``m`` steps (the others reuse it).
         threshold: floor on ``|D|`` (default :func:`default_threshold`).
-        shell_floor: for the Hutchinson estimate, floor ``|D|`` at this fraction of its shell mean (see
-            :func:`scale_by_diagonal`); not applied to a fixed (exact) diagonal.
+        shell_floor: for the Hutchinson and batch diagonals, floor ``|D|`` at this fraction of its shell mean
+            (see :func:`scale_by_diagonal`); not applied to a fixed (exact) diagonal.
         momentum: optional heavy-ball momentum (``optax.trace``).
         linesearch: use :func:`armijo_linesearch` (reset every ``steps_per_epoch``) instead of a fixed step.
+        projector, lam: the objective's forward model and Tikhonov weight (or prior), for ``"batch"``.
 
-    ``update(grads, state, params, obj_fn=..., grad=grads)``: ``obj_fn`` is the minibatch objective
-    (:func:`jaxcryo.loss.objective`); ``grad`` is needed by the line search.
+    ``update(grads, state, params, obj_fn=..., grad=grads, batch=...)``: ``obj_fn`` is the minibatch
+    objective (:func:`jaxcryo.loss.objective`); ``grad`` is needed by the line search, ``batch`` by
+    ``diagonal="batch"``.
     """
-    diag_tx = (hutchinson_diagonal(seed, n_probes, averaging, beta, update_every, init_value)
-               if diagonal is None else fixed_diagonal(diagonal))
-    parts: list = [scale_by_diagonal(diag_tx, threshold, shell_floor if diagonal is None else None)]
+    kind = diagonal if isinstance(diagonal, str) else ("hutchinson" if diagonal is None else "fixed")
+    if kind == "hutchinson":
+        diag_tx = hutchinson_diagonal(seed, n_probes, averaging, beta, update_every, init_value)
+    elif kind == "batch":
+        if projector is None:
+            raise ValueError("preconditioned_sgd(diagonal='batch') needs projector= (the objective's forward model)")
+        diag_tx = batch_diagonal(projector, lam, beta, update_every)
+    elif kind == "fixed":
+        diag_tx = fixed_diagonal(diagonal)
+    else:
+        raise ValueError(f"diagonal must be None, 'hutchinson', 'batch' or an array, got {diagonal!r}")
+    parts: list = [scale_by_diagonal(diag_tx, threshold, None if kind == "fixed" else shell_floor)]
     if momentum:
         parts.append(optax.trace(decay=momentum))
     if linesearch:

@@ -109,15 +109,36 @@ class Projector(eqx.Module):
             shifts: ``(B, 2)`` RELION origins in Å.
             ctf_params: per-image CTF parameters (fields ``(B,)``), or ``None``.
             ctf: precomputed CTF values ``(B, n, n)``; overrides ``ctf_params``.
+
+        ``self(v, R, o, c) == self.apply(v, R, self.filters(o, c, dtype=v.dtype))``.
         """
-        rdt = _real_dtype(vol_f.dtype)
-        y = self.slices(vol_f, rotations)
-        mult = shift_phase(shifts.astype(rdt), self.freqs(rdt)).astype(vol_f.dtype) * self.image_mask(rdt)
+        return self.apply(vol_f, rotations, self.filters(shifts, ctf_params, ctf, vol_f.dtype))
+
+    def filters(self, shifts: Float[Array, "b 2"], ctf_params: CTFParams | None = None,
+                ctf: Float[Array, "b n n"] | None = None, dtype=jnp.complex64) -> Complex[Array, "b n n"]:
+        """The per-image filters ``M * exp(+2 pi i k . o_i) * CTF_i`` ``(B, n, n)`` (complex ``dtype``; a real
+        dtype means its complex counterpart): image mask, shift phase and CTF (omitted when both
+        ``ctf_params`` and ``ctf`` are ``None``).
+
+        They do not depend on the volume: compute them once per batch and pass them to :meth:`apply`, so that
+        the CTF and the phase (``sin``/``cos``) are evaluated once per step and stay outside the
+        differentiated function (:func:`jaxcryo.loss.objective` does this).
+        """
+        cdt = jnp.dtype(dtype)
+        if not jnp.issubdtype(cdt, jnp.complexfloating):
+            cdt = jnp.dtype(jnp.complex128 if cdt == jnp.float64 else jnp.complex64)
+        rdt = _real_dtype(cdt)
+        mult = shift_phase(shifts.astype(rdt), self.freqs(rdt)).astype(cdt) * self.image_mask(rdt)
         if ctf is None:
             ctf = self.ctf(ctf_params, rdt)
         if ctf is not None:
             mult = mult * ctf
-        return y * mult
+        return mult
+
+    def apply(self, vol_f: Complex[Array, "n n n"], rotations: Float[Array, "b 3 3"],
+              filters: Complex[Array, "b n n"]) -> Complex[Array, "b n n"]:
+        """Fourier images ``(B, n, n)``: the central slices of ``vol_f`` times precomputed :meth:`filters`."""
+        return self.slices(vol_f, rotations) * filters
 
     def adjoint(self, images_f: Complex[Array, "b n n"], rotations: Float[Array, "b 3 3"], shifts: Float[Array, "b 2"],
                 ctf_params: CTFParams | None = None, ctf: Float[Array, "b n n"] | None = None) -> Complex[Array, "n n n"]:

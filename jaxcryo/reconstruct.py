@@ -32,13 +32,19 @@ from .fourier import resample_real
 from .io.checkpoint import load_checkpoint, save_checkpoint
 from .metrics import fsc as fsc_fn
 from .metrics import soft_sphere_mask
-from .operators import Nearest, SliceOperator, describe
+from .operators import SliceOperator, Trilinear, describe
 from .projection import Projector, fourier_to_volume, volume_to_fourier
+from .priors import Prior, Tikhonov, as_prior, prior_diagonal
 from .sources import CroppedSource, split_halves
+from .spectral import HalfMapFSC, estimate_spectral_prior, resolve_prior
 from .strategies import STRATEGY_NAMES, MinibatchStrategy, Plan, Problem, Strategy, make_strategy
 
 #: Default settings of :func:`reconstruct` (and ``jaxcryo reconstruct``).
-DEFAULTS = dict(optimizer="psgd", epochs=10, batch_size=256, interp=Nearest(), probes=1, lam=1e-3, seed=0)
+#: Chosen by measurement (issue 9, ``benchmarks/peers.py``): on ASPIRE-simulated sets the one-pass Wiener
+#: filter with trilinear slices and the spectral prior reaches RELION's FSC shell in seconds, while the
+#: trilinear least-squares optimum fits noise the interpolation cannot represent (see the README).
+DEFAULTS = dict(optimizer="backproject", epochs=10, batch_size=256, interp=Trilinear(), probes=1, lam=1e-3,
+                prior="fsc", seed=0)
 #: The ``optimizer`` names (the strategy registry's).
 OPTIMIZERS = STRATEGY_NAMES
 
@@ -56,6 +62,7 @@ class ReconstructResult:
     fsc_ref: Any
     pixel_size: float
     config: dict = field(default_factory=dict)
+    prior: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -140,6 +147,7 @@ def reconstruct(
     interp: str | SliceOperator = DEFAULTS["interp"],
     probes: int = DEFAULTS["probes"],
     lam: float = DEFAULTS["lam"],
+    prior=DEFAULTS["prior"],
     box: int | None = None,
     halfmaps: bool = True,
     reference: np.ndarray | None = None,
@@ -163,7 +171,11 @@ def reconstruct(
         interp: slice operator name (``nearest`` | ``trilinear`` | ``nufft``) or a
             :class:`~jaxcryo.operators.SliceOperator`.
         probes: Hutchinson probes per step for ``psgd`` (0: exact diagonal).
-        lam: Tikhonov weight of the objective.
+        lam: Tikhonov weight of the objective (with ``prior="fsc"``: of the one-pass half estimates the prior is
+            estimated from, and a floor on the prior's weights).
+        prior: the regulariser: ``"tikhonov"`` (``lam``), ``"fsc"`` (the spectral prior estimated from the
+            half-map FSC, RELION's tau^2; :class:`~jaxcryo.spectral.HalfMapFSC` with a fudge factor), or a
+            :class:`~jaxcryo.priors.Prior` value (e.g. ``SpectralPrior.from_tau2(...)``).
         box: Fourier-crop the images to this box first.
         halfmaps: reconstruct two random halves independently and report the gold-standard FSC.
         reference: real-space reference map (resampled to the box) for the FSC each epoch.
@@ -197,17 +209,35 @@ def reconstruct(
         parts = [("half1", indices[h1]), ("half2", indices[h2])]
     else:
         parts = [("full", indices)]
-    runs = [_Run(name, Problem(source, projector, idx, lam, batch_size, seed)) for name, idx in parts]
+    est_halves = [idx for _, idx in parts] if halfmaps else list(split_halves(md.subset(indices), seed))
+    estimates = []
+
+    def estimate(fudge):
+        halves = est_halves if halfmaps else [indices[h] for h in est_halves]
+        estimates.append(estimate_spectral_prior(projector, source, halves, lam, batch_size, fudge))
+        return estimates[-1]
+
+    t_prior = time.perf_counter()
+    objective_prior = resolve_prior(prior, lam, estimate)
+    t_prior = time.perf_counter() - t_prior
+    runs = [_Run(name, Problem(source, projector, idx, objective_prior, batch_size, seed)) for name, idx in parts]
     config = dict(optimizer=strategy.name, epochs=epochs, batch_size=batch_size, lr=lr, interp=describe(projector.operator),
-                  probes=probes, lam=lam, box=n, pixel_size=px, halfmaps=halfmaps, mask=mask, seed=seed,
-                  n_particles=int(len(indices)))
+                  probes=probes, lam=lam, prior=_prior_name(prior), box=n, pixel_size=px, halfmaps=halfmaps,
+                  mask=mask, seed=seed, n_particles=int(len(indices)))
+    prior_record = as_prior(objective_prior).describe()
+    spectral = None if not isinstance(objective_prior, Prior) or isinstance(objective_prior, Tikhonov) \
+        else prior_diagonal(objective_prior, n)
+    if estimates:
+        prior_record.update(fsc_half_one_pass=[float(x) for x in estimates[-1].fsc],
+                            snr=[float(x) for x in estimates[-1].snr], seconds=t_prior)
     stem = _checkpoint_stem(checkpoint_path)
     fin = _Finisher(ref_f, px, smask)
 
     if not strategy.minibatch:
         t0 = time.perf_counter()
-        sols = [strategy.solve(r.problem, epochs) for r in runs]
-        vol_f = _combine([s.volume_f for s in sols], [s.diag for s in sols])
+        reuse = estimates[-1].wiener if estimates and halfmaps else [None] * len(runs)
+        sols = [strategy.solve(r.problem, epochs, None if w is None else (*w, lam)) for r, w in zip(runs, reuse)]
+        vol_f = _combine([s.volume_f for s in sols], [s.diag for s in sols], spectral)
         dt = time.perf_counter() - t0
         passes = strategy.data_passes(epochs)
         rec = {"epoch": passes, "loss": None, "seconds": dt, "images_per_s": len(indices) * passes / dt,
@@ -216,7 +246,7 @@ def reconstruct(
             for k, v in s.info.items():
                 rec[k] = max(rec.get(k, v), v)
         fin.record(rec, vol_f)
-        return fin.result([s.volume_f for s in sols], vol_f, [rec], config)
+        return fin.result([s.volume_f for s in sols], vol_f, [rec], config, prior_record)
 
     history: list = []
     start_epoch = 0
@@ -248,7 +278,7 @@ def reconstruct(
                 r.state = res.state
                 losses.append(res.history[-1]["loss"])
             dt = time.perf_counter() - t0
-            vol_f = _combine([r.state.volume_f for r in runs], [r.plan.diag for r in runs])
+            vol_f = _combine([r.state.volume_f for r in runs], [r.plan.diag for r in runs], spectral)
             rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
                    "seconds": seconds0 + time.perf_counter() - t_start, "images_per_s": len(indices) / dt,
                    "resolution_05_ref": None, "fsc_ref": None}
@@ -268,16 +298,31 @@ def reconstruct(
     finally:
         bar.close()
     vols = [r.state.volume_f for r in runs]
-    return fin.result(vols, _combine(vols, [r.plan.diag for r in runs]), history, config)
+    return fin.result(vols, _combine(vols, [r.plan.diag for r in runs], spectral), history, config, prior_record)
 
 
-def _combine(vols, diags):
+def _combine(vols, diags, spectral=None):
+    """The full map from two half maps. ``diags``: each half's Hessian diagonal (data + prior), or None.
+
+    Tikhonov: ``(d1 v1 + d2 v2) / (d1 + d2)``. With a spectral prior ``Lambda`` (``spectral``, its diagonal)
+    the full-data optimum of a diagonal problem is ``(d1 v1 + d2 v2) / (d1 + d2 - Lambda)``: the whole set
+    has twice the half sets' SNR, so it needs half their prior weight (RELION's whole-map FSC correction).
+    """
     if len(vols) == 1:
         return vols[0]
     if any(d is None for d in diags):
         return 0.5 * (vols[0] + vols[1])
     d1, d2 = diags
-    return (d1 * vols[0] + d2 * vols[1]) / jnp.maximum(d1 + d2, 1e-30)
+    den = d1 + d2 if spectral is None else d1 + d2 - spectral
+    return (d1 * vols[0] + d2 * vols[1]) / jnp.maximum(den, 1e-30)
+
+
+def _prior_name(prior) -> str:
+    if prior is None or isinstance(prior, str):
+        return prior or "tikhonov"
+    if isinstance(prior, HalfMapFSC):
+        return f"fsc (fudge {prior.fudge:g})"
+    return type(prior).__name__
 
 
 @dataclass
@@ -296,7 +341,7 @@ class _Finisher:
         rec["resolution_05_ref"] = float(r.resolution_05)
         rec["fsc_ref"] = [float(x) for x in r.fsc]
 
-    def result(self, vols, vol_f, history, config) -> ReconstructResult:
+    def result(self, vols, vol_f, history, config, prior=None) -> ReconstructResult:
         px, smask = self.pixel_size, self.smask
         vol = np.asarray(fourier_to_volume(vol_f), np.float32)
         if not np.all(np.isfinite(vol)):
@@ -307,4 +352,4 @@ class _Finisher:
             fsc_half = fsc_fn(half1, half2, pixel_size=px, mask=smask)
         if self.ref_f is not None:
             fsc_ref = fsc_fn(vol, np.asarray(fourier_to_volume(self.ref_f), np.float32), pixel_size=px, mask=smask)
-        return ReconstructResult(vol, half1, half2, history, fsc_half, fsc_ref, px, config)
+        return ReconstructResult(vol, half1, half2, history, fsc_half, fsc_ref, px, config, prior or {})

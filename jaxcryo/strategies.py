@@ -39,6 +39,9 @@ from .hessian import exact_diagonal, normal_equations, wiener_backprojection
 from .linalg import conjugate_gradient, preconditioned_max_eigenvalue
 from .loss import objective
 from .optim import harmonic_schedule, hutchinson_estimate, preconditioned_sgd, sgd, shell_mean
+from .operators import NUFFT
+from .priors import Prior, prior_diagonal
+from .toeplitz import toeplitz_normal_equations
 from .projection import Projector
 
 
@@ -50,7 +53,7 @@ class Problem:
     source: Any
     projector: Projector
     indices: np.ndarray
-    lam: float = 0.0
+    lam: "float | Prior" = 0.0
     batch_size: int = 256
     seed: int = 0
 
@@ -219,7 +222,9 @@ class OnePassStrategy(Strategy):
         """Passes over the data that :meth:`solve` makes for ``iterations``."""
         return 1
 
-    def solve(self, problem: Problem, iterations: int) -> Solution:
+    def solve(self, problem: Problem, iterations: int, wiener=None) -> Solution:
+        """Solve ``problem``; ``wiener`` may hold a one-pass estimate of the same particles
+        ``(volume, weights, lam)`` that the solver can reuse instead of a data pass."""
         raise NotImplementedError
 
 
@@ -231,8 +236,10 @@ class CG(OnePassStrategy):
     def data_passes(self, iterations: int) -> int:
         return iterations
 
-    def solve(self, problem: Problem, iterations: int) -> Solution:
-        ne = normal_equations(problem.projector, problem.source, problem.batch_size, problem.lam, problem.indices)
+    def solve(self, problem: Problem, iterations: int, wiener=None) -> Solution:
+        # NUFFT: the normal operator is a convolution on the 2N grid (one kernel pass, then FFTs per iteration)
+        build = toeplitz_normal_equations if isinstance(problem.projector.operator, NUFFT) else normal_equations
+        ne = build(problem.projector, problem.source, problem.batch_size, problem.lam, problem.indices)
         res = conjugate_gradient(ne.matvec, ne.rhs, None, tol=self.tol, maxiter=iterations)
         return Solution(res.x, exact_problem_diagonal(problem), {"relative_residual": float(res.residuals[-1])})
 
@@ -240,10 +247,16 @@ class CG(OnePassStrategy):
 class Backproject(OnePassStrategy):
     """One-pass Wiener-filter backprojection (exact for ``nearest`` slices)."""
 
-    def solve(self, problem: Problem, iterations: int) -> Solution:
+    def solve(self, problem: Problem, iterations: int, wiener=None) -> Solution:
+        lam = prior_diagonal(problem.lam, problem.projector.n)
+        if wiener is not None:  # the same sums with another regulariser: no data pass
+            v0, den, lam0 = wiener
+            safe0, safe = den + lam0, den + lam
+            v = jnp.where(safe > 0, v0 * safe0 / jnp.where(safe > 0, safe, 1), 0)
+            return Solution(v, safe, {})
         v, den = wiener_backprojection(problem.projector, problem.source, lam=problem.lam,
                                        batch_size=problem.batch_size, indices=problem.indices)
-        return Solution(v, den + problem.lam, {})
+        return Solution(v, den + lam, {})
 
 
 #: The strategies by user-facing name (``--optimizer``). Adding one: a class and a line here.

@@ -22,11 +22,17 @@ def _random_ctf(rng, b):
     )
 
 
-@pytest.mark.parametrize("method,oversample", [("nearest", 1), ("trilinear", 1), ("trilinear", 2), ("nufft", 1)])
-def test_adjoint_dot_product(method, oversample):
+@pytest.mark.parametrize("method,oversample,gridding", [
+    ("nearest", 1, None), ("trilinear", 1, None), ("trilinear", 2, None), ("nufft", 1, None),
+    # gridding correction (issue 9): on by default for oversampled trilinear; forced on/off elsewhere
+    ("trilinear", 2, False), ("trilinear", 3, None), ("trilinear", 1, True),
+    ("nearest", 2, None), ("nearest", 2, True), ("nearest", 1, True), ("nearest", 3, True),
+])
+def test_adjoint_dot_product(method, oversample, gridding):
     rng = np.random.default_rng(0)
     b = 5
-    proj = Projector(n=N, pixel_size=2.0, operator=make_operator(method, **({"oversample": oversample} if oversample > 1 else {})))
+    opts = ({"oversample": oversample} if oversample > 1 else {}) | ({"gridding": gridding} if gridding is not None else {})
+    proj = Projector(n=N, pixel_size=2.0, operator=make_operator(method, **opts))
     x = jnp.asarray(rng.standard_normal((N,) * 3) + 1j * rng.standard_normal((N,) * 3), jnp.complex64)
     y = jnp.asarray(rng.standard_normal((b, N, N)) + 1j * rng.standard_normal((b, N, N)), jnp.complex64)
     rots = random_rotations(jax.random.PRNGKey(3), b)

@@ -18,7 +18,7 @@ ARGS = ["--epochs", "25", "--batch-size", "16", "--seed", "7", "--optimizer", "p
 
 
 def _cmd(star, out, *extra):
-    return [sys.executable, "-m", "jaxcryo", "reconstruct", str(star), "--out", str(out), *ARGS, *extra]
+    return [sys.executable, "-m", "jaxcryo_main", "reconstruct", str(star), "--out", str(out), *ARGS, *extra]
 
 
 def _epoch(out: Path) -> int:

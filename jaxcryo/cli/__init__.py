@@ -19,7 +19,11 @@ import importlib
 import os
 import sys
 
+from ..compilation_cache import enable_compilation_cache
 from ..errors import JaxcryoError
+
+#: Disables the persistent compilation cache (``jaxcryo.compilation_cache``) for this run.
+NO_CACHE_FLAG = "--no-compilation-cache"
 
 SUBCOMMANDS = ("simulate", "project", "fsc", "reconstruct", "condition", "demo")
 
@@ -91,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"jaxcryo {__version__}")
     parser.add_argument("--platform", dest="global_platform", choices=tuple(PLATFORMS), default=None,
                         help="JAX platform for any subcommand (default: what JAX finds); read before JAX starts")
+    parser.add_argument(NO_CACHE_FLAG, action="store_true",
+                        help="do not use the persistent JAX compilation cache (~/.cache/jaxcryo/jax, or "
+                             "$JAXCRYO_CACHE_DIR; also JAXCRYO_NO_COMPILATION_CACHE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -111,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         if err is not None:
             print(f"jaxcryo: error: {err}", file=sys.stderr)
             return 2
+    if NO_CACHE_FLAG in argv:  # accepted anywhere on the line, like --platform
+        argv = [a for a in argv if a != NO_CACHE_FLAG]
+    else:
+        enable_compilation_cache()  # a second run of the same shapes does not recompile
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -66,7 +66,7 @@ def run(args) -> int:
     for name in ("sgd", "psgd"):
         t = time.perf_counter()
         errs = []
-        res = reconstruct(ds, optimizer=name, epochs=args.epochs, batch_size=bs, interp=args.interp,
+        res = reconstruct(ds, optimizer=name, epochs=args.epochs, batch_size=bs, interp=args.interp, prior="tikhonov",
                           halfmaps=False, reference=sim.volume, seed=args.seed, progress=not args.quiet,
                           volume_callback=lambda v: errs.append(relative_error_in_ball(v, cg.x)))
         secs = time.perf_counter() - t

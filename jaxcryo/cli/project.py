@@ -32,6 +32,8 @@ def register(sub) -> None:
     p.add_argument("--interp", choices=OPERATOR_NAMES, default=operator_name(NUFFT()),
                    help="slice operator")
     p.add_argument("--oversample", type=int, default=1, help="real-space padding factor (trilinear/nearest)")
+    p.add_argument("--gridding", choices=("auto", "on", "off"), default="auto",
+                   help="gridding correction of trilinear/nearest (auto: on for trilinear with --oversample > 1)")
     p.add_argument("--datadir", type=Path, default=None, help="folder holding the particle stacks")
     p.add_argument("--apix", type=float, default=None, help="pixel size in A if the files lack one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -55,7 +57,10 @@ def run(args) -> int:
     md = read_particles(args.particles, datadir=args.datadir, apix=args.apix)
     vol, _ = load_map_any(args.map)
     vol = np.asarray(resample_real(vol, md.box, 3), np.float32)
-    op = make_operator(args.interp, **({"oversample": args.oversample} if args.oversample != 1 else {}))
+    opts = {"oversample": args.oversample} if args.oversample != 1 else {}
+    if args.gridding != "auto":
+        opts["gridding"] = args.gridding == "on"
+    op = make_operator(args.interp, **opts)
     imgs = project_metadata(vol, md, operator=op, progress=not args.quiet)
     write_stack(args.out, imgs, md.pixel_size)
     if not args.quiet:
