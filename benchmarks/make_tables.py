@@ -94,6 +94,18 @@ def slice_accuracy(path: Path) -> None:
         t = tim.get(r["operator"])
         tcell = (f" | {t['gradient_s'] * 1e3:.0f} ms |" if t else " | — |") if tb else " |"
         print(f"| {r['operator']} | " + " | ".join(cells) + tcell)
+    rec = d.get("reconstruction")
+    if rec:
+        print(f"\nLeast-squares optimum (CG, λ = {rec['lam']:g}, {rec['maxiter']} iterations) of each operator's "
+              f"model "
+              f"on {rec['n_particles']} noise-free images of the {rec['volume']} (box {rec['box']}, CTF, made by "
+              f"NUFFT), relative error of the map to the truth:\n")
+        print("| operator | overall | N/8 | N/4 | 3N/8 | N/2 − 1 | N/2 |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in rec["results"]:
+            a = r["at"]
+            print(f"| {r['operator']} | " + " | ".join(e(v) for v in (r["overall"], a["N/8"], a["N/4"], a["3N/8"],
+                                                                      a["N/2-1"], a["N/2"])) + " |")
 
 
 def main(argv) -> int:

@@ -21,7 +21,9 @@ Each is jitted and compiled ahead of the timing: ``compile_s`` is trace + compil
 later calls are made round-robin over the operations of one configuration (each round calls every one once),
 so a change of machine load affects them alike and the ratios stay meaningful on a shared machine. The
 figures to watch are in ``psgd_over_sgd``: per ``<interp>_<box>``, ``gradient_over_forward``, and the cost
-of a PSGD step over an SGD step (``psgd_k1``, ``psgd_k4``, ``psgd_k1_every4``, ``psgd_exact``).
+of a PSGD step over an SGD step (``psgd_k1``, ``psgd_k4``, ``psgd_k1_every4``, ``psgd_exact``), as ratios of
+the medians; ``psgd_over_sgd_min`` has the same ratios of the minima (less sensitive to other jobs on a
+shared machine), and ``goals`` checks issue 9's goals on both.
 
 Each record also has ``hlo``: counts of ``scatter``, ``gather``, ``sine`` and ``cosine`` instructions in
 the compiled (optimised) HLO, and ``sine_computations``, the number of (fused) computations containing a
@@ -184,10 +186,11 @@ def bench_one(interp: str, box: int, batch: int, reps: int, min_seconds: float) 
     return out
 
 
-def ratios(results: list[dict]) -> dict:
-    """``{"<interp>_<box>": {"gradient_over_forward", "psgd_k1", "psgd_k4", "psgd_k1_every4", "psgd_exact",
-    ...}}``: step-time ratios (medians); ``psgd_exact`` is ``None`` for operators without a local stencil."""
-    by = {(r["interp"], r["box"], r["op"]): r["step_s"] for r in results}
+def ratios(results: list[dict], key: str = "step_s") -> dict:
+    """``{"<interp>_<box>": {"gradient_over_forward", "hvp_over_gradient", "psgd_k1", "psgd_k4",
+    "psgd_k1_every4", "psgd_exact"}}``: step-time ratios of the medians (``key="step_min_s"``: of the minima);
+    ``psgd_exact`` is ``None`` for operators without a local stencil."""
+    by = {(r["interp"], r["box"], r["op"]): r[key] for r in results}
     out = {}
     for interp, box in sorted({(r["interp"], r["box"]) for r in results}, key=lambda t: (t[1], t[0])):
         sgd_t = by[(interp, box, "sgd_step")]
@@ -201,19 +204,19 @@ def ratios(results: list[dict]) -> dict:
     return out
 
 
-def goals(rat: dict) -> dict:
-    """Issue 9's throughput goals per configuration: ``{"value", "max", "met"}``."""
+def goals(rat: dict, rat_min: dict) -> dict:
+    """Issue 9's throughput goals per configuration: ``{"value", "value_min", "max", "met", "met_min"}``
+    (``value``: ratio of the medians, ``value_min``: of the minima)."""
     out = {}
     for key, r in rat.items():
         g = {}
+        checks = [("psgd_exact", GOALS["psgd_exact_over_sgd_max"])]
         if r["interp"] == "trilinear":
-            v = r["gradient_over_forward"]
-            g["gradient_over_forward"] = {"value": v, "max": GOALS["trilinear_gradient_over_forward_max"],
-                                          "met": v <= GOALS["trilinear_gradient_over_forward_max"]}
-        if r["psgd_exact"] is not None:
-            v = r["psgd_exact"]
-            g["psgd_exact"] = {"value": v, "max": GOALS["psgd_exact_over_sgd_max"],
-                               "met": v <= GOALS["psgd_exact_over_sgd_max"]}
+            checks.insert(0, ("gradient_over_forward", GOALS["trilinear_gradient_over_forward_max"]))
+        for name, bound in checks:
+            v, vm = r[name], rat_min[key][name]
+            if v is not None:
+                g[name] = {"value": v, "value_min": vm, "max": bound, "met": v <= bound, "met_min": vm <= bound}
         if g:
             out[key] = g
     return out
@@ -298,13 +301,14 @@ def main(argv=None) -> dict:
     for box in boxes:
         for interp in args.interps:
             results.extend(bench_one(interp, box, batch, reps, min_s))
-    rat = ratios(results)
+    rat, rat_min = ratios(results), ratios(results, "step_min_s")
     for k, v in rat.items():
         ex = "—" if v["psgd_exact"] is None else f"{v['psgd_exact']:.2f}"
         print(f"  {k:14s} grad/fwd {v['gradient_over_forward']:.2f}  psgd/sgd K=1 {v['psgd_k1']:.2f}  "
               f"K=4 {v['psgd_k4']:.2f}  K=1 every 4 {v['psgd_k1_every4']:.2f}  exact {ex}")
     out = {"machine": machine_info(), "settings": settings, "results": results, "psgd_over_sgd": rat,
-           "goals": goals(rat), "peak_memory": {"host_rss_mb": host_peak_rss_mb(), "device_mb": device_peak_mb()},
+           "psgd_over_sgd_min": rat_min, "goals": goals(rat, rat_min),
+           "peak_memory": {"host_rss_mb": host_peak_rss_mb(), "device_mb": device_peak_mb()},
            "seconds_total": time.perf_counter() - t0}
     write_json(args.out / "throughput.json", out)
     plot(results, args.out / "throughput.png")

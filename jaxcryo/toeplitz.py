@@ -39,7 +39,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax_finufft import nufft1
 
 from .batch import complex_dtype, epoch_batches, load_batch, to_batch
 from .ctf import CTFParams, evaluate_ctf
@@ -47,7 +46,7 @@ from .errors import InputError
 from .fourier import fft3c, ifft3c
 from .hessian import NormalEquations
 from .linalg import CGResult, conjugate_gradient
-from .operators import NUFFT, describe
+from .operators import NUFFT, describe, finufft
 from .priors import prior_diagonal
 from .projection import Projector
 
@@ -154,7 +153,7 @@ def _kernel_chunk(projector: Projector, eps: float, pix, rots, ctf, wm):
     x = pts.reshape(-1, 3) * (2 * jnp.pi / n)
     x = x - 2 * jnp.pi * jnp.round(x / (2 * jnp.pi))  # into [-pi, pi]: exact for integer modes
     # modes [dz, dy, dx] in -N..N-1 (CMCL), points paired (z, y, x): sum_j w_j exp(+i d . x_j)
-    return nufft1((m, m, m), w.reshape(-1), x[:, 2], x[:, 1], x[:, 0], iflag=1, eps=eps)
+    return finufft().nufft1((m, m, m), w.reshape(-1), x[:, 2], x[:, 1], x[:, 0], iflag=1, eps=eps)
 
 
 @partial(jax.jit, static_argnames=("rdt",))

@@ -31,7 +31,8 @@ def _random_ctf(rng, b):
 def test_adjoint_dot_product(method, oversample, gridding):
     rng = np.random.default_rng(0)
     b = 5
-    opts = ({"oversample": oversample} if oversample > 1 else {}) | ({"gridding": gridding} if gridding is not None else {})
+    opts = {"oversample": oversample} if oversample > 1 else {}
+    opts |= {"gridding": gridding} if gridding is not None else {}
     proj = Projector(n=N, pixel_size=2.0, operator=make_operator(method, **opts))
     x = jnp.asarray(rng.standard_normal((N,) * 3) + 1j * rng.standard_normal((N,) * 3), jnp.complex64)
     y = jnp.asarray(rng.standard_normal((b, N, N)) + 1j * rng.standard_normal((b, N, N)), jnp.complex64)
