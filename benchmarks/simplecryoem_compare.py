@@ -98,7 +98,8 @@ def worker(data_path: str, sc_path: str | None, out_path: str) -> None:
     """Run simplecryoem's ``precon_sgd`` on the data in ``data_path``, one epoch per ``go`` line on stdin.
 
     Protocol (stdout lines prefixed ``@@ ``, JSON): ``unavailable`` (with ``reason``) and exit; ``ready`` after
-    the setup; then, for each ``go``, one ``epoch`` event (``wall_s``, ``cpu_s``, ``evals``); ``done`` at the end.
+    the setup; then, for each ``go``, one ``epoch`` event (``wall_s``, ``cpu_s``, ``evals``); after the last
+    epoch, one more ``go`` for the ``done`` event (the loss pass is timed then, while nothing else runs).
     The final volume is saved to ``out_path`` (``.npz``).
     """
     import numpy as np
@@ -196,6 +197,8 @@ def worker(data_path: str, sc_path: str | None, out_path: str) -> None:
     finally:
         sys.stdout = proto
     end_epoch(n_epochs)
+    if sys.stdin.readline().strip() != "go":  # not while the other methods run their last epoch
+        raise SystemExit(0)
     # The loss pass at the end of each of its epochs, timed alone (to report the epoch without it too).
     idx_b = np.array_split(np.arange(N), steps_per_epoch)
     jax.block_until_ready(loss_func(v, idx_b[0]))
@@ -433,7 +436,7 @@ def main(argv=None) -> None:
     out["settings"]["loadavg_1min_per_round"] = loads
 
     if w is not None:
-        ev = w.event()
+        ev = w.go()
         rc = w.close()
         if ev is None or ev.get("event") != "done":
             sc.update(available=False, reason=f"worker failed at the end (rc {rc})")

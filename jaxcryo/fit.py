@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .batch import RawBatch, complex_dtype, epoch_batches, load_batch, to_batch
 from .errors import DivergenceError
-from .loss import objective, value_and_grad
+from .loss import batch_filters, objective, value_and_grad
 from .metrics import fsc as fsc_fn
 from .projection import Projector
 
@@ -54,16 +54,19 @@ def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam
     """The jitted step ``(volume_f, opt_state, raw_batch) -> (volume_f, opt_state, loss)``.
 
     The optimiser's ``update`` receives the extra arguments ``obj_fn`` (the minibatch objective), ``grad``
-    (the gradient), ``value`` (the loss) and ``batch`` (the minibatch :class:`~jaxcryo.batch.Batch`), so
-    Hutchinson estimators, line searches and the exact batch diagonal can use them.
+    (the gradient), ``value`` (the loss), ``batch`` (the minibatch :class:`~jaxcryo.batch.Batch`) and
+    ``filters`` (its :func:`~jaxcryo.loss.batch_filters`, computed once per step and shared with ``obj_fn``),
+    so Hutchinson estimators, line searches and the exact batch diagonal can use them.
     """
     opt = optax.with_extra_args_support(optimizer)
 
     def step(vol_f, opt_state, raw: RawBatch):
         batch = to_batch(raw, dtype)
-        fn = objective(batch, projector, lam, vol_mask)
+        filters = batch_filters(batch, projector)
+        fn = objective(batch, projector, lam, vol_mask, filters)
         val, g = value_and_grad(fn)(vol_f)
-        updates, opt_state = opt.update(g, opt_state, vol_f, obj_fn=fn, grad=g, value=val, batch=batch)
+        updates, opt_state = opt.update(g, opt_state, vol_f, obj_fn=fn, grad=g, value=val, batch=batch,
+                                        filters=filters)
         return optax.apply_updates(vol_f, updates), opt_state, val
 
     return jax.jit(step, donate_argnums=(0, 1) if donate else ())

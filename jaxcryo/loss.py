@@ -52,13 +52,16 @@ def loss(vol_f: Complex[Array, "n n n"], batch: Batch, projector: Projector, lam
     return data + reg
 
 
-def objective(batch: Batch, projector: Projector, lam: "float | Prior" = 0.0, vol_mask=None) -> Callable:
+def objective(batch: Batch, projector: Projector, lam: "float | Prior" = 0.0, vol_mask=None,
+              filters=None) -> Callable:
     """The closure ``v -> F_B(v)`` for one batch: optax's ``obj_fn`` / ``value_fn`` extra argument.
 
-    The batch's per-image filters (:func:`batch_filters`) are computed here, once: every evaluation of the
-    closure (value and gradient, Hessian-vector products, line-search trials) reuses them.
+    The batch's per-image filters (:func:`batch_filters`) are computed here, once, unless given as
+    ``filters``: every evaluation of the closure (value and gradient, Hessian-vector products, line-search
+    trials) reuses them.
     """
-    filters = batch_filters(batch, projector, batch.images_f.dtype)
+    if filters is None:
+        filters = batch_filters(batch, projector, batch.images_f.dtype)
     return lambda v: loss(v, batch, projector, lam, vol_mask, filters)
 
 

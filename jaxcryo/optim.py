@@ -172,22 +172,23 @@ def fixed_diagonal(diag) -> optax.GradientTransformationExtraArgs:
 # --------------------------------------------------------------------------------------------------
 # Exact diagonal of the minibatch Hessian (operators with a local stencil)
 # --------------------------------------------------------------------------------------------------
-def minibatch_diagonal(projector, batch, lam=0.0):
+def minibatch_diagonal(projector, batch, lam=0.0, filters=None):
     """The exact diagonal of the minibatch Hessian ``(1/|B|) sum_i w_i diag(S_i^H M S_i) + lambda`` (real
     ``(n, n, n)``), for a slice operator with a local stencil (nearest, trilinear without oversampling).
 
     One adjoint pass and no probe noise: the squared-weight backprojection of ``w_i mask_i M CTF_i^2``
     (:func:`jaxcryo.hessian.batch_diagonal_sum` divided by the real images of the batch, plus ``lam``, a float
     or a :class:`~jaxcryo.priors.Prior`). ``M CTF^2`` is read as ``|filter|^2`` of the batch's
-    :func:`jaxcryo.loss.batch_filters`, the same (materialised) values the objective uses, so a step
-    evaluates the CTF once (equal to ``batch_diagonal_sum`` to rounding: ``|exp(i phi)|^2 = 1``).
+    :func:`jaxcryo.loss.batch_filters` (``filters`` if given: :func:`jaxcryo.fit.make_step` passes the ones
+    its objective uses, so a step evaluates the CTF once), equal to ``batch_diagonal_sum`` to rounding
+    (``|exp(i phi)|^2 = 1``).
     """
     op = projector.operator
     if not op.has_local_stencil:
         op.squared_weight_slice(None, None)  # raises NotImplementedError naming the operator
     n = projector.n
     rdt = jnp.real(batch.images_f).dtype
-    f = batch_filters(batch, projector)
+    f = batch_filters(batch, projector) if filters is None else filters
     w = jnp.real(f * jnp.conj(f)) * (batch.weights * batch.mask)[:, None, None]
     pts = slice_points(batch.rotations, n, rdt)
     (d,) = jax.linear_transpose(lambda v: op.squared_weight_slice(v, pts), jax.ShapeDtypeStruct((n,) * 3, rdt))(w)
@@ -214,7 +215,8 @@ def batch_diagonal(projector, lam=0.0, beta: float = 0.0, update_every: int = 1
             bias correction ``/ (1 - beta^k)``; ``0`` (default) uses each batch's own diagonal.
         update_every: compute the diagonal only every ``m``-th step (the others reuse ``D``).
 
-    ``batch`` is the minibatch :class:`~jaxcryo.batch.Batch` (:func:`jaxcryo.fit.make_step` passes it).
+    ``batch`` is the minibatch :class:`~jaxcryo.batch.Batch` and ``filters`` (optional) its
+    :func:`jaxcryo.loss.batch_filters` (:func:`jaxcryo.fit.make_step` passes both).
     """
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
@@ -227,13 +229,13 @@ def batch_diagonal(projector, lam=0.0, beta: float = 0.0, update_every: int = 1
         rdt = jnp.real(params).dtype
         return BatchDiagonalState(jnp.zeros([], jnp.int32), jnp.zeros(params.shape, rdt), jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None, batch=None, **extra):
+    def update_fn(updates, state, params=None, batch=None, filters=None, **extra):
         del updates, params, extra
         if batch is None:
             raise ValueError("batch_diagonal.update needs batch= (the minibatch; jaxcryo.fit.make_step passes it)")
 
         def compute(st):
-            d = minibatch_diagonal(projector, batch, lam).astype(st.diag.dtype)
+            d = minibatch_diagonal(projector, batch, lam, filters).astype(st.diag.dtype)
             return BatchDiagonalState(st.count, beta * st.diag + (1 - beta) * d, st.n_updates + 1)
 
         if update_every == 1:
