@@ -33,22 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, write_json  # noqa: E402
 import jaxcryo as jc  # noqa: E402
-from jaxcryo.fourier import shell_index  # noqa: E402
 from jaxcryo.linalg import relative_error_in_ball  # noqa: E402
 from jaxcryo.plotting import save_figure  # noqa: E402
+from jaxcryo.priors import fourier_fsc  # noqa: E402
 
 LAM = 1e-3
 
 
 def fsc_shells(a_f, b_f, n):
     """Per-shell FSC of two centred Fourier volumes (shells 0..n//2)."""
-    a, b = np.asarray(a_f), np.asarray(b_f)
-    sh = shell_index(n, 3).ravel()
-    keep = sh <= n // 2
-    sh, a, b = sh[keep], a.ravel()[keep], b.ravel()[keep]
-    num = np.bincount(sh, np.real(a * np.conj(b)), n // 2 + 1)
-    den = np.sqrt(np.bincount(sh, np.abs(a) ** 2, n // 2 + 1) * np.bincount(sh, np.abs(b) ** 2, n // 2 + 1))
-    return np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+    return fourier_fsc(a_f, b_f)
 
 
 class Problem:

@@ -79,6 +79,23 @@ def hutchinson_estimate(obj_fn: Callable, params, key, n_probes: int = 1):
     return jnp.mean(hutchinson_samples(obj_fn, params, key, n_probes), axis=0)
 
 
+def _refresh(state, update_every: int, compute):
+    """``compute(state)`` every ``update_every``-th step (else the state unchanged); then count the step.
+    Shared by the diagonal estimators, whose states have ``count``, ``diag`` and ``n_updates``."""
+    if update_every == 1:
+        st = compute(state)
+    else:
+        st = jax.lax.cond(state.count % update_every == 0, compute, lambda s: s, state)
+    return st._replace(count=state.count + 1)
+
+
+def _debias(state, beta: float):
+    """The state's EMA ``diag`` with Adam's bias correction ``/ (1 - beta^k)`` (``beta = 0``: as is)."""
+    if not beta:
+        return state.diag
+    return state.diag / (1 - beta ** jnp.maximum(state.n_updates, 1).astype(state.diag.dtype))
+
+
 def hutchinson_diagonal(
     seed: int | jax.Array = 0,
     n_probes: int = 1,
@@ -138,15 +155,8 @@ def hutchinson_diagonal(
                 diag = mean
             return HutchinsonState(st.count, key, mean, diag, st.n_updates + 1)
 
-        if update_every == 1:
-            st = estimate(state)
-        else:
-            st = jax.lax.cond(state.count % update_every == 0, estimate, lambda s: s, state)
-        st = st._replace(count=state.count + 1)
-        diag = st.diag
-        if init_value is None and averaging != "mean":
-            diag = diag / (1 - beta ** jnp.maximum(st.n_updates, 1).astype(diag.dtype))
-        return diag, st
+        st = _refresh(state, update_every, estimate)
+        return _debias(st, beta if init_value is None and averaging != "mean" else 0.0), st
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -238,15 +248,8 @@ def batch_diagonal(projector, lam=0.0, beta: float = 0.0, update_every: int = 1
             d = minibatch_diagonal(projector, batch, lam, filters).astype(st.diag.dtype)
             return BatchDiagonalState(st.count, beta * st.diag + (1 - beta) * d, st.n_updates + 1)
 
-        if update_every == 1:
-            st = compute(state)
-        else:
-            st = jax.lax.cond(state.count % update_every == 0, compute, lambda s: s, state)
-        st = st._replace(count=state.count + 1)
-        diag = st.diag
-        if beta:
-            diag = diag / (1 - beta ** jnp.maximum(st.n_updates, 1).astype(diag.dtype))
-        return diag, st
+        st = _refresh(state, update_every, compute)
+        return _debias(st, beta), st
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import InputError
 from .hessian import wiener_backprojection
-from .priors import Prior, SpectralPrior, Tikhonov, fourier_fsc, shell_means
+from .priors import Prior, SpectralPrior, fourier_fsc, shell_means
 
 
 class HalfMapFSC(eqx.Module):
