@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
+
+
+def preload() -> threading.Thread:
+    """Import matplotlib's figure and PNG backend in a background thread and return it.
+
+    A command that will plot calls this before its computation: the import (about half a second) then
+    overlaps with JAX work, which runs outside the GIL. Idempotent in effect (imports are cached)."""
+
+    def work():
+        try:
+            import matplotlib.backends.backend_agg  # noqa: F401
+            import matplotlib.figure  # noqa: F401
+        except Exception:  # noqa: BLE001 - any failure surfaces again, in context, when plotting
+            pass
+
+    t = threading.Thread(target=work, name="jaxcryo-preload-matplotlib", daemon=True)
+    t.start()
+    return t
 
 
 class _ObjectOriented:

@@ -153,10 +153,82 @@ class Projector(eqx.Module):
         (out,) = jax.linear_transpose(fwd, spec)(jnp.conj(images_f))
         return jnp.conj(out)
 
+    def lifted_shape(self) -> tuple[int, ...]:
+        """Shape of the operator's lifted grid (:meth:`~jaxcryo.operators.SliceOperator.lift`)."""
+        return jax.eval_shape(self.operator.lift, jax.ShapeDtypeStruct((self.n,) * 3, jnp.complex64)).shape
+
+    def backproject_lifted(self, images_f: Complex[Array, "b n n"], rotations: Float[Array, "b 3 3"],
+                           filters: Complex[Array, "b n n"], pixels=None) -> Complex[Array, "..."]:
+        """The adjoint of :meth:`apply` stopped on the operator's lifted grid: sum it over many batches and
+        finish with :meth:`unlift_adjoint` once (``adjoint == unlift_adjoint o backproject_lifted``). For an
+        oversampled operator this saves the 3D FFTs of the lift's transpose in every batch.
+
+        ``pixels``: ``(flat_indices, weights)`` (NumPy, static) restricts the backprojection to those image
+        pixels, each scaled by its weight (:meth:`hermitian_pixels`)."""
+        cdt = images_f.dtype
+        spec = jax.ShapeDtypeStruct(self.lifted_shape(), cdt)
+        pts = slice_points(rotations, self.n, _real_dtype(cdt))
+        y = jnp.conj(images_f)
+        if pixels is not None:
+            idx, w = pixels
+            b = images_f.shape[0]
+            pts = pts.reshape(b, -1, 3)[:, idx]
+            filters = filters.reshape(b, -1)[:, idx]
+            y = y.reshape(b, -1)[:, idx] * jnp.asarray(w, _real_dtype(cdt))
+        fwd = lambda g: self.operator.slice_lifted(g, pts) * filters  # noqa: E731
+        (out,) = jax.linear_transpose(fwd, spec)(y)
+        return jnp.conj(out)
+
+    def hermitian_pixels(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(flat_indices, weights)`` (NumPy) of the image pixels inside the mask that carry a real image's
+        whole Fourier transform: one of each Friedel pair ``(k, -k)`` (``ky > 0``, or ``ky == 0`` and
+        ``kx > 0``) with weight 1; with weight 1/2 the origin and, for even boxes, the pixels whose mirror is
+        not on the image grid (``kx`` or ``ky`` = ``-n/2``).
+
+        For real images, a backprojection ``B`` of these pixels plus its :func:`hermitian_mirror` equals the
+        Hermitian part ``(A + mirror(A)) / 2`` of the backprojection ``A`` of all the pixels: the transform
+        of the real part of the real-space backprojection, which is all a real map keeps. It costs about 40% of the pixels
+        (RELION likewise backprojects half of the transform).
+        """
+        n = self.n
+        k = freq_indices(n)
+        ky, kx = np.meshgrid(k, k, indexing="ij")
+        inside = np.asarray(self.image_mask(jnp.float32)) > 0
+        w = np.zeros((n, n))
+        w[(ky > 0) | ((ky == 0) & (kx > 0))] = 1.0
+        w[(ky == 0) & (kx == 0)] = 0.5
+        if n % 2 == 0:
+            w[(kx == -(n // 2)) | (ky == -(n // 2))] = 0.5
+        w = np.where(inside, w, 0.0).reshape(-1)
+        idx = np.flatnonzero(w)
+        return idx, w[idx]
+
+    def unlift_adjoint(self, lifted: Complex[Array, "..."]) -> Complex[Array, "n n n"]:
+        """The Hermitian adjoint of the operator's lift, ``(lifted grid) -> (n, n, n)``."""
+        spec = jax.ShapeDtypeStruct((self.n,) * 3, lifted.dtype)
+        (out,) = jax.linear_transpose(self.operator.lift, spec)(jnp.conj(lifted))
+        return jnp.conj(out)
+
+    def unlift_adjoint(self, lifted: Complex[Array, "..."]) -> Complex[Array, "n n n"]:
+        """The Hermitian adjoint of the operator's lift, ``(lifted grid) -> (n, n, n)``."""
+        spec = jax.ShapeDtypeStruct((self.n,) * 3, lifted.dtype)
+        (out,) = jax.linear_transpose(self.operator.lift, spec)(jnp.conj(lifted))
+        return jnp.conj(out)
+
     def images(self, vol_f: Complex[Array, "n n n"], rotations: Float[Array, "b 3 3"], shifts: Float[Array, "b 2"],
                ctf_params: CTFParams | None = None, ctf: Float[Array, "b n n"] | None = None) -> Float[Array, "b n n"]:
         """Real-space images ``(B, n, n)`` (inverse centred FFT of :meth:`__call__`)."""
         return ifft2c(self(vol_f, rotations, shifts, ctf_params, ctf)).real
+
+
+def hermitian_mirror(vol_f: Complex[Array, "n n n"]) -> Complex[Array, "n n n"]:
+    """``V(-k)*`` of a centred Fourier volume (``V(-k)`` for a real one): the Friedel mirror, periodic at the
+    ``-n/2`` planes of even boxes. ``V + hermitian_mirror(V)`` is the Hermitian part (times 2)."""
+    n = vol_f.shape[-1]
+    out = jnp.flip(vol_f, (-3, -2, -1))  # index i -> n - 1 - i
+    if n % 2 == 0:  # the centre is n/2: i -> (n - i) mod n
+        out = jnp.roll(out, 1, (-3, -2, -1))
+    return jnp.conj(out) if jnp.iscomplexobj(out) else out
 
 
 def volume_to_fourier(vol: Float[ArrayLike, "n n n"]) -> Complex[Array, "n n n"]:

@@ -16,7 +16,7 @@ from ..errors import InputError
 from ..io.atomic import atomic_write_text
 from ..io.mrc import read_map, write_map
 from ..operators import OPERATOR_NAMES, operator_name
-from ..plotting import plot_convergence, plot_fsc
+from ..plotting import plot_convergence, plot_fsc, preload
 from ..reconstruct import DEFAULTS, OPTIMIZERS, reconstruct
 from ..sources import ParticleDataset
 from ..spectral import PRIORS
@@ -91,6 +91,7 @@ def _write_json(path: Path, obj) -> None:
 
 def run(args) -> int:
     t0 = time.perf_counter()
+    preload()  # matplotlib's import overlaps with the reconstruction
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; --out needs a folder (new or existing)")
