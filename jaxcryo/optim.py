@@ -389,6 +389,8 @@ def preconditioned_sgd(
     init_learning_rate: float = 10.0,
     projector=None,
     lam=0.0,
+    armijo_c: float = 1e-4,
+    increase: float = 1.2,
 ) -> optax.GradientTransformationExtraArgs:
     """SGD with a diagonal preconditioner: ``v <- v - eta * D-hat^{-1} g``.
 
@@ -411,6 +413,8 @@ def preconditioned_sgd(
             (see :func:`scale_by_diagonal`); not applied to a fixed (exact) diagonal.
         momentum: optional heavy-ball momentum (``optax.trace``).
         linesearch: use :func:`armijo_linesearch` (reset every ``steps_per_epoch``) instead of a fixed step.
+        init_learning_rate, armijo_c, increase: the line search's ``eta_0``, sufficient-decrease constant
+            ``c`` and growth factor before each step (Algorithm 1 of the paper: 10, 0.99, 1.2).
         projector, lam: the objective's forward model and Tikhonov weight (or prior), for ``"batch"``.
 
     ``update(grads, state, params, obj_fn=..., grad=grads, batch=...)``: ``obj_fn`` is the minibatch
@@ -432,7 +436,8 @@ def preconditioned_sgd(
     if momentum:
         parts.append(optax.trace(decay=momentum))
     if linesearch:
-        parts.append(armijo_linesearch(init_learning_rate, reset_every=steps_per_epoch))
+        parts.append(armijo_linesearch(init_learning_rate, c=armijo_c, increase=increase,
+                                       reset_every=steps_per_epoch))
     else:
         parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
@@ -440,11 +445,14 @@ def preconditioned_sgd(
 
 def sgd(learning_rate: float | optax.Schedule = 1.0, momentum: float | None = None,
         linesearch: bool = False, steps_per_epoch: int | None = None,
-        init_learning_rate: float = 1.0) -> optax.GradientTransformationExtraArgs:
-    """Plain SGD in the same protocol (``optax.sgd``, or the Armijo search without preconditioner)."""
+        init_learning_rate: float = 1.0, armijo_c: float = 1e-4, increase: float = 2.0
+        ) -> optax.GradientTransformationExtraArgs:
+    """Plain SGD in the same protocol (``optax.sgd``, or the Armijo search without preconditioner: the
+    paper's plain SGD grows the step by ``increase = 2`` before each step from ``eta_0 = 1``)."""
     if linesearch:
         parts = [optax.trace(decay=momentum)] if momentum else []
-        return optax.chain(*parts, armijo_linesearch(init_learning_rate, reset_every=steps_per_epoch))
+        return optax.chain(*parts, armijo_linesearch(init_learning_rate, c=armijo_c, increase=increase,
+                                                     reset_every=steps_per_epoch))
     return optax.with_extra_args_support(optax.sgd(learning_rate, momentum=momentum))
 
 
