@@ -23,11 +23,13 @@ from .linalg import conjugate_gradient, power_iteration, preconditioned_max_eige
 from .loss import gradient, hvp, loss, objective, value_and_grad
 from .metrics import FSCResult, fsc
 from .operators import NUFFT, OPERATORS, Nearest, SliceOperator, Trilinear, make_operator
-from .optim import (armijo_linesearch, fixed_diagonal, harmonic_schedule, hutchinson_diagonal,
-                    preconditioned_sgd, scale_by_diagonal, sgd)
+from .optim import (armijo_linesearch, batch_diagonal, fixed_diagonal, harmonic_schedule, hutchinson_diagonal,
+                    paper_psgd, paper_sgd, preconditioned_sgd, scale_by_diagonal, sgd)
+from .optimum import Optimum
 from .particles import ParticleMetadata
 from .projection import Projector, fourier_to_volume, volume_to_fourier
 from .reconstruct import ReconstructResult, reconstruct
+from .rotations import preferred_orientations
 from .simulate import SimulatedData, phantom, project_metadata, simulate
 from .sources import (ArrayDataset, CroppedSource, ParticleDataset, ParticleSource, read_particles,
                       split_halves, write_dataset)
@@ -41,16 +43,17 @@ __all__ = [
     "ParticleSource", "ParticleDataset", "ArrayDataset", "CroppedSource", "ParticleMetadata", "read_particles",
     "write_dataset", "split_halves", "Batch", "RawBatch", "make_batch", "to_batch", "load_batch",
     "epoch_batches", "iterate_batches", "simulate", "SimulatedData", "phantom", "project_metadata",
+    "preferred_orientations",
     # forward model
     "Projector", "SliceOperator", "Nearest", "Trilinear", "NUFFT", "OPERATORS", "make_operator", "CTFParams",
     "evaluate_ctf", "volume_to_fourier", "fourier_to_volume",
     # objective, Hessian, linear algebra
     "loss", "objective", "gradient", "value_and_grad", "hvp", "exact_diagonal", "normal_equations",
     "wiener_backprojection", "solve_cg", "conjugate_gradient", "power_iteration",
-    "preconditioned_max_eigenvalue",
+    "preconditioned_max_eigenvalue", "Optimum",
     # optimisers and strategies
     "preconditioned_sgd", "hutchinson_diagonal", "fixed_diagonal", "scale_by_diagonal", "armijo_linesearch",
-    "sgd", "harmonic_schedule", "Strategy", "PSGD", "SGD", "Adam", "CG", "Backproject", "STRATEGIES",
+    "sgd", "harmonic_schedule", "batch_diagonal", "paper_sgd", "paper_psgd", "Strategy", "PSGD", "SGD", "Adam", "CG", "Backproject", "STRATEGIES",
     "make_strategy", "Problem", "Plan", "initial_step_size",
     # running
     "fit", "make_step", "FitState", "FitResult", "reconstruct", "ReconstructResult",

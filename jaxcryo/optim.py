@@ -456,6 +456,33 @@ def sgd(learning_rate: float | optax.Schedule = 1.0, momentum: float | None = No
     return optax.with_extra_args_support(optax.sgd(learning_rate, momentum=momentum))
 
 
+def paper_sgd(steps_per_epoch: int, armijo_c: float = 0.99) -> optax.GradientTransformationExtraArgs:
+    """Plain SGD as Toader, Brubaker & Lederman (2025) ran it: Armijo backtracking from ``eta_0 = 1``, the step
+    doubled before each step, halved on failure, reset every epoch (sufficient-decrease ``c = 0.99``, as
+    their Algorithm 1). Use with :func:`jaxcryo.fit.fit`, which passes the ``obj_fn`` it needs."""
+    return sgd(linesearch=True, steps_per_epoch=steps_per_epoch, init_learning_rate=1.0, armijo_c=armijo_c,
+               increase=2.0)
+
+
+def paper_psgd(steps_per_epoch: int, seed: int = 0, diagonal=None, update_every: int = 1,
+               projector=None, lam=0.0) -> optax.GradientTransformationExtraArgs:
+    """Algorithm 1 of Toader, Brubaker & Lederman (2025) as published: one Rademacher probe per step, the
+    running mean of ``z * H_B z`` then ``D_k = 0.9 D_{k-1} + 0.1 d-bar_k`` from ``D_0 = 1``, ``D-hat =
+    max(|D|, 1 / voxels in the outermost shell)``, and the preconditioned Armijo search (``c = 0.99``, step
+    x1.2 before each step, halved on failure, reset every epoch to ``eta_0 = 10``).
+
+    ``diagonal``: ``None`` (Hutchinson, the algorithm), ``"batch"`` (the exact minibatch diagonal instead:
+    needs ``projector`` and ``lam``) or an array (the paper's "precomputed" preconditioner); the line search
+    and threshold stay the same. ``update_every``: refresh the Hutchinson or batch diagonal every m steps.
+    """
+    kw = dict(linesearch=True, steps_per_epoch=steps_per_epoch, init_learning_rate=10.0, armijo_c=0.99,
+              increase=1.2, shell_floor=None, update_every=update_every)
+    if diagonal is None:
+        return preconditioned_sgd(diagonal="hutchinson", n_probes=1, averaging="paper", beta=0.9, init_value=1.0,
+                                  seed=seed, **kw)
+    return preconditioned_sgd(diagonal=diagonal, projector=projector, lam=lam, **kw)
+
+
 def harmonic_schedule(init_value: float, steps_per_epoch: int) -> optax.Schedule:
     """``eta_k = init_value / (1 + k / steps_per_epoch)``: the step decays like 1/epoch.
 

@@ -130,7 +130,8 @@ def plot_convergence(histories: dict, path, x_keys=("epoch", "seconds"), y_keys=
 
 def _draw_convergence(fig, axes, histories, x_keys, ys, title):
     labels = {"loss": "loss", "resolution_05_ref": "FSC-0.5 resolution vs reference (Å)",
-              "relative_error_to_optimum": "relative error to optimum", "seconds": "time (s)", "epoch": "epoch"}
+              "relative_error_to_optimum": "relative error to optimum", "seconds": "time (s)", "epoch": "epoch",
+              "loss_gap_remaining": "loss gap remaining (%)", "min_fsc_vs_optimum": "min FSC vs optimum (high shells)"}
     for i, y in enumerate(ys):
         for j, x in enumerate(x_keys):
             ax = axes[i][j]
@@ -138,7 +139,7 @@ def _draw_convergence(fig, axes, histories, x_keys, ys, title):
                 pts = [(r.get(x), r.get(y)) for r in h if r.get(x) is not None and r.get(y) is not None]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", ms=3, label=label)
-            if y == "loss":
+            if y in ("loss", "loss_gap_remaining"):
                 vals = [r.get(y) for h in histories.values() for r in h if r.get(y) is not None]
                 if vals and min(vals) > 0:
                     ax.set_yscale("log")

@@ -142,3 +142,47 @@ def random_rotations(key, n: int, dtype=jnp.float32):
     q = jax.random.normal(key, (n, 4), dtype=jnp.float64 if dtype == jnp.float64 else jnp.float32)
     q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
     return quaternion_to_matrix(q).astype(dtype)
+
+
+def preferred_orientations(seed: int, n: int, views=((0.0, 0.0, 1.0), (1.0, 0.0, 0.0)), concentration: float = 8.0,
+                           background: float = 0.4) -> np.ndarray:
+    """``n`` RELION rotation matrices ``(n, 3, 3)`` float64 with a preferred-orientation distribution, as real
+    data sets have: a fraction ``background`` uniform on SO(3), the rest with viewing directions (the third
+    row of ``A``, the beam direction in the map's frame) drawn from von Mises-Fisher distributions of
+    ``concentration`` about the unit ``views`` (chosen evenly), in-plane angle uniform. Seeded."""
+    rng = np.random.default_rng(seed)
+    views = np.asarray(views, np.float64)
+    views = views / np.linalg.norm(views, axis=1, keepdims=True)
+    rots = np.asarray(random_rotations(jax.random.PRNGKey(seed), n, jnp.float64 if jax.config.jax_enable_x64
+                                       else jnp.float32), np.float64)
+    pref = rng.random(n) >= background
+    k = int(pref.sum())
+    if k:
+        mu = views[rng.integers(0, len(views), k)]
+        # von Mises-Fisher on S^2 (Wood's method for p = 3): w = cos(angle to mu)
+        u = rng.random(k)
+        w = 1.0 + np.log(u + (1.0 - u) * np.exp(-2.0 * concentration)) / concentration
+        t = rng.standard_normal((k, 3))
+        t -= np.sum(t * mu, axis=1, keepdims=True) * mu
+        t /= np.linalg.norm(t, axis=1, keepdims=True)
+        d = w[:, None] * mu + np.sqrt(np.maximum(1.0 - w * w, 0.0))[:, None] * t
+        # a rotation whose third row is d, then a uniform in-plane angle about it
+        a = np.where(np.abs(d[:, :1]) < 0.9, np.array([[1.0, 0.0, 0.0]]), np.array([[0.0, 1.0, 0.0]]))
+        r0 = np.cross(a, d)
+        r0 /= np.linalg.norm(r0, axis=1, keepdims=True)
+        r1 = np.cross(d, r0)
+        psi = rng.uniform(0.0, 2 * np.pi, k)
+        c, s_ = np.cos(psi)[:, None], np.sin(psi)[:, None]
+        rots[pref] = np.stack([c * r0 + s_ * r1, -s_ * r0 + c * r1, d], axis=1)
+    return rots
+
+
+def perturb_rotations(rotations, angle_deg: float, seed: int = 0) -> np.ndarray:
+    """Each RELION matrix ``A`` rotated by exactly ``angle_deg`` about a uniformly random axis (``A @ R_i``,
+    a rotation of the map's frame seen by that image): ``(n, 3, 3)`` float64, seeded. The geodesic distance
+    of each result to its input is ``angle_deg``."""
+    rots = np.asarray(rotations, np.float64)
+    rng = np.random.default_rng(seed)
+    axis = rng.standard_normal((len(rots), 3))
+    axis /= np.linalg.norm(axis, axis=1, keepdims=True)
+    return rots @ axis_angle_to_matrix(axis * np.deg2rad(float(angle_deg)))

@@ -5,6 +5,7 @@ Everything is seeded: the same arguments give the same volume, poses, CTFs, shif
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -18,7 +19,7 @@ from .fourier import freq_indices
 from .operators import NUFFT, SliceOperator
 from .particles import ParticleMetadata
 from .projection import Projector, volume_to_fourier
-from .rotations import random_rotations
+from .rotations import perturb_rotations, random_rotations
 
 PHANTOM_ATOMS = 64
 PHANTOM_SEED = 20250101
@@ -125,6 +126,7 @@ def simulate(
     amp_contrast: float = 0.07,
     operator: SliceOperator | str = NUFFT(),
     progress: bool = False,
+    rotations: np.ndarray | None = None,
 ) -> SimulatedData:
     """Simulate a particle set with uniform random poses, random shifts, RELION CTF and white noise.
 
@@ -139,6 +141,8 @@ def simulate(
         volume: ground truth ``(box, box, box)``; default :func:`phantom`.
         seed: seeds poses, CTF, shifts and noise.
         operator: slice operator (or its name) used to make the images (default the exact NUFFT).
+        rotations: ``(n_particles, 3, 3)`` RELION matrices to use instead of uniform random poses (e.g.
+            :func:`jaxcryo.rotations.preferred_orientations`).
     """
     if volume is None:
         volume = phantom(box)
@@ -147,7 +151,12 @@ def simulate(
         raise ValueError(f"volume has shape {volume.shape}, expected {(box,) * 3}")
     rng = np.random.default_rng(seed)
     key = jax.random.PRNGKey(seed)
-    rots = np.asarray(random_rotations(key, n_particles, dtype=jnp.float32), np.float64)
+    if rotations is None:
+        rots = np.asarray(random_rotations(key, n_particles, dtype=jnp.float32), np.float64)
+    else:
+        rots = np.asarray(rotations, np.float64)
+        if rots.shape != (n_particles, 3, 3):
+            raise ValueError(f"rotations has shape {rots.shape}, expected {(n_particles, 3, 3)}")
     ms = 2.0 * pixel_size if max_shift is None else float(max_shift)
     shifts = rng.uniform(-ms, ms, (n_particles, 2)) if ms > 0 else np.zeros((n_particles, 2))
     ctfp = random_ctf_params(rng, n_particles, defocus_range, voltage, cs, amp_contrast) if ctf else None
@@ -163,3 +172,22 @@ def simulate(
     images = clean + (sigma * noise_rng.standard_normal(clean.shape)).astype(np.float32)
     return SimulatedData(metadata=md, images=images.astype(np.float32), clean=clean, volume=volume,
                          noise_sigma=sigma)
+
+
+def perturbed_metadata(md: ParticleMetadata, angle_deg: float = 0.0, shift_px: float = 0.0,
+                       seed: int = 0) -> ParticleMetadata:
+    """A copy of ``md`` with each pose rotated by ``angle_deg`` about a random axis
+    (:func:`jaxcryo.rotations.perturb_rotations`) and each shift moved by ``shift_px`` pixels in a random
+    direction: the start of a local refinement test. Seeded."""
+    if md.rotations is None:
+        raise InputError(f"{md.source or 'particles'}: no poses to perturb")
+    rng = np.random.default_rng([seed, 11])
+    phi = rng.uniform(0.0, 2 * np.pi, len(md))
+    d = float(shift_px) * md.pixel_size * np.stack([np.cos(phi), np.sin(phi)], axis=1)
+    return dataclasses.replace(md, rotations=perturb_rotations(md.rotations, angle_deg, seed),
+                               shifts=np.asarray(md.shifts, np.float64) + d)
+
+
+def without_poses(md: ParticleMetadata) -> ParticleMetadata:
+    """A copy of ``md`` with no poses and zero shifts (a global search / ab initio test)."""
+    return dataclasses.replace(md, rotations=None, shifts=np.zeros((len(md), 2)), missing_poses="removed")

@@ -176,3 +176,30 @@ def test_slice_accuracy_quick(tmp_path):
         assert r["overall"] > 0
     assert by["nufft"]["overall"] < by["trilinear x2 +grid"]["overall"] < by["nearest x1"]["overall"]
     assert d["timing"] and all(t["gradient_s"] > 0 and t["forward_s"] > 0 for t in d["timing"])
+
+
+def test_paper_experiment_quick(tmp_path):
+    """Issue 10's contract: setting, reference (not a run), runs with the per-epoch fields."""
+    if not (Path(__file__).resolve().parents[2] / "shared" / "data" / "relion").exists():
+        pytest.skip("../shared/data absent")
+    d = run_quick("paper_experiment", tmp_path)
+    check_machine(d["machine"])
+    for k in ("operator", "pose_source", "alpha", "snr", "box", "particles", "batch"):
+        assert k in d["setting"], k
+    assert d["setting"]["operator"] == "trilinear" and d["setting"]["alpha"] == 1e-8
+    ref = d["reference"]
+    assert ref["relative_residual"] < 1e-8 and ref["loss_gap_at_zero"] > 0
+    names = [r["name"] for r in d["runs"]]
+    assert {"sgd_armijo", "psgd_paper"} <= set(names) and "reference" not in names
+    epochs = d["setting"]["epochs"]
+    for r in d["runs"]:
+        assert len(r["loss_gap_closed"]) == epochs and len(r["seconds"]) == epochs
+        assert all(0 < g <= 100 for g in r["loss_gap_closed"])
+        assert r["seconds"] == sorted(r["seconds"])
+        assert r["epoch_to_sgd_final_loss"] is None or 1 <= r["epoch_to_sgd_final_loss"] <= epochs
+        assert len(r["fsc_vs_reference"]) == epochs
+        assert all(len(f) == d["setting"]["box"] // 2 for f in r["fsc_vs_reference"])
+    sgd = next(r for r in d["runs"] if r["name"] == "sgd_armijo")
+    assert sgd["epoch_to_sgd_final_loss"] == epochs or sgd["epoch_to_sgd_final_loss"] < epochs
+    c = d["conditioning"]
+    assert c["ctf"]["kappa_H"] > c["ctf"]["kappa_DinvH"] > 1

@@ -10,8 +10,10 @@ import numpy as np
 from ..errors import InputError
 from ..fourier import resample_real
 from ..io.mrc import read_map, write_map
-from ..simulate import simulate
-from ..sources import write_dataset
+from ..io.star import write_star
+from ..rotations import preferred_orientations
+from ..simulate import perturbed_metadata, simulate, without_poses
+from ..sources import read_particles, write_dataset
 
 
 def register(sub) -> None:
@@ -19,9 +21,10 @@ def register(sub) -> None:
         "simulate",
         help="simulate a particle set from the built-in phantom or a map",
         description=(
-            "Simulate particles with uniform random poses, RELION CTF, random shifts and white noise. "
-            "Writes DIR/particles.star (RELION 3.1, rlnOriginXAngst), DIR/particles.mrcs and "
-            "DIR/ground_truth.mrc. Defaults: CTF on with defocus uniform 1-2.5 um, 300 kV, Cs 2.7 mm, "
+            "Simulate particles with uniform random (or preferred) poses, RELION CTF, random shifts and white "
+            "noise. Writes DIR/particles.star (RELION 3.1, rlnOriginXAngst, the true poses), DIR/particles.mrcs "
+            "and DIR/ground_truth.mrc; optionally DIR/particles_perturbed.star (poses rotated by --perturb-angle "
+            "about random axes, shifts moved by --perturb-shift px) and DIR/particles_noposes.star. Defaults: CTF on with defocus uniform 1-2.5 um, 300 kV, Cs 2.7 mm, "
             "Q0 0.07; 3 A/px; shifts up to 2 px; SNR 0.1."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -38,6 +41,14 @@ def register(sub) -> None:
     p.add_argument("--max-shift", type=float, default=None, help="max shift per axis in A (default 2 px)")
     p.add_argument("--volume", type=Path, default=None,
                    help="ground-truth map (MRC); Fourier-cropped/padded to --box (default: built-in phantom)")
+    p.add_argument("--poses", choices=("uniform", "preferred"), default="uniform",
+                   help="pose distribution (preferred: jaxcryo.preferred_orientations)")
+    p.add_argument("--perturb-angle", type=float, default=None, metavar="DEG",
+                   help="also write particles_perturbed.star: each pose rotated by DEG about a random axis")
+    p.add_argument("--perturb-shift", type=float, default=0.0, metavar="PX",
+                   help="with --perturb-angle: shifts also moved by PX pixels in a random direction")
+    p.add_argument("--remove-poses", action="store_true",
+                   help="also write particles_noposes.star (no angles, zero shifts)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -61,14 +72,25 @@ def run(args) -> int:
         volume = np.asarray(resample_real(vol, args.box, 3), np.float32)
     if pixel_size is None:
         pixel_size = 3.0
+    if args.perturb_angle is not None and not (np.isfinite(args.perturb_angle) and 0 <= args.perturb_angle <= 180):
+        raise InputError(f"--perturb-angle {args.perturb_angle}: expected degrees in [0, 180]")
+    if not (np.isfinite(args.perturb_shift) and args.perturb_shift >= 0):
+        raise InputError(f"--perturb-shift {args.perturb_shift}: expected pixels >= 0")
+    rots = preferred_orientations(args.seed, args.n_particles) if args.poses == "preferred" else None
     sim = simulate(
         n_particles=args.n_particles, box=args.box, snr=args.snr, pixel_size=pixel_size, ctf=args.ctf,
-        max_shift=args.max_shift, volume=volume, seed=args.seed, progress=not args.quiet,
+        max_shift=args.max_shift, volume=volume, seed=args.seed, progress=not args.quiet, rotations=rots,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_dataset(out, sim.metadata, sim.images)
+    star = write_dataset(out, sim.metadata, sim.images)
     write_map(out / "ground_truth.mrc", sim.volume, pixel_size)
+    written = read_particles(star)  # the STAR as written (image paths, contrast), to derive the copies from
+    if args.perturb_angle is not None:
+        write_star(out / "particles_perturbed.star",
+                   perturbed_metadata(written, args.perturb_angle, args.perturb_shift, args.seed))
+    if args.remove_poses:
+        write_star(out / "particles_noposes.star", without_poses(written))
     if not args.quiet:
         print(f"wrote {out}/particles.star, particles.mrcs ({args.n_particles} x {args.box}^2 at "
               f"{pixel_size:.3f} A/px, noise sigma {sim.noise_sigma:.4g}) and ground_truth.mrc")
