@@ -17,6 +17,8 @@ from .ctf import CTFParams, evaluate_ctf
 from .errors import DivergenceError, InputError
 from .fit import FitResult, FitState, fit, make_step
 from .fourier import shell_index
+from .grids import (RotationAlignment, align_rotations, geodesic_distance_deg, local_grid, shift_grid,
+                    so3_grid)
 from .hessian import exact_diagonal, normal_equations, solve_cg, wiener_backprojection
 from .io.mrc import read_map, write_map
 from .linalg import conjugate_gradient, power_iteration, preconditioned_max_eigenvalue, relative_error_in_ball
@@ -30,6 +32,7 @@ from .particles import ParticleMetadata
 from .projection import Projector, fourier_to_volume, volume_to_fourier
 from .reconstruct import ReconstructResult, reconstruct
 from .rotations import preferred_orientations
+from .scoring import BestPoses, PoseWeights, best_poses, score_local, score_poses, soft_weights
 from .simulate import SimulatedData, phantom, project_metadata, simulate
 from .sources import (ArrayDataset, CroppedSource, ParticleDataset, ParticleSource, read_particles,
                       split_halves, write_dataset)
@@ -59,6 +62,9 @@ __all__ = [
     "fit", "make_step", "FitState", "FitResult", "reconstruct", "ReconstructResult",
     # maps and metrics
     "read_map", "write_map", "fsc", "FSCResult", "relative_error_in_ball", "shell_index",
+    # poses (unknown-pose refinement)
+    "so3_grid", "local_grid", "shift_grid", "geodesic_distance_deg", "align_rotations", "RotationAlignment",
+    "score_poses", "score_local", "best_poses", "soft_weights", "BestPoses", "PoseWeights",
     # errors
     "InputError", "DivergenceError",
 ]
