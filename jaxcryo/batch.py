@@ -112,6 +112,7 @@ def load_batch(source, idx, mask=None, weights=None) -> RawBatch:
     """Read the images and metadata of particles ``idx`` from ``source`` into a :class:`RawBatch`.
 
     Each distinct image is read once (padding repeats indices). ``weights`` are per particle of the source.
+    Particles without poses (``metadata.rotations is None``: a pose search) get identity rotations.
     """
     md = source.metadata
     idx = np.asarray(idx)
@@ -119,7 +120,8 @@ def load_batch(source, idx, mask=None, weights=None) -> RawBatch:
     imgs = np.asarray(source.images(uniq), np.float32)[inv]
     return RawBatch(
         images=imgs,
-        rotations=np.asarray(md.rotations[idx], np.float32),
+        rotations=(np.broadcast_to(np.eye(3, dtype=np.float32), (len(idx), 3, 3)).copy() if md.rotations is None
+                   else np.asarray(md.rotations[idx], np.float32)),
         shifts=np.asarray(md.shifts[idx], np.float32),
         ctf=None if md.ctf is None else CTFParams(*(np.asarray(f[idx], np.float32) for f in md.ctf)),
         weights=np.ones(len(idx), np.float32) if weights is None else np.asarray(weights[idx], np.float32),

@@ -122,7 +122,8 @@ def fit(
         indices = np.arange(len(source.metadata))
     indices = np.asarray(indices)
     if state is None:
-        vol = jnp.zeros((n,) * 3, cdt) if init is None else jnp.asarray(init, cdt)
+        # a copy: the steps donate their volume buffer, and the caller keeps ``init``
+        vol = jnp.zeros((n,) * 3, cdt) if init is None else jnp.array(init, cdt, copy=True)
         rng = np.random.default_rng(seed)
         state = FitState(vol, optimizer.init(vol), 0, rng.bit_generator.state, [])
     step = step_fn or make_step(optimizer, projector, lam, vol_mask, dtype)
