@@ -100,4 +100,4 @@ def test_bad_input(simset, tmp_path, capsys):
     (tmp_path / "nan.star").write_text("\n".join(text) + "\n")
     assert main(["refine", str(tmp_path / "nan.star"), "--reference", str(simset / "ground_truth.mrc"),
                  "--out", str(tmp_path / "n"), "--local-only", "--quiet"]) == 2
-    assert "not finite" in capsys.readouterr().err
+    assert "NaN" in capsys.readouterr().err
