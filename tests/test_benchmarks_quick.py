@@ -203,3 +203,18 @@ def test_paper_experiment_quick(tmp_path):
     assert sgd["epoch_to_sgd_final_loss"] == epochs or sgd["epoch_to_sgd_final_loss"] < epochs
     c = d["conditioning"]
     assert c["ctf"]["kappa_H"] > c["ctf"]["kappa_DinvH"] > 1
+
+
+def test_refine_quick(tmp_path):
+    """Issue 11's benchmark: local (PSGD and SGD updates) and global refinement against the known-pose map."""
+    d = run_quick("refine", tmp_path)
+    check_machine(d["machine"])
+    names = [r["name"] for r in d["runs"]]
+    assert names == ["local_psgd", "local_sgd", "global_psgd"]
+    for r in d["runs"]:
+        assert r["returncode"] == 0, r
+        assert r["median_angular_error_deg"] < 10 and r["fsc05_truth_shell"] >= d["known_pose"]["fsc05_truth_shell"] - 2
+        assert r["wall_seconds"] > 0 and r["iterations"] == 2
+    loc = d["runs"][0]
+    assert loc["median_angular_error_deg"] < 4.5  # from 5 degrees
+    assert d["relion"]["available"] is None
