@@ -43,7 +43,7 @@ def monkeypatch_module():
 
 def test_notebooks_found():
     assert NOTEBOOKS == ["01_forward_model.ipynb", "02_conditioning.ipynb", "03_sgd_vs_psgd.ipynb",
-                         "04_your_data.ipynb"]
+                         "04_your_data.ipynb", "05_refine.ipynb"]
 
 
 def test_notebooks_committed_without_outputs():
