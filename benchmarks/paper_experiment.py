@@ -65,7 +65,7 @@ from _common import machine_info, save_figure, write_json  # noqa: E402
 import jaxcryo as jc  # noqa: E402
 from jaxcryo import optim, strategies  # noqa: E402
 from jaxcryo.fit import fit, make_step  # noqa: E402
-from jaxcryo.fourier import ball_mask, resample_real  # noqa: E402
+from jaxcryo.fourier import resample_real  # noqa: E402
 from jaxcryo.hessian import hessian_operator  # noqa: E402
 from jaxcryo.io.mrc import read_map  # noqa: E402
 from jaxcryo.linalg import condition_number  # noqa: E402

@@ -209,12 +209,6 @@ class Projector(eqx.Module):
         (out,) = jax.linear_transpose(self.operator.lift, spec)(jnp.conj(lifted))
         return jnp.conj(out)
 
-    def unlift_adjoint(self, lifted: Complex[Array, "..."]) -> Complex[Array, "n n n"]:
-        """The Hermitian adjoint of the operator's lift, ``(lifted grid) -> (n, n, n)``."""
-        spec = jax.ShapeDtypeStruct((self.n,) * 3, lifted.dtype)
-        (out,) = jax.linear_transpose(self.operator.lift, spec)(jnp.conj(lifted))
-        return jnp.conj(out)
-
     def images(self, vol_f: Complex[Array, "n n n"], rotations: Float[Array, "b 3 3"], shifts: Float[Array, "b 2"],
                ctf_params: CTFParams | None = None, ctf: Float[Array, "b n n"] | None = None) -> Float[Array, "b n n"]:
         """Real-space images ``(B, n, n)`` (inverse centred FFT of :meth:`__call__`)."""

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm

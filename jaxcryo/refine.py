@@ -41,7 +41,6 @@ from .errors import InputError
 from .fit import fit
 from .fourier import radius_grid, resample_real
 from .grids import geodesic_distance_deg, local_grid, shift_grid, so3_grid
-from .metrics import fsc as fsc_fn
 from .operators import make_operator
 from .optim import harmonic_schedule, preconditioned_sgd, sgd
 from .particles import ParticleMetadata
@@ -386,7 +385,3 @@ def refine(source, reference: np.ndarray, settings: RefineSettings = RefineSetti
 def half_map_volumes(state: RefineState):
     """The two half maps in real space (float32)."""
     return [np.asarray(fourier_to_volume(v), np.float32) for v in state.half_maps]
-
-
-def fsc_of(a, b, pixel_size):
-    return fsc_fn(np.asarray(a), np.asarray(b), pixel_size=pixel_size)

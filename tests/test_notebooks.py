@@ -1,7 +1,6 @@
 """The example notebooks execute top to bottom without errors (at their default, CPU-sized settings)."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxcryo.ctf import CTFParams
-from jaxcryo.fourier import fft2c, fft3c, freq_indices
+from jaxcryo.fourier import freq_indices
 from jaxcryo.operators import OPERATOR_NAMES, make_operator
 from jaxcryo.projection import Projector, volume_to_fourier
 from jaxcryo.rotations import random_rotations
