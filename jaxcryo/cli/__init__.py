@@ -25,7 +25,7 @@ from ..errors import JaxcryoError
 #: Disables the persistent compilation cache (``jaxcryo.compilation_cache``) for this run.
 NO_CACHE_FLAG = "--no-compilation-cache"
 
-SUBCOMMANDS = ("simulate", "project", "fsc", "reconstruct", "refine", "condition", "demo")
+SUBCOMMANDS = ("simulate", "project", "fsc", "reconstruct", "refine", "abinitio", "condition", "demo")
 
 #: Library parameters whose flag is not ``--`` + the name with ``-`` for ``_``.
 FLAGS = {"lam": "--lambda"}

@@ -1,0 +1,159 @@
+"""``jaxcryo abinitio``: a first map and poses from particles without poses (cryoSPARC's ab initio, RELION's
+initial model)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..abinitio import HANDEDNESS, AbinitioSettings, abinitio, check_settings, truth_metrics
+from ..errors import InputError
+from ..grids import align_rotations
+from ..io.atomic import atomic_write_text
+from ..io.mrc import read_map, write_map
+from ..io.star import write_star
+from ..plotting import plot_convergence
+from ..sources import ParticleDataset
+
+
+def register(sub) -> None:
+    d = AbinitioSettings()
+    p = sub.add_parser(
+        "abinitio",
+        help="a first low-resolution map and poses from particles without poses (ab initio / initial model)",
+        description=(
+            "Stochastic gradient descent from a featureless start (the backprojection of the first minibatch at "
+            "random poses): each minibatch gets poses by a global search over SO(3) x shifts against the current "
+            "map (then local searches), at a frequency limit that marches from --init-resolution to "
+            "--final-resolution, and the map takes one preconditioned SGD step (exact minibatch Hessian "
+            "diagonal) on it, restricted to that limit and to a soft spherical support. A final global search "
+            "gives every particle a pose in the map's frame. The map's hand is undetermined: it may be the "
+            "mirror image of the structure. Writes DIR/map.mrc, DIR/particles.star (for jaxcryo refine "
+            "--reference DIR/map.mrc [--local-only]), DIR/history.json, DIR/abinitio.png and DIR/run.json."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("particles", type=Path, help="particles (.star or .cs); their poses, if any, are ignored")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per minibatch")
+    n = p.add_mutually_exclusive_group()
+    n.add_argument("--steps", type=int, default=None, help=f"minibatch steps ({d.steps} unless --epochs is given)")
+    n.add_argument("--epochs", type=float, default=None, help="passes over the data instead of --steps")
+    p.add_argument("--init-resolution", type=float, default=d.init_resolution, help="first frequency limit (A)")
+    p.add_argument("--final-resolution", type=float, default=d.final_resolution, help="final frequency limit (A)")
+    p.add_argument("--angular-step", type=float, default=d.angular_step, help="global search step (degrees)")
+    p.add_argument("--max-shift", type=float, default=d.max_shift_px, help="global translation range (+- px)")
+    p.add_argument("--particle-diameter", type=float, default=None,
+                   help="diameter of the soft spherical support (A; none: 0.8 box)")
+    p.add_argument("--truth", type=Path, default=None,
+                   help="ground-truth map (simulations; needs --true-poses): FSC after aligning the map to it")
+    p.add_argument("--true-poses", type=Path, default=None,
+                   help="STAR with the true poses of the same particles (simulations): pose errors after the "
+                        "global rotation and hand")
+    p.add_argument("--datadir", type=Path, default=None, help="folder to look for the image stacks in")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _settings(args, n_particles: int) -> AbinitioSettings:
+    d = AbinitioSettings()
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size {args.batch_size}: expected a positive integer")
+    if not (np.isfinite(args.max_shift) and args.max_shift >= 0):
+        raise InputError(f"--max-shift {args.max_shift}: expected pixels >= 0")
+    if args.epochs is not None:
+        if not (np.isfinite(args.epochs) and args.epochs > 0):
+            raise InputError(f"--epochs {args.epochs}: expected a positive number")
+        steps = max(1, int(np.ceil(args.epochs * n_particles / min(args.batch_size, n_particles))))
+    else:
+        steps = d.steps if args.steps is None else args.steps
+    s = AbinitioSettings(steps=steps, batch_size=args.batch_size, init_resolution=args.init_resolution,
+                         final_resolution=args.final_resolution, angular_step=args.angular_step,
+                         max_shift_px=args.max_shift, particle_diameter=args.particle_diameter, seed=args.seed)
+    check_settings(s)
+    return s
+
+
+def run(args) -> int:
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; --out needs a folder")
+    if args.truth is not None and args.true_poses is None:
+        raise InputError("--truth needs --true-poses (the map is aligned to the truth through the poses)")
+    for f, flag in ((args.truth, "--truth"), (args.true_poses, "--true-poses")):
+        if f is not None and not f.exists():
+            raise InputError(f"{f}: no such file ({flag})")
+    ds = ParticleDataset.from_file(args.particles, datadir=args.datadir)
+    md = ds.metadata
+    if len(md) == 0:
+        raise InputError(f"{args.particles}: no particles")
+    settings = _settings(args, len(md))
+    ds.validate(check_images=True)
+    bad = ds.find_bad_images()
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{md.image_files[first]}: {int(bad.sum())} image(s) contain NaN/inf "
+                         f"(first: particle {first + 1})")
+    px = float(md.pixel_size)
+    truth = tmd = None
+    if args.true_poses is not None:
+        from ..sources import read_particles
+
+        tmd = read_particles(args.true_poses, datadir=args.datadir)
+        if tmd.rotations is None or len(tmd) != len(md):
+            raise InputError(f"{args.true_poses}: expected poses for the same {len(md)} particles (--true-poses)")
+    if args.truth is not None:
+        from ..refine import prepare_reference
+
+        vol, tpx = read_map(args.truth)
+        truth = prepare_reference(vol, tpx, md.box, px)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            res = abinitio(ds, settings, progress=not args.quiet, truth=truth,
+                           true_rotations=None if tmd is None else tmd.rotations)
+    except KeyboardInterrupt:
+        print("jaxcryo abinitio: interrupted", file=sys.stderr)
+        return 130
+    write_map(out / "map.mrc", res.volume, px)
+    write_star(out / "particles.star", res.metadata)
+    atomic_write_text(out / "history.json", json.dumps(res.history, indent=1))
+    summary = {"particles": len(md), "steps": settings.steps, "final_frequency_limit_shell": res.final_kmax,
+               "final_resolution_limit": md.box * px / res.final_kmax,
+               "mean_final_score": float(np.mean(res.scores)), "initial_step_size": res.eta0,
+               "abinitio_seconds": res.seconds}
+    metrics = None
+    if tmd is not None:
+        if truth is not None:
+            metrics = truth_metrics(res.volume, res.metadata.rotations, truth, tmd.rotations, px,
+                                    res.metadata.shifts, tmd.shifts)
+        else:
+            a = align_rotations(res.metadata.rotations, tmd.rotations, mirror=True)
+            metrics = {"pose_error_median_deg": float(a.median_deg), "pose_error_mean_deg": float(a.mean_deg),
+                       "mirrored": bool(a.mirrored)}
+    keys = ("resolution_limit", "mean_best_score", "mean_pose_change_deg", "fsc05_truth_shell", "pose_error_median_deg")
+    plot_convergence({"ab initio": res.history}, out / "abinitio.png", x_keys=("step",), y_keys=keys,
+                     title="ab initio per minibatch step")
+    summary["wall_seconds"] = time.perf_counter() - t0
+    atomic_write_text(out / "run.json", json.dumps({
+        "command": "abinitio", "argv": sys.argv, "settings": dataclasses.asdict(settings), "handedness": HANDEDNESS,
+        "summary": summary, "truth_metrics": metrics}, indent=1))
+    msg = (f"jaxcryo abinitio: {len(md)} particles, {settings.steps} steps, {summary['wall_seconds']:.0f} s; "
+           f"map low-pass at {summary['final_resolution_limit']:.1f} A (hand undetermined)")
+    if metrics is not None and "fsc05_shell" in metrics:
+        hand = ", mirrored" if metrics["mirrored"] else ""
+        msg += f"; vs truth (aligned{hand}) FSC 0.5: {metrics['resolution_05']:.1f} A"
+    if metrics is not None:
+        msg += f"; pose error median {metrics['pose_error_median_deg']:.1f} deg"
+    print(msg + f" -> {out}/map.mrc, {out}/particles.star")
+    return 0
