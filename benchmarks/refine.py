@@ -1,6 +1,7 @@
 """Refinement with unknown poses (issue 11): local and global refinement by ``jaxcryo refine`` against the
-known-pose reconstruction of the same set, preconditioned against plain SGD volume updates, and RELION's
-auto-refine on the same data when it is installed.
+known-pose reconstruction of the same set, preconditioned against plain SGD volume updates, ab initio
+(``jaxcryo abinitio`` from no poses and no reference, then ``jaxcryo refine``), and RELION's auto-refine on
+the same data when it is installed and asked for (``--relion``).
 
 The set (issue 11's acceptance): box 64, 5,000 particles at 3 Å/px from the built-in phantom, CTF with defocus
 1-2.5 µm, in-plane shifts uniform in +-5 px, SNR 0.5 (signal/noise variance). Copies of its STAR: poses rotated
@@ -13,7 +14,8 @@ Usage::
 
     python benchmarks/refine.py --out DIR                # ~20 min on 2 CPU cores (jaxcryo only)
     python benchmarks/refine.py --out DIR --relion       # + RELION 3.1 auto-refine (mpirun -np 3), if installed
-    python benchmarks/refine.py --quick --out DIR        # CI: box 32, 600 particles, 2 iterations
+    python benchmarks/refine.py --quick --out DIR        # CI: box 32, 600 particles, 2 iterations, no ab initio
+    python benchmarks/refine.py --out DIR --runs-only abinitio_refine   # re-run one run, keep the others
 
 Writes ``DIR/refine.json`` and ``DIR/refine.png``.
 """
@@ -116,6 +118,38 @@ def run_jaxcryo(d: Path, name: str, star: str, extra: list, truth, true_md, env)
                                                     if h["resolution"] <= hist[-1]["resolution"] + 1e-9), None)}
 
 
+def run_abinitio_then_refine(d: Path, extra: list, truth, true_md, env, quick: bool) -> dict:
+    """``jaxcryo abinitio`` from no poses and no reference, then ``jaxcryo refine`` (global, from its map),
+    FSC to the truth after aligning the map (rotation, hand, shift: :func:`jaxcryo.abinitio.truth_metrics`)."""
+    from jaxcryo.abinitio import truth_metrics
+
+    ab = d / "abinitio"
+    a = timed(jaxcryo_cmd() + ["abinitio", d / "particles_noposes.star", "--out", ab, "--quiet", "--max-shift", "6"]
+              , d / "abinitio.log", env)
+    if a["returncode"] != 0:
+        return {"name": "abinitio_refine", "abinitio": a, "returncode": a["returncode"], "log": a["log"]}
+    out = d / "abinitio_refine"
+    r = timed(jaxcryo_cmd() + ["refine", ab / "particles.star", "--reference", ab / "map.mrc", "--out", out,
+                               "--quiet", "--local-only"] + extra, d / "abinitio_refine.log", env)
+    if r["returncode"] != 0:
+        return {"name": "abinitio_refine", "abinitio": a, **r}
+    vol, px = read_map(out / "map.mrc")
+    est = read_particles(out / "particles.star")
+    m = truth_metrics(vol, est.rotations, truth, true_md.rotations, float(px))
+    vol0, _ = read_map(ab / "map.mrc")
+    m0 = truth_metrics(vol0, read_particles(ab / "particles.star").rotations, truth, true_md.rotations, float(px))
+    hist = json.loads((out / "history.json").read_text())
+    return {"name": "abinitio_refine", "command": a["command"] + " ; " + r["command"], "returncode": 0,
+            "wall_seconds": a["wall_seconds"] + r["wall_seconds"], "abinitio_seconds": a["wall_seconds"],
+            "median_angular_error_deg": m["pose_error_median_deg"], "mean_angular_error_deg": m["pose_error_mean_deg"],
+            "median_shift_error_px": None, "mirrored": m["mirrored"], "fsc05_truth_shell": m["fsc05_shell"],
+            "fsc_truth": m["fsc"], "iterations": len(hist),
+            "history": [{k: v for k, v in h.items() if k != "half_map_fsc"} for h in hist],
+            "volume_update_seconds": float(sum(h["seconds"] - h["pose_seconds"] for h in hist)),
+            "abinitio_only": {"fsc05_shell": m0["fsc05_shell"], "pose_error_median_deg": m0["pose_error_median_deg"],
+                              "mirrored": m0["mirrored"]}}
+
+
 def run_relion(d: Path, truth, true_md, args) -> dict:
     exe = shutil.which("relion_refine_mpi")
     mpirun = shutil.which("mpirun")
@@ -156,6 +190,8 @@ def main(argv=None) -> int:
     p.add_argument("--relion", action="store_true", help="also run RELION auto-refine (slow) when installed")
     p.add_argument("--relion-timeout", type=float, default=3600)
     p.add_argument("--skip-sgd", action="store_true", help="skip the plain-SGD volume-update comparison")
+    p.add_argument("--skip-abinitio", action="store_true", help="skip ab initio then refine")
+    p.add_argument("--runs-only", nargs="+", default=None, help="re-run only these of an existing DIR/refine.json")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
@@ -168,30 +204,52 @@ def main(argv=None) -> int:
     d.mkdir(exist_ok=True)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     t0 = time.perf_counter()
-    setting = make_set(d, args.box, args.particles, args.snr, args.seed)
+    prev = None
+    if args.runs_only and (args.out / "refine.json").exists() and (d / "particles.star").exists():
+        prev = json.loads((args.out / "refine.json").read_text())  # reuse the set and the other runs
+        setting = prev["setting"]
+    else:
+        setting = make_set(d, args.box, args.particles, args.snr, args.seed)
     truth, _ = read_map(d / "ground_truth.mrc")
     true_md = read_particles(setting["star"])
-    # the known-pose reconstruction of the same set (the yardstick)
-    r = timed(jaxcryo_cmd() + ["reconstruct", setting["star"], "--out", d / "known", "--quiet"], d / "known.log", env)
-    vol, _ = read_map(d / "known" / "map.mrc")
-    known = {**r, "fsc05_truth_shell": fsc05_shell(vol, truth)[0]}
-    runs = [run_jaxcryo(d, "local_psgd", str(d / "particles_perturbed.star"), ["--local-only"] + extra, truth, true_md, env)]
-    if not args.skip_sgd:
+    want = set(args.runs_only or ["local_psgd", "local_sgd", "global_psgd", "abinitio_refine"])
+    if args.skip_sgd:
+        want.discard("local_sgd")
+    if args.skip_abinitio or (args.quick and not args.runs_only):  # quick (CI): tests/test_abinitio.py covers it
+        want.discard("abinitio_refine")
+    if prev is not None:
+        known = prev["known_pose"]
+    else:  # the known-pose reconstruction of the same set (the yardstick)
+        r = timed(jaxcryo_cmd() + ["reconstruct", setting["star"], "--out", d / "known", "--quiet"], d / "known.log", env)
+        vol, _ = read_map(d / "known" / "map.mrc")
+        known = {**r, "fsc05_truth_shell": fsc05_shell(vol, truth)[0]}
+    runs = [] if prev is None else [r for r in prev["runs"] if r["name"] not in want]
+    if "local_psgd" in want:
+        runs.append(run_jaxcryo(d, "local_psgd", str(d / "particles_perturbed.star"), ["--local-only"] + extra, truth,
+                                true_md, env))
+    if "local_sgd" in want:
         runs.append(run_jaxcryo(d, "local_sgd", str(d / "particles_perturbed.star"),
                                 ["--local-only", "--optimizer", "sgd"] + extra, truth, true_md, env))
-    runs.append(run_jaxcryo(d, "global_psgd", str(d / "particles_noposes.star"), extra, truth, true_md, env))
+    if "global_psgd" in want:
+        runs.append(run_jaxcryo(d, "global_psgd", str(d / "particles_noposes.star"), extra, truth, true_md, env))
+    if "abinitio_refine" in want:
+        runs.append(run_abinitio_then_refine(d, extra, truth, true_md, env, args.quick))
+    order = ["local_psgd", "local_sgd", "global_psgd", "abinitio_refine"]
+    runs.sort(key=lambda r: order.index(r["name"]))
     result = {"machine": machine_info(), "setting": setting, "known_pose": known, "runs": runs,
               "relion": run_relion(d, truth, true_md, args) if args.relion else
-              {"available": None, "reason": "not requested (--relion)"}}
+              (prev["relion"] if prev is not None else {"available": None, "reason": "not requested (--relion)"})}
     goals = {}
     for r in runs:
         if "fsc05_truth_shell" in r:
+            ab = r["name"] == "abinitio_refine"
+            goal = None if ab else (1.5 if r["name"].startswith("local") else 3.0)
             goals[r["name"]] = {
-                "median_angular_error_deg": r["median_angular_error_deg"],
-                "goal_deg": 1.5 if r["name"].startswith("local") else 3.0,
-                "met_angle": r["median_angular_error_deg"] < (1.5 if r["name"].startswith("local") else 3.0),
+                "median_angular_error_deg": r["median_angular_error_deg"], "goal_deg": goal,
+                "met_angle": None if ab else r["median_angular_error_deg"] < goal,
                 "fsc05_shell": r["fsc05_truth_shell"], "known_pose_shell": known["fsc05_truth_shell"],
-                "met_fsc": r["fsc05_truth_shell"] >= known["fsc05_truth_shell"] - 1,
+                "shells_allowed": 2 if ab else 1,
+                "met_fsc": r["fsc05_truth_shell"] >= known["fsc05_truth_shell"] - (2 if ab else 1),
                 "wall_seconds": r["wall_seconds"]}
     loc_glob = [r["wall_seconds"] for r in runs if r["name"] in ("local_psgd", "global_psgd")]
     result["goals"] = goals

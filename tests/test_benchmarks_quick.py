@@ -210,11 +210,34 @@ def test_refine_quick(tmp_path):
     d = run_quick("refine", tmp_path)
     check_machine(d["machine"])
     names = [r["name"] for r in d["runs"]]
-    assert names == ["local_psgd", "local_sgd", "global_psgd"]
+    assert names == ["local_psgd", "local_sgd", "global_psgd"]  # ab initio: tests/test_abinitio.py
     for r in d["runs"]:
         assert r["returncode"] == 0, r
         assert r["median_angular_error_deg"] < 10 and r["fsc05_truth_shell"] >= d["known_pose"]["fsc05_truth_shell"] - 2
         assert r["wall_seconds"] > 0 and r["iterations"] == 2
+    assert set(d["goals"]) == set(names) and d["goals"]["local_psgd"]["shells_allowed"] == 1
     loc = d["runs"][0]
     assert loc["median_angular_error_deg"] < 4.5  # from 5 degrees
     assert d["relion"]["available"] is None
+
+
+def test_scaling_quick(tmp_path):
+    d = run_quick("scaling", tmp_path)
+    check_machine(d["machine"])
+    assert d["settings"]["quick"] is True and d["settings"]["devices"] == [1, 2, 4]
+    assert "do not predict GPU" in d["note"]
+    res = d["results"]
+    assert {(r["op"], r["devices"]) for r in res} == {(op, n) for op in ("psgd_step", "sgd_step") for n in (1, 2, 4)}
+    for r in res:
+        for k in ("box", "batch", "padded_batch", "per_device_batch", "compile_s", "step_s", "step_min_s",
+                  "images_per_s", "images_per_s_per_device", "speedup_vs_1", "max_rel_diff_vs_1_device"):
+            assert k in r, k
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["step_s"])
+        assert r["per_device_batch"] * r["devices"] == r["padded_batch"]  # the batch really is split
+        assert r["max_rel_diff_vs_1_device"] < 1e-5
+    p = d["prefetch"]
+    for cache in ("warm", "cold"):
+        c = p[cache]
+        assert c["identical_maps"] is True
+        assert c["median_off_s"] > 0 and c["median_on_s"] > 0 and c["read_s_per_epoch"] > 0
+        assert len(c["seconds_per_epoch"]["off"]) == len(c["seconds_per_epoch"]["on"]) > 0
