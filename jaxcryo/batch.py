@@ -6,12 +6,15 @@
   arrays) or :func:`to_batch` (from a :class:`RawBatch`, inside jit);
 * :func:`epoch_batches`: the particle indices of one epoch in batches of a *static* size: the ragged last
   batch is padded (cycling its own indices) and masked, so every image is used exactly once per epoch and
-  a jitted step sees one shape.
+  a jitted step sees one shape;
+* :func:`prefetch`: reads the next batches in a background thread (bounded queue) while a step computes.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import queue
+import threading
+from typing import Iterable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,29 +86,87 @@ def to_batch(raw: RawBatch, dtype=jnp.float32) -> Batch:
     return make_batch(raw.images, raw.rotations, raw.shifts, raw.ctf, raw.weights, raw.mask, dtype)
 
 
-def epoch_batches(indices, batch_size: int, rng: np.random.Generator | None = None) -> list:
-    """Split ``indices`` (shuffled with ``rng`` if given) into batches of exactly ``batch_size``.
+def epoch_batches(indices, batch_size: int, rng: np.random.Generator | None = None, multiple: int = 1) -> list:
+    """Split ``indices`` (shuffled with ``rng`` if given) into batches of ``batch_size`` particles.
 
     The ragged last batch is padded by cycling its own indices, with ``mask = 0`` on the padding.
+    ``multiple``: every batch is padded (masked) to a multiple of it, e.g. the device count of a data-parallel
+    step (:mod:`jaxcryo.parallel`): the particles of each batch, and the data order, do not depend on it.
 
     Returns:
-        A list of ``(idx, mask)``: ``idx`` int64 ``(batch_size,)`` particle indices, ``mask`` float32
-        (1 = real, 0 = padding). Empty for empty ``indices``.
+        A list of ``(idx, mask)``: ``idx`` int64 ``(size,)`` particle indices, ``mask`` float32 (1 = real,
+        0 = padding), ``size`` = ``batch_size`` rounded up to a multiple of ``multiple``. Empty for empty
+        ``indices``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    size = -(-batch_size // multiple) * multiple
     idx = np.asarray(indices, np.int64).reshape(-1)
     if rng is not None:
         idx = idx[rng.permutation(idx.size)]
     out = []
     for s in range(0, idx.size, batch_size):
         part = idx[s:s + batch_size]
-        mask = np.zeros(batch_size, np.float32)
+        mask = np.zeros(size, np.float32)
         mask[:part.size] = 1.0
-        if part.size < batch_size:
-            part = np.resize(part, batch_size)
+        if part.size < size:
+            part = np.resize(part, size)
         out.append((part.astype(np.int64), mask))
     return out
+
+
+_END = object()
+
+
+def prefetch(items: Iterable, depth: int = 1) -> Iterator:
+    """Iterate ``items`` (e.g. a generator of :func:`load_batch` calls) in a background thread that keeps up
+    to ``depth`` items ready in a bounded queue, so the reads of the next batch overlap the current step.
+
+    The items and their order are those of ``items``: only *when* they are produced changes, so a run is the
+    same with and without prefetching. An exception raised while producing an item (also
+    ``KeyboardInterrupt``) is raised here, in the consumer, at that item. ``depth=0``: no thread, ``items``
+    as is. Close the iterator (``contextlib.closing``) when stopping early: that stops the thread and waits
+    for its current read.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((True, _END))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((False, e))
+
+    thread = threading.Thread(target=work, name="jaxcryo-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def load_batch(source, idx, mask=None, weights=None) -> RawBatch:

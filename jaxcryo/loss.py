@@ -25,17 +25,22 @@ import jax.numpy as jnp
 from jaxtyping import Array, Complex, Float
 
 from .batch import Batch
+from .parallel import psum
 from .priors import Prior
 from .projection import Projector
 
 
 def loss(vol_f: Complex[Array, "n n n"], batch: Batch, projector: Projector, lam: "float | Prior" = 0.0,
-         vol_mask: Float[Array, "n n n"] | None = None, filters: Complex[Array, "b n n"] | None = None
-         ) -> Float[Array, ""]:
+         vol_mask: Float[Array, "n n n"] | None = None, filters: Complex[Array, "b n n"] | None = None,
+         axis_name: str | None = None) -> Float[Array, ""]:
     """``F_B(v)`` above (a real scalar). ``lam``: the Tikhonov weight, or a :class:`~jaxcryo.priors.Prior`
     (e.g. the spectral prior: ``(1/2) sum_j lambda_j |v_j|^2``). ``vol_mask`` (``(n, n, n)`` 0/1) restricts
     the volume's support. ``filters``: the batch's :func:`batch_filters` if already computed (what
-    :func:`objective` passes), else computed here."""
+    :func:`objective` passes), else computed here.
+
+    ``axis_name``: inside a data-parallel step (:mod:`jaxcryo.parallel`), ``batch`` is this device's shard and
+    the data term's sum and real-image count are ``psum``-reduced over that mesh axis, so the value (and its
+    derivatives in ``v``) are those of the whole minibatch."""
     v = vol_f if vol_mask is None else vol_f * vol_mask
     rdt = jnp.real(vol_f).dtype
     if filters is None:  # mask x shift phase x CTF: constant in v (objective computes them once per batch)
@@ -44,7 +49,9 @@ def loss(vol_f: Complex[Array, "n n n"], batch: Batch, projector: Projector, lam
     resid = (pred - batch.images_f) * projector.image_mask(rdt)
     per_image = 0.5 * jnp.sum(jnp.real(resid * jnp.conj(resid)), axis=(-2, -1))
     wm = batch.weights * batch.mask
-    data = jnp.sum(wm * per_image) / jnp.maximum(jnp.sum(batch.mask), 1.0)
+    total, count = jnp.sum(wm * per_image), jnp.sum(batch.mask)
+    total, count = psum((total, count), axis_name)
+    data = total / jnp.maximum(count, 1.0)
     if isinstance(lam, Prior):
         reg = lam.value(vol_f)
     else:
@@ -53,16 +60,17 @@ def loss(vol_f: Complex[Array, "n n n"], batch: Batch, projector: Projector, lam
 
 
 def objective(batch: Batch, projector: Projector, lam: "float | Prior" = 0.0, vol_mask=None,
-              filters=None) -> Callable:
+              filters=None, axis_name: str | None = None) -> Callable:
     """The closure ``v -> F_B(v)`` for one batch: optax's ``obj_fn`` / ``value_fn`` extra argument.
 
     The batch's per-image filters (:func:`batch_filters`) are computed here, once, unless given as
     ``filters``: every evaluation of the closure (value and gradient, Hessian-vector products, line-search
-    trials) reuses them.
+    trials) reuses them. ``axis_name``: the batch is one device's shard of a data-parallel step; see
+    :func:`loss`.
     """
     if filters is None:
         filters = batch_filters(batch, projector, batch.images_f.dtype)
-    return lambda v: loss(v, batch, projector, lam, vol_mask, filters)
+    return lambda v: loss(v, batch, projector, lam, vol_mask, filters, axis_name)
 
 
 def batch_filters(batch: Batch, projector: Projector, dtype=None) -> Complex[Array, "b n n"]:

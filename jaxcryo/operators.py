@@ -42,6 +42,7 @@ import numpy as np
 
 from .errors import InputError
 from .fourier import fft3c, ifft3c
+from .parallel import vary_like
 
 
 def _gather(vol, iz, iy, ix):
@@ -114,6 +115,9 @@ def slice_nufft(vol_f, points, eps: float | None = None):
     vol = ifft3c(vol_f)
     shape = points.shape[:-1]
     p = points.reshape(-1, 3) * (2 * jnp.pi / n)
+    # in a data-parallel step (shard_map) the points are per device and the grid replicated: jax-finufft types
+    # its output like the grid, so mark the grid per device (the adjoint's grids are then psum-reduced)
+    vol = vary_like(vol, p)
     # jax-finufft: modes f[k1, k2, k3] in CMCL (centred) order, points (x, y, z) paired with (k1, k2, k3);
     # our volume is [z, y, x], so pass the z coordinate first.
     vals = finufft().nufft2(vol, p[:, 2], p[:, 1], p[:, 0], iflag=-1, eps=eps)

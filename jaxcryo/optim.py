@@ -30,6 +30,7 @@ import optax
 
 from .fourier import shell_index
 from .loss import batch_filters, gradient
+from .parallel import psum
 from .priors import prior_diagonal
 from .projection import slice_points
 
@@ -182,7 +183,7 @@ def fixed_diagonal(diag) -> optax.GradientTransformationExtraArgs:
 # --------------------------------------------------------------------------------------------------
 # Exact diagonal of the minibatch Hessian (operators with a local stencil)
 # --------------------------------------------------------------------------------------------------
-def minibatch_diagonal(projector, batch, lam=0.0, filters=None):
+def minibatch_diagonal(projector, batch, lam=0.0, filters=None, axis_name=None):
     """The exact diagonal of the minibatch Hessian ``(1/|B|) sum_i w_i diag(S_i^H M S_i) + lambda`` (real
     ``(n, n, n)``), for a slice operator with a local stencil (nearest, trilinear without oversampling).
 
@@ -191,7 +192,8 @@ def minibatch_diagonal(projector, batch, lam=0.0, filters=None):
     or a :class:`~jaxcryo.priors.Prior`). ``M CTF^2`` is read as ``|filter|^2`` of the batch's
     :func:`jaxcryo.loss.batch_filters` (``filters`` if given: :func:`jaxcryo.fit.make_step` passes the ones
     its objective uses, so a step evaluates the CTF once), equal to ``batch_diagonal_sum`` to rounding
-    (``|exp(i phi)|^2 = 1``).
+    (``|exp(i phi)|^2 = 1``). ``axis_name``: ``batch`` is one device's shard of a data-parallel step
+    (:mod:`jaxcryo.parallel`); the backprojection and the image count are ``psum``-reduced over that axis.
     """
     op = projector.operator
     if not op.has_local_stencil:
@@ -202,7 +204,8 @@ def minibatch_diagonal(projector, batch, lam=0.0, filters=None):
     w = jnp.real(f * jnp.conj(f)) * (batch.weights * batch.mask)[:, None, None]
     pts = slice_points(batch.rotations, n, rdt)
     (d,) = jax.linear_transpose(lambda v: op.squared_weight_slice(v, pts), jax.ShapeDtypeStruct((n,) * 3, rdt))(w)
-    return d / jnp.maximum(jnp.sum(batch.mask), 1.0) + prior_diagonal(lam, n, rdt)
+    d, count = psum((d, jnp.sum(batch.mask)), axis_name)  # d: already reduced by the transpose (see psum)
+    return d / jnp.maximum(count, 1.0) + prior_diagonal(lam, n, rdt)
 
 
 class BatchDiagonalState(NamedTuple):
@@ -226,7 +229,8 @@ def batch_diagonal(projector, lam=0.0, beta: float = 0.0, update_every: int = 1
         update_every: compute the diagonal only every ``m``-th step (the others reuse ``D``).
 
     ``batch`` is the minibatch :class:`~jaxcryo.batch.Batch` and ``filters`` (optional) its
-    :func:`jaxcryo.loss.batch_filters` (:func:`jaxcryo.fit.make_step` passes both).
+    :func:`jaxcryo.loss.batch_filters` (:func:`jaxcryo.fit.make_step` passes both); in a data-parallel step
+    ``make_step`` also passes ``axis_name``, over which the shards' diagonals are reduced.
     """
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
@@ -239,13 +243,13 @@ def batch_diagonal(projector, lam=0.0, beta: float = 0.0, update_every: int = 1
         rdt = jnp.real(params).dtype
         return BatchDiagonalState(jnp.zeros([], jnp.int32), jnp.zeros(params.shape, rdt), jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None, batch=None, filters=None, **extra):
+    def update_fn(updates, state, params=None, batch=None, filters=None, axis_name=None, **extra):
         del updates, params, extra
         if batch is None:
             raise ValueError("batch_diagonal.update needs batch= (the minibatch; jaxcryo.fit.make_step passes it)")
 
         def compute(st):
-            d = minibatch_diagonal(projector, batch, lam, filters).astype(st.diag.dtype)
+            d = minibatch_diagonal(projector, batch, lam, filters, axis_name).astype(st.diag.dtype)
             return BatchDiagonalState(st.count, beta * st.diag + (1 - beta) * d, st.n_updates + 1)
 
         st = _refresh(state, update_every, compute)

@@ -11,7 +11,10 @@ step-size policy):
 * checkpoints as data after every epoch (``<stem>.npz`` + ``<stem>.json``, :mod:`jaxcryo.io.checkpoint`),
   and resume from them bit for bit;
 * the combined map ``(D1 v1 + D2 v2) / (D1 + D2)`` (the full-data least-squares solution for a diagonal
-  Hessian; the plain mean when no diagonal is known), the half-map FSC and the FSC to a reference.
+  Hessian; the plain mean when no diagonal is known), the half-map FSC and the FSC to a reference;
+* data parallelism (``devices``): the minibatch strategies' epoch steps split each batch over a 1-D mesh of
+  the local devices (:mod:`jaxcryo.parallel`); the one-pass strategies and each run's preparation still run
+  on one device.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import parallel
 from .errors import DivergenceError, InputError
 from .fit import FitState, fit, make_step
 from .fourier import resample_real
@@ -51,7 +55,8 @@ OPTIMIZERS = STRATEGY_NAMES
 @dataclass
 class ReconstructResult:
     """``volume``: the map (real space ``(n, n, n)``); ``half1``/``half2`` the half maps (or ``None``);
-    ``history``: one dict per epoch; ``fsc_half``/``fsc_ref``: :class:`jaxcryo.metrics.FSCResult` or None."""
+    ``history``: one dict per epoch; ``fsc_half``/``fsc_ref``: :class:`jaxcryo.metrics.FSCResult` or None;
+    ``devices``: the number of devices the epoch steps were split over (1 for the one-pass strategies)."""
 
     volume: np.ndarray
     half1: np.ndarray | None
@@ -62,6 +67,7 @@ class ReconstructResult:
     pixel_size: float
     config: dict = field(default_factory=dict)
     prior: dict = field(default_factory=dict)
+    devices: int = 1
 
 
 @dataclass
@@ -158,6 +164,7 @@ def reconstruct(
     indices: np.ndarray | None = None,
     epoch_callback: Callable[[dict], None] | None = None,
     volume_callback: Callable[[Any], None] | None = None,
+    devices: int | None = None,
 ) -> ReconstructResult:
     """Reconstruct a map from a particle source with known poses.
 
@@ -184,12 +191,18 @@ def reconstruct(
         indices: the particles to use (default all).
         epoch_callback: called with each epoch's history record.
         volume_callback: called with the (combined) centred Fourier volume after each epoch.
+        devices: local devices to split each minibatch step over (default: all JAX sees; see
+            :mod:`jaxcryo.parallel`). ``batch_size`` is the global batch; the result does not depend on the
+            count beyond floating-point reduction order, and a checkpoint resumes on any count. The one-pass
+            strategies (``backproject``, ``cg``) and the spectral prior's estimate are not sharded: they run
+            on one device whatever ``devices`` says (:attr:`ReconstructResult.devices` is 1).
     """
     strategy = make_strategy(optimizer, probes=probes, lr=lr)
     if epochs < 1:
         raise InputError(f"{{param}} {epochs}: expected at least 1", param="epochs")
     if batch_size < 1:
         raise InputError(f"{{param}} {batch_size}: expected at least 1", param="batch_size")
+    mesh = parallel.resolve_mesh(devices)  # validates the count for every strategy
     source, indices = _select(source, box, indices, halfmaps)
     md = source.metadata
     n, px = md.box, float(md.pixel_size)
@@ -245,7 +258,7 @@ def reconstruct(
             for k, v in s.info.items():
                 rec[k] = max(rec.get(k, v), v)
         fin.record(rec, vol_f)
-        return fin.result([s.volume_f for s in sols], vol_f, [rec], config, prior_record)
+        return fin.result([s.volume_f for s in sols], vol_f, [rec], config, prior_record, devices=1)
 
     history: list = []
     start_epoch = 0
@@ -261,7 +274,7 @@ def reconstruct(
             r.state = FitState(v0, strategy.transformation(r.problem, r.plan).init(v0), 0,
                                rng.bit_generator.state, [])
     opts = [strategy.transformation(r.problem, r.plan) for r in runs]
-    steps = [make_step(opt, projector, lam) for opt in opts]
+    steps = [make_step(opt, projector, lam, mesh=mesh) for opt in opts]
 
     t_start = time.perf_counter()
     seconds0 = history[-1]["seconds"] if history else 0.0
@@ -273,7 +286,7 @@ def reconstruct(
             losses = []
             for r, opt, step in zip(runs, opts, steps):
                 res = fit(source, opt, projector, epochs=epoch + 1, batch_size=batch_size, lam=lam,
-                          indices=r.problem.indices, state=r.state, step_fn=step)
+                          indices=r.problem.indices, state=r.state, step_fn=step, mesh=mesh)
                 r.state = res.state
                 losses.append(res.history[-1]["loss"])
             dt = time.perf_counter() - t0
@@ -297,7 +310,8 @@ def reconstruct(
     finally:
         bar.close()
     vols = [r.state.volume_f for r in runs]
-    return fin.result(vols, _combine(vols, [r.plan.diag for r in runs], spectral), history, config, prior_record)
+    return fin.result(vols, _combine(vols, [r.plan.diag for r in runs], spectral), history, config, prior_record,
+                      devices=parallel.mesh_size(mesh))
 
 
 def _combine(vols, diags, spectral=None):
@@ -340,7 +354,7 @@ class _Finisher:
         rec["resolution_05_ref"] = float(r.resolution_05)
         rec["fsc_ref"] = [float(x) for x in r.fsc]
 
-    def result(self, vols, vol_f, history, config, prior=None) -> ReconstructResult:
+    def result(self, vols, vol_f, history, config, prior=None, devices: int = 1) -> ReconstructResult:
         px, smask = self.pixel_size, self.smask
         vol = np.asarray(fourier_to_volume(vol_f), np.float32)
         if not np.all(np.isfinite(vol)):
@@ -351,4 +365,4 @@ class _Finisher:
             fsc_half = fsc_fn(half1, half2, pixel_size=px, mask=smask)
         if self.ref_f is not None:
             fsc_ref = fsc_fn(vol, np.asarray(fourier_to_volume(self.ref_f), np.float32), pixel_size=px, mask=smask)
-        return ReconstructResult(vol, half1, half2, history, fsc_half, fsc_ref, px, config, prior or {})
+        return ReconstructResult(vol, half1, half2, history, fsc_half, fsc_ref, px, config, prior or {}, devices)
