@@ -170,7 +170,7 @@ def _with_poses(source, rotations, shifts):
         return ArrayDataset(md, source._images)
     if isinstance(source, ParticleDataset):
         ds = ParticleDataset(md)
-        ds._stacks = source._stacks  # share the open stacks
+        ds._stacks, ds._lock = source._stacks, source._lock  # share the open stacks (and their lock)
         return ds
     new = type(source).__new__(type(source))
     new.__dict__.update(source.__dict__)

@@ -13,6 +13,7 @@ Also the one half-set split (:func:`split_halves`) and :func:`write_dataset` (ST
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -86,6 +87,7 @@ class ParticleDataset:
         self.metadata = metadata
         self._stacks: OrderedDict = OrderedDict()
         self._max_open = max_open
+        self._lock = threading.RLock()  # images() may be called from several threads (halves, prefetch)
 
     @classmethod
     def from_file(cls, path, datadir=None, apix: float | None = None, poses=None) -> "ParticleDataset":
@@ -108,7 +110,12 @@ class ParticleDataset:
         return s
 
     def images(self, idx) -> np.ndarray:
-        """Real-space images ``(k, box, box)`` float32 for particle indices ``idx`` (contrast sign applied)."""
+        """Real-space images ``(k, box, box)`` float32 for particle indices ``idx`` (contrast sign applied).
+        Thread-safe."""
+        with self._lock:
+            return self._images(idx)
+
+    def _images(self, idx) -> np.ndarray:
         md = self.metadata
         idx = np.atleast_1d(np.asarray(idx))
         out = np.empty((len(idx), md.box, md.box), np.float32)

@@ -15,6 +15,7 @@ optimises this regularised objective. :class:`HalfMapFSC` is the user's choice "
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import equinox as eqx
@@ -57,11 +58,29 @@ def estimate_spectral_prior(projector, source, halves, lam: float = 1e-3, batch_
                             fudge: float = 1.0) -> PriorEstimate:
     """The spectral prior of the particles ``halves = (indices1, indices2)`` of ``source`` (see the module
     docstring). ``lam`` regularises the one-pass half estimates and floors ``lambda_s``."""
-    vols, dens = [], []
-    for idx in halves:
-        v, den = wiener_backprojection(projector, source, lam=lam, batch_size=batch_size, indices=idx)
-        vols.append(v)
-        dens.append(np.asarray(den))
+    # The two halves are independent: run them in two threads. Each one's accumulation is a chain of
+    # scatter-adds, which XLA:CPU runs on one core, so the halves overlap on a multi-core CPU (measured
+    # 3.65 -> 3.05 s for 2 x 2,500 box-64 images on a busy 2-core machine); results are identical.
+    results: list = [None] * len(halves)
+    errors: list = []
+
+    def work(i, idx):
+        try:
+            v, den = wiener_backprojection(projector, source, lam=lam, batch_size=batch_size, indices=idx)
+            results[i] = (v, np.asarray(den))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i, idx), name=f"jaxcryo-half{i + 1}")
+               for i, idx in enumerate(halves)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    vols = [r[0] for r in results]
+    dens = [r[1] for r in results]
     fsc = fourier_fsc(vols[0], vols[1])
     w = shell_means(0.5 * (dens[0] + dens[1]))
     prior = SpectralPrior.from_fsc(fsc, w, fudge=fudge, floor=lam)
