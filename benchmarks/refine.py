@@ -54,11 +54,12 @@ def jaxcryo_cmd() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "jaxcryo"]
 
 
-def timed(cmd, log: Path, env=None, timeout=None) -> dict:
+def timed(cmd, log: Path, env=None, timeout=None, cwd=None) -> dict:
     t = time.perf_counter()
     with open(log, "w") as fh:
         try:
-            p = subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+            p = subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout,
+                               cwd=cwd)
             rc = p.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -162,12 +163,12 @@ def run_relion(d: Path, truth, true_md, args) -> dict:
                               ("relion_global", "particles_noposes.star", ["--healpix_order", "2"])):
         o = d / name
         o.mkdir(exist_ok=True)
-        cmd = [mpirun, "--allow-run-as-root", "-np", "3", exe, "--o", o / "run", "--auto_refine",
+        cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "3", exe, "--o", o / "run", "--auto_refine",
                "--split_random_halves", "--i", d / star, "--ref", d / "reference_30A.mrc", "--ini_high", "30",
                "--particle_diameter", str(0.8 * args.box * 3.0), "--ctf", "--flatten_solvent", "--zero_mask",
                "--offset_range", "5", "--offset_step", "1", "--j", "1", "--pad", "2", "--low_resol_join_halves", "40",
                "--norm", "--scale", "--oversampling", "1"] + extra
-        r = timed(cmd, d / f"{name}.log", env, timeout=args.relion_timeout)
+        r = timed(cmd, d / f"{name}.log", env, timeout=args.relion_timeout, cwd=d)  # RELION reads stacks from cwd
         entry = {"name": name, **r}
         maps = sorted(o.glob("run_class001.mrc"))
         data = sorted(o.glob("run_data.star"))
