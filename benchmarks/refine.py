@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, save_figure, write_json  # noqa: E402
 import jaxcryo as jc  # noqa: E402
+from jaxcryo.cli.refine import pose_errors  # noqa: E402
 from jaxcryo.grids import align_rotations  # noqa: E402
 from jaxcryo.io.mrc import read_map, write_map  # noqa: E402
 from jaxcryo.io.star import write_star  # noqa: E402
@@ -93,12 +94,9 @@ def make_set(d: Path, box: int, n: int, snr: float, seed: int) -> dict:
 
 
 def pose_metrics(out: Path, true_md) -> dict:
-    est = read_particles(out / "particles.star")
-    a = align_rotations(est.rotations, true_md.rotations, mirror=True)
-    rotated = bool(a.mirrored or np.degrees(np.arccos(np.clip((np.trace(a.rotation) - 1) / 2, -1, 1))) > 0.5)
-    sh = None if rotated else float(np.median(np.linalg.norm(est.shifts - true_md.shifts, axis=1)) / true_md.pixel_size)
-    return {"median_angular_error_deg": float(a.median_deg), "mean_angular_error_deg": float(a.mean_deg),
-            "mirrored": bool(a.mirrored), "median_shift_error_px": sh}
+    e = pose_errors(read_particles(out / "particles.star"), true_md)
+    return {"median_angular_error_deg": e["median_deg"], "mean_angular_error_deg": e["mean_deg"],
+            "mirrored": e["mirrored"], "median_shift_error_px": e["shift_error_median_px"]}
 
 
 def run_jaxcryo(d: Path, name: str, star: str, extra: list, truth, true_md, env) -> dict:

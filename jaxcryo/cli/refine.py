@@ -165,11 +165,7 @@ def run(args) -> int:
         tmd = read_particles(args.true_poses, datadir=args.datadir)
         if tmd.rotations is None or len(tmd) != len(md):
             raise InputError(f"{args.true_poses}: expected poses for the same {len(md)} particles (--true-poses)")
-        summary["pose_errors"] = pose_errors(res.metadata.rotations, tmd.rotations)
-        a = summary["pose_errors"]
-        summary["pose_errors"]["shift_error_median_px"] = float(
-            np.median(np.linalg.norm(res.metadata.shifts - tmd.shifts, axis=1)) / px) if not a["global_rotation_applied"] \
-            else None
+        summary["pose_errors"] = pose_errors(res.metadata, tmd)
     atomic_write_text(out / "fsc.json", json.dumps(fsc, indent=1))
     curves = {"half maps": final.fsc_half}
     if final.fsc_ref is not None:
@@ -192,9 +188,12 @@ def run(args) -> int:
 
 
 def pose_errors(est, true) -> dict:
-    """Median/mean angular error after the best global alignment (rotation and hand; for simulations).
-    Shift errors are meaningful only when no global rotation was needed (the frame of the reference)."""
-    a = align_rotations(est, true, mirror=True)
+    """Pose errors of the particles ``est`` against ``true`` (:class:`~jaxcryo.particles.ParticleMetadata`,
+    same particles; simulations): median/mean angular error in degrees after the best global alignment
+    (rotation and hand, :func:`jaxcryo.grids.align_rotations`), and the median shift error in pixels, given
+    only when no global rotation was needed (otherwise the two frames' origins differ)."""
+    a = align_rotations(est.rotations, true.rotations, mirror=True)
     rotated = bool(a.mirrored or np.degrees(np.arccos(np.clip((np.trace(a.rotation) - 1) / 2, -1, 1))) > 0.5)
+    shift = None if rotated else float(np.median(np.linalg.norm(est.shifts - true.shifts, axis=1)) / true.pixel_size)
     return {"median_deg": float(a.median_deg), "mean_deg": float(a.mean_deg), "mirrored": bool(a.mirrored),
-            "global_rotation_applied": rotated}
+            "global_rotation_applied": rotated, "shift_error_median_px": shift}
