@@ -16,6 +16,8 @@ Usage::
     python benchmarks/refine.py --out DIR --relion       # + RELION 3.1 auto-refine (mpirun -np 3), if installed
     python benchmarks/refine.py --quick --out DIR        # CI: box 32, 600 particles, 2 iterations, no ab initio
     python benchmarks/refine.py --out DIR --runs-only abinitio_refine   # re-run one run, keep the others
+    python benchmarks/refine.py --out DIR --runs-only relion_global     # RELION alone (continues a run that a
+                                                                          # --relion-timeout stopped)
 
 Writes ``DIR/refine.json`` and ``DIR/refine.png``.
 """
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, save_figure, write_json  # noqa: E402
 import jaxcryo as jc  # noqa: E402
 from jaxcryo.cli.refine import pose_errors  # noqa: E402
-from jaxcryo.grids import align_rotations  # noqa: E402
 from jaxcryo.io.mrc import read_map, write_map  # noqa: E402
 from jaxcryo.io.star import write_star  # noqa: E402
 from jaxcryo.projection import fourier_to_volume, volume_to_fourier  # noqa: E402
@@ -56,15 +58,29 @@ def jaxcryo_cmd() -> list[str]:
 
 
 def timed(cmd, log: Path, env=None, timeout=None, cwd=None) -> dict:
+    """Run ``cmd`` with its output in ``log``: wall seconds, and the CPU seconds of it and its children
+    (user + system; a fairer measure than the wall time when other work shares the machine)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     with open(log, "w") as fh:
+        p = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                             start_new_session=True)  # its own process group: a timeout stops every MPI rank
         try:
-            p = subprocess.run([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env, timeout=timeout,
-                               cwd=cwd)
-            rc = p.returncode
+            rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
             rc = "timeout"
-    return {"command": " ".join(map(str, cmd)), "returncode": rc, "wall_seconds": time.perf_counter() - t,
+    wall = time.perf_counter() - t
+    ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)
+    return {"command": " ".join(map(str, cmd)), "returncode": rc, "wall_seconds": wall, "cpu_seconds": cpu,
             "log": str(log)}
 
 
@@ -149,33 +165,90 @@ def run_abinitio_then_refine(d: Path, extra: list, truth, true_md, env, quick: b
                               "mirrored": m0["mirrored"]}}
 
 
-def run_relion(d: Path, truth, true_md, args) -> dict:
+RELION_RUNS = ("relion_local", "relion_global")
+
+
+def _relion_outputs(o: Path) -> dict:
+    """RELION's files in ``o``: the last finished iteration (``*_itNNN_*``, also those of ``--continue`` runs,
+    named ``run_ctNN_itNNN_*``) and the final (converged) map and data."""
+    import re
+
+    its = {}
+    for f in o.glob("run*_it[0-9][0-9][0-9]_optimiser.star"):
+        its[int(re.search(r"_it(\d{3})_optimiser", f.name).group(1))] = f
+    final = [f for f in o.glob("run*_class001.mrc") if "_it" not in f.name and "half" not in f.name]
+    return {"last_iteration": max(its) if its else None, "optimiser": its[max(its)] if its else None,
+            "final_map": final[0] if final else None,
+            "final_data": final[0].with_name(final[0].name.replace("_class001.mrc", "_data.star")) if final else None}
+
+
+def _relion_evaluate(o: Path, truth, true_md) -> dict:
+    """Metrics of a RELION auto-refine folder: the final map if it converged, else the average of the two
+    half maps of the last finished iteration (its ``_data.star`` for the poses)."""
+    out = _relion_outputs(o)
+    if out["final_map"] is not None:
+        vol, _ = read_map(out["final_map"])
+        data, ev = out["final_data"], {"converged": True, "evaluated": out["final_map"].name}
+    elif out["last_iteration"] is not None:
+        opt = out["optimiser"]
+        h1, _ = read_map(opt.with_name(opt.name.replace("_optimiser.star", "_half1_class001.mrc")))
+        h2, _ = read_map(opt.with_name(opt.name.replace("_optimiser.star", "_half2_class001.mrc")))
+        vol = 0.5 * (h1 + h2)
+        data = opt.with_name(opt.name.replace("_optimiser.star", "_data.star"))
+        ev = {"converged": False, "evaluated": f"{data.name} and the average of its two half maps"}
+    else:
+        return {"converged": False, "evaluated": None}
+    shell, f = fsc05_shell(vol, truth)
+    e = pose_errors(read_particles(data), true_md)
+    return {**ev, "iterations": out["last_iteration"], "fsc05_truth_shell": shell, "fsc_truth": f,
+            "median_angular_error_deg": e["median_deg"], "mean_angular_error_deg": e["mean_deg"],
+            "mirrored": e["mirrored"], "median_shift_error_px": e["shift_error_median_px"]}
+
+
+def run_relion(d: Path, truth, true_md, args, which=RELION_RUNS, prev=None) -> dict:
+    """RELION 3.1 auto-refine on the local and the global set. A run stopped by ``--relion-timeout`` is
+    continued from its last iteration (``--continue``) the next time, and its wall time is the sum of the
+    segments (``DIR/relion_*/segments.json``); an unconverged run is evaluated at its last iteration."""
     exe = shutil.which("relion_refine_mpi")
     mpirun = shutil.which("mpirun")
     if exe is None or mpirun is None:
         return {"available": False, "reason": "relion_refine_mpi or mpirun not on the PATH (Debian: apt-get install relion)"}
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    res = {"available": True}
+    v = subprocess.run([shutil.which("relion_refine") or exe, "--version"], capture_output=True, text=True)
+    res = dict(prev or {}, available=True, version=(v.stdout.strip().splitlines() or ["?"])[0])
+    mpi = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "3", exe]
     for name, star, extra in (("relion_local", "particles_perturbed.star",
-                               ["--healpix_order", "4", "--auto_local_healpix_order", "4", "--sigma_ang", "3"]),
-                              ("relion_global", "particles_noposes.star", ["--healpix_order", "2"])):
+                               ["--offset_range", "3", "--healpix_order", "4", "--auto_local_healpix_order", "4",
+                                "--sigma_ang", "3"]),
+                              ("relion_global", "particles_noposes.star",
+                               ["--offset_range", "6", "--healpix_order", "2"])):
+        if name not in which:
+            continue
         o = d / name
         o.mkdir(exist_ok=True)
-        cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "3", exe, "--o", o / "run", "--auto_refine",
-               "--split_random_halves", "--i", d / star, "--ref", d / "reference_30A.mrc", "--ini_high", "30",
-               "--particle_diameter", str(0.8 * args.box * 3.0), "--ctf", "--flatten_solvent", "--zero_mask",
-               "--offset_range", "5", "--offset_step", "1", "--j", "1", "--pad", "2", "--low_resol_join_halves", "40",
-               "--norm", "--scale", "--oversampling", "1"] + extra
-        r = timed(cmd, d / f"{name}.log", env, timeout=args.relion_timeout, cwd=d)  # RELION reads stacks from cwd
-        entry = {"name": name, **r}
-        maps = sorted(o.glob("run_class001.mrc"))
-        data = sorted(o.glob("run_data.star"))
-        if maps and data:
-            vol, _ = read_map(maps[0])
-            entry["fsc05_truth_shell"], entry["fsc_truth"] = fsc05_shell(vol, truth)
-            est = read_particles(data[0])
-            a = align_rotations(est.rotations, true_md.rotations, mirror=True)
-            entry.update({"median_angular_error_deg": float(a.median_deg), "mean_angular_error_deg": float(a.mean_deg)})
+        seg_file = o / "segments.json"
+        segments = json.loads(seg_file.read_text()) if seg_file.exists() else []
+        out = _relion_outputs(o)
+        if out["final_map"] is None:
+            if out["optimiser"] is not None:  # continue a run stopped by the time limit
+                it = out["last_iteration"]
+                cmd = mpi + ["--continue", out["optimiser"], "--o", o / f"run_ct{it}", "--j", "1"]
+            else:
+                cmd = mpi + ["--o", o / "run", "--auto_refine", "--split_random_halves", "--i", d / star,
+                             "--ref", d / "reference_30A.mrc", "--ini_high", "30",
+                             "--particle_diameter", str(0.8 * args.box * 3.0), "--ctf", "--flatten_solvent",
+                             "--zero_mask", "--offset_step", "1", "--j", "1", "--pad", "2",
+                             "--low_resol_join_halves", "40", "--oversampling", "1"] + extra
+            # RELION resolves the stack names in the STAR relative to its working directory: the set's folder
+            r = timed(cmd, o / f"segment{len(segments) + 1}.log", env, timeout=args.relion_timeout, cwd=d)
+            segments.append(r)
+            seg_file.write_text(json.dumps(segments, indent=1))
+        entry = {"name": name, "command": segments[0]["command"] if segments else None,
+                 "segments": segments, "wall_seconds": float(sum(s["wall_seconds"] for s in segments)),
+                 "cpu_seconds": (float(sum(s["cpu_seconds"] for s in segments))
+                                 if all("cpu_seconds" in s for s in segments) else None),
+                 "stopped_by_timeout": any(s["returncode"] == "timeout" for s in segments)}
+        entry.update(_relion_evaluate(o, truth, true_md))
         res[name] = entry
     return res
 
@@ -236,8 +309,12 @@ def main(argv=None) -> int:
     order = ["local_psgd", "local_sgd", "global_psgd", "abinitio_refine"]
     runs.sort(key=lambda r: order.index(r["name"]))
     result = {"machine": machine_info(), "setting": setting, "known_pose": known, "runs": runs,
-              "relion": run_relion(d, truth, true_md, args) if args.relion else
-              (prev["relion"] if prev is not None else {"available": None, "reason": "not requested (--relion)"})}
+              "relion": (prev["relion"] if prev is not None else
+                         {"available": None, "reason": "not requested (--relion)"})}
+    relion_want = [n for n in RELION_RUNS if n in want or (args.relion and not args.runs_only)]
+    if relion_want:
+        result["relion"] = run_relion(d, truth, true_md, args, relion_want,
+                                      prev["relion"] if prev is not None and prev["relion"].get("available") else None)
     goals = {}
     for r in runs:
         if "fsc05_truth_shell" in r:
