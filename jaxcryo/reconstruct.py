@@ -165,6 +165,7 @@ def reconstruct(
     epoch_callback: Callable[[dict], None] | None = None,
     volume_callback: Callable[[Any], None] | None = None,
     devices: int | None = None,
+    prefetch: int = 1,
 ) -> ReconstructResult:
     """Reconstruct a map from a particle source with known poses.
 
@@ -196,12 +197,16 @@ def reconstruct(
             count beyond floating-point reduction order, and a checkpoint resumes on any count. The one-pass
             strategies (``backproject``, ``cg``) and the spectral prior's estimate are not sharded: they run
             on one device whatever ``devices`` says (:attr:`ReconstructResult.devices` is 1).
+        prefetch: minibatches read ahead by a background thread during the epochs of the minibatch strategies
+            (:func:`jaxcryo.fit.fit`; 0: each batch read when its step starts). The result does not depend on it.
     """
     strategy = make_strategy(optimizer, probes=probes, lr=lr)
     if epochs < 1:
         raise InputError(f"{{param}} {epochs}: expected at least 1", param="epochs")
     if batch_size < 1:
         raise InputError(f"{{param}} {batch_size}: expected at least 1", param="batch_size")
+    if prefetch < 0:
+        raise InputError(f"{{param}} {prefetch}: expected 0 (off) or more", param="prefetch")
     mesh = parallel.resolve_mesh(devices)  # validates the count for every strategy
     source, indices = _select(source, box, indices, halfmaps)
     md = source.metadata
@@ -286,7 +291,7 @@ def reconstruct(
             losses = []
             for r, opt, step in zip(runs, opts, steps):
                 res = fit(source, opt, projector, epochs=epoch + 1, batch_size=batch_size, lam=lam,
-                          indices=r.problem.indices, state=r.state, step_fn=step, mesh=mesh)
+                          indices=r.problem.indices, state=r.state, step_fn=step, mesh=mesh, prefetch=prefetch)
                 r.state = res.state
                 losses.append(res.history[-1]["loss"])
             dt = time.perf_counter() - t0

@@ -75,6 +75,9 @@ def register(sub) -> None:
                         "is the global batch. The one-pass optimisers (backproject, cg) run on one device. On "
                         "CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices (sharing the "
                         "cores)")
+    p.add_argument("--prefetch", type=int, default=1,
+                   help="minibatches read ahead from disk by a background thread while a step computes (minibatch "
+                        "optimisers; 0 = off). The result does not depend on it")
     p.set_defaults(func=run)
 
 
@@ -145,6 +148,7 @@ def run(args) -> int:
             interp=args.interp, probes=args.probes, lam=args.lam, prior=args.prior, box=args.box, halfmaps=args.halfmaps,
             reference=reference, mask=args.mask, seed=args.seed, progress=not args.quiet,
             checkpoint_path=ckpt, resume=args.resume, indices=indices, devices=args.devices,
+            prefetch=args.prefetch,
         )
     except KeyboardInterrupt:
         done = ckpt.with_suffix(".npz").exists()
