@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import parallel
 from .batch import epoch_batches, load_batch, to_batch
 from .errors import InputError
 from .fit import fit
@@ -178,18 +179,45 @@ def _with_poses(source, rotations, shifts):
     return new
 
 
-class _Scorer:
-    """Jitted pose searches over a half set's batches at one ``kmax``."""
+def _per_image(f: Callable, mesh, traced: list | None = None) -> Callable:
+    """``f(volume_f, raw_batch, *per_image_args) -> per-image outputs`` jitted; on a mesh of more than one
+    device, run under :func:`jax.shard_map` with the batch and the per-image arguments split over the devices
+    and the volume replicated (pose scoring is independent per image: no reduction is needed, and each device
+    computes its own images' candidate projections). ``traced``: gets the leading batch dimension each trace
+    of ``f`` saw (``B / D`` on ``D`` devices)."""
+    if traced is not None:
+        inner = f
 
-    def __init__(self, projector: Projector, settings: RefineSettings):
-        self.projector, self.s = projector, settings
+        def f(v, raw, *args):
+            traced.append(int(jax.tree_util.tree_leaves(raw)[0].shape[0]))
+            return inner(v, raw, *args)
+
+    if mesh is None:
+        return jax.jit(f)
+    spec, rep = jax.sharding.PartitionSpec(parallel.AXIS), jax.sharding.PartitionSpec()
+
+    def wrapped(v, raw, *args):
+        sm = jax.shard_map(f, mesh=mesh, in_specs=(rep, spec) + (spec,) * len(args), out_specs=spec)
+        return sm(v, raw, *args)
+
+    return jax.jit(wrapped)
+
+
+class _Scorer:
+    """Jitted pose searches over a half set's batches at one ``kmax`` (on ``mesh``: data-parallel over its
+    devices, each batch padded to a multiple of the device count). ``traced_batch_shapes``: the per-device
+    batch each search was traced with."""
+
+    def __init__(self, projector: Projector, settings: RefineSettings, mesh=None):
+        self.projector, self.s, self.mesh = projector, settings, mesh
+        self.traced_batch_shapes: list[int] = []
 
     def global_search(self, vol_f, source, idx, kmax, progress, desc):
         s, px = self.s, self.projector.pixel_size
         rots = jnp.asarray(so3_grid(s.global_step), jnp.float32)
         shifts = jnp.asarray(shift_grid(s.max_shift_px * px, s.global_shift_step_px * px), jnp.float32)
-        f = jax.jit(lambda v, raw: _best(score_poses(v, to_batch(raw), self.projector, rots, shifts, kmax=kmax),
-                                         rots, shifts))
+        f = _per_image(lambda v, raw: _best(score_poses(v, to_batch(raw), self.projector, rots, shifts, kmax=kmax),
+                                            rots, shifts), self.mesh, self.traced_batch_shapes)
         return self._run(f, vol_f, source, idx, progress, desc)
 
     def local_search(self, vol_f, source, idx, rotations, shifts, step, shift_step_px, kmax, progress, desc):
@@ -203,19 +231,22 @@ class _Scorer:
             sc = score_local(v, to_batch(raw), self.projector, cand, csh, kmax=kmax)
             return _best(sc, cand, csh)
 
-        f = jax.jit(one)
+        f = _per_image(one, self.mesh, self.traced_batch_shapes)
         return self._run(f, vol_f, source, idx, progress, desc, rotations, shifts)
 
     def _run(self, f, vol_f, source, idx, progress, desc, rotations=None, shifts=None):
         n = len(idx)
         out_r, out_s = np.zeros((n, 3, 3)), np.zeros((n, 2))
-        batches = epoch_batches(np.arange(n), self.s.batch_size)
+        mesh = self.mesh
+        batches = epoch_batches(np.arange(n), self.s.batch_size, multiple=parallel.mesh_size(mesh))
+        vol_f = parallel.replicate(vol_f, mesh)
         for pos, mask in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
-            raw = load_batch(source, idx[pos], mask)
+            raw = parallel.shard_batch(load_batch(source, idx[pos], mask), mesh)
             if rotations is None:
                 r, sh = f(vol_f, raw)
             else:
-                r, sh = f(vol_f, raw, jnp.asarray(rotations[pos], jnp.float32), jnp.asarray(shifts[pos], jnp.float32))
+                per = (np.asarray(rotations[pos], np.float32), np.asarray(shifts[pos], np.float32))
+                r, sh = f(vol_f, raw, *parallel.shard_batch(per, mesh))
             keep = np.asarray(mask) > 0
             out_r[pos[keep]] = np.asarray(r, np.float64)[keep]
             out_s[pos[keep]] = np.asarray(sh, np.float64)[keep]
@@ -234,7 +265,8 @@ def _orthonormalise(r: np.ndarray) -> np.ndarray:
     return u @ vt
 
 
-def _update_volume(source, idx, projector, vol_f, settings: RefineSettings, eta_cache: dict, progress, desc):
+def _update_volume(source, idx, projector, vol_f, settings: RefineSettings, eta_cache: dict, progress, desc,
+                   mesh=None):
     s = settings
     problem = Problem(source, projector, idx, s.lam, min(s.batch_size, len(idx)), s.seed)
     spe = problem.steps_per_epoch
@@ -252,21 +284,27 @@ def _update_volume(source, idx, projector, vol_f, settings: RefineSettings, eta_
     else:
         raise InputError(f"{{param}} {s.optimizer!r}: expected psgd or sgd", param="optimizer")
     res = fit(source, opt, projector, epochs=s.epochs_per_iteration, batch_size=problem.batch_size, lam=s.lam,
-              indices=idx, init=vol_f, seed=s.seed, progress=progress, desc=desc, divergence_factor=1e8)
-    return res.volume_f
+              indices=idx, init=vol_f, seed=s.seed, progress=progress, desc=desc, divergence_factor=1e8,
+              mesh=mesh)
+    return jax.device_get(res.volume_f)  # host copy: the half maps are kept (and checkpointed) off the mesh
 
 
 def refine_iteration(state: RefineState, source, halves, projector: Projector, settings: RefineSettings,
-                     eta_cache: dict | None = None, progress: bool = False) -> RefineState:
+                     eta_cache: dict | None = None, progress: bool = False, devices=None) -> RefineState:
     """One gold-standard iteration (module docstring): poses per half at the current ``kmax``, volume updates,
-    half-map FSC, next angular step. Returns the new state (the input is not modified)."""
+    half-map FSC, next angular step. Returns the new state (the input is not modified).
+
+    ``devices``: a device count or a :class:`jax.sharding.Mesh` (``None``: all local devices): the pose
+    scoring and the volume updates are split over a 1-D mesh of that many devices (:mod:`jaxcryo.parallel`;
+    the batch is the global batch, so the result does not depend on the count beyond rounding)."""
     s = settings
+    mesh = parallel.resolve_mesh(devices)
     eta_cache = {} if eta_cache is None else eta_cache
     t0 = time.perf_counter()
     n, px = projector.n, projector.pixel_size
     kmax = float(min(n // 2 - 1, np.ceil(n * px / state.resolution) + s.kmax_margin))
     op = make_operator(s.interp, oversample=s.score_oversample) if s.score_oversample > 1 else projector.operator
-    scorer = _Scorer(Projector(n=n, pixel_size=px, operator=op), s)
+    scorer = _Scorer(Projector(n=n, pixel_size=px, operator=op), s, mesh)
     rots = None if state.rotations is None else state.rotations.copy()
     shifts = state.shifts.copy()
     global_search = rots is None
@@ -287,7 +325,7 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
     t_pose = time.perf_counter() - t0
     posed = _with_poses(source, new_r, new_s)
     maps = [_update_volume(posed, idx, projector, state.half_maps[h], s, eta_cache, progress,
-                           f"{s.optimizer} update, half {h + 1}") for h, idx in enumerate(halves)]
+                           f"{s.optimizer} update, half {h + 1}", mesh) for h, idx in enumerate(halves)]
     f = fourier_fsc(maps[0], maps[1])
     shells = np.arange(len(f))
     below = np.flatnonzero((f < 0.143) & (shells > 0))
@@ -305,6 +343,7 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
            "frequency_limit_shell": kmax, "global_search": global_search,
            "mean_pose_change_deg": change, "mean_shift_change_px": shift_change,
            "seconds": time.perf_counter() - t0, "pose_seconds": t_pose, "optimizer": s.optimizer,
+           "devices": parallel.mesh_size(mesh),
            "half_map_fsc": [float(x) for x in f]}
     hist = list(state.history) + [rec]
     return RefineState(list(maps), new_r, new_s, res, step, shift_step, state.iteration + 1, stalls, hist)
@@ -333,7 +372,7 @@ def initial_state(source, reference_f, projector: Projector, settings: RefineSet
 def refine(source, reference: np.ndarray, settings: RefineSettings = RefineSettings(), local_only: bool = False,
            reference_pixel_size: float | None = None, progress: bool = True, state: RefineState | None = None,
            on_iteration: Callable[[RefineState], None] | None = None, warn: Callable[[str], None] | None = None,
-           truth: np.ndarray | None = None) -> RefineResult:
+           truth: np.ndarray | None = None, devices=None) -> RefineResult:
     """Refine poses and maps of ``source`` from ``reference`` (module docstring).
 
     Args:
@@ -344,6 +383,9 @@ def refine(source, reference: np.ndarray, settings: RefineSettings = RefineSetti
         state: a :class:`RefineState` to resume from.
         on_iteration: called with the state after each iteration (checkpointing).
         truth: optional ground-truth map (simulations): each history record gains its FSC-0.5 shell.
+        devices: local devices to split the pose scoring and the volume updates over (a count or a mesh;
+            default all JAX sees; see :func:`refine_iteration`); the closing known-pose reconstruction gets the
+            same (:func:`jaxcryo.reconstruct`).
     """
     from .reconstruct import reconstruct
 
@@ -355,13 +397,14 @@ def refine(source, reference: np.ndarray, settings: RefineSettings = RefineSetti
     projector = Projector(n=n, pixel_size=px, operator=settings.interp)
     ref = prepare_reference(reference, reference_pixel_size, n, px, warn)
     halves = split_halves(md, settings.seed)
+    mesh = parallel.resolve_mesh(devices)  # validates the count before any work
     if state is None:
         state = initial_state(source, volume_to_fourier(jnp.asarray(ref)), projector, settings, local_only)
     truth_f = None if truth is None else volume_to_fourier(jnp.asarray(np.asarray(truth, np.float32)))
     eta_cache: dict = {}
     bar = tqdm(total=settings.iterations, initial=state.iteration, desc="refine", unit="it", disable=not progress)
     while not done(state, settings):
-        state = refine_iteration(state, source, halves, projector, settings, eta_cache, progress)
+        state = refine_iteration(state, source, halves, projector, settings, eta_cache, progress, mesh or 1)
         if truth_f is not None:
             avg = 0.5 * (state.half_maps[0] + state.half_maps[1])
             f = fourier_fsc(avg, truth_f)
@@ -378,7 +421,8 @@ def refine(source, reference: np.ndarray, settings: RefineSettings = RefineSetti
                                  missing_poses=None)
     posed = _with_poses(source, state.rotations, state.shifts)
     posed.metadata = out_md
-    final = reconstruct(posed, seed=settings.seed, progress=progress, reference=truth)  # the known-pose default
+    final = reconstruct(posed, seed=settings.seed, progress=progress, reference=truth,  # the known-pose default
+                        devices=mesh or 1)
     return RefineResult(out_md, state, state.history, final)
 
 

@@ -11,7 +11,11 @@ was traced with, and the all-reduces in the compiled step.
 and ``--devices 1`` (same seed) for ``--optimizer psgd`` and the default ``backproject``, into ``OUT_DIR/cli``;
 the test compares the maps and reads ``run.json``. Also ``--devices 8`` (more than there are: exit code 2).
 
-``all`` runs both in one process (one JAX start-up); the JSON has one key per mode.
+``python tests/parallel_check.py refine OUT_DIR``: one :func:`jaxcryo.refine.refine_iteration` (a global search,
+and a local one from perturbed poses) on 4 devices and on 1, and ``jaxcryo refine --devices 4`` against
+``--devices 1`` for one iteration: the maps' and poses' differences, ``run.json``'s devices.
+
+``all`` runs them all in one process (one JAX start-up); the JSON has one key per mode.
 """
 
 from __future__ import annotations
@@ -109,8 +113,67 @@ def cli(out: Path) -> dict:
     return {"devices_seen": len(jax.devices()), "returncodes": rcs}
 
 
+def refine(out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    import jaxcryo as jc
+    from jaxcryo.cli import main
+    from jaxcryo.io.star import write_star
+    from jaxcryo.refine import (RefineSettings, _with_poses, initial_state, lowpass, refine_iteration,
+                                prepare_reference)
+    from jaxcryo.projection import volume_to_fourier
+    from jaxcryo.simulate import perturbed_metadata, simulate
+    from jaxcryo.sources import split_halves
+
+    box, px = 20, 3.0
+    sim = simulate(n_particles=150, box=box, snr=2.0, seed=1, operator="trilinear", max_shift=1.5 * px)
+    ds = jc.ArrayDataset(sim.metadata, sim.images)
+    settings = RefineSettings(global_step=30.0, local_step=3.0, batch_size=50, epochs_per_iteration=1,
+                              max_shift_px=2.0, global_shift_step_px=1.0)
+    proj = jc.Projector(n=box, pixel_size=px, operator=settings.interp)
+    ref = prepare_reference(sim.volume, px, box, px)
+    ref_f = volume_to_fourier(jax.numpy.asarray(ref))
+    halves = split_halves(sim.metadata, settings.seed)
+    pert = perturbed_metadata(sim.metadata, 5.0, 1.0, 2)
+    report = {}
+    for name, src, local in (("global", ds, False), ("local", _with_poses(ds, pert.rotations, pert.shifts), True)):
+        res = {}
+        for n in (1, 4):
+            st = initial_state(src, ref_f, proj, settings, local)
+            res[n] = refine_iteration(st, src, halves, proj, settings, devices=n)
+        a, b = res[4], res[1]
+        report[name] = {
+            "max_rel_diff_half_maps": max(rel(x, y) for x, y in zip(a.half_maps, b.half_maps)),
+            "max_rotation_diff": float(np.abs(a.rotations - b.rotations).max()),
+            "max_shift_diff": float(np.abs(a.shifts - b.shifts).max()),
+            "devices_recorded": [a.history[-1]["devices"], b.history[-1]["devices"]]}
+    from jaxcryo import parallel
+    from jaxcryo.refine import _Scorer
+
+    sc = _Scorer(proj, settings, parallel.make_mesh(4))  # the search's per-device batch: 52 / 4 images
+    r, _ = sc.global_search(ref_f, ds, halves[0][:52], 6.0, False, "")
+    report["scoring_traced_batch_shapes_4"] = sc.traced_batch_shapes
+    d = out / "sim"
+    star = jc.write_dataset(d, pert, sim.images)
+    from jaxcryo.io.mrc import write_map
+    write_map(d / "reference.mrc", ref, px)
+    rcs = {}
+    for n in (4, 1):
+        rcs[f"d{n}"] = main(["refine", str(star), "--reference", str(d / "reference.mrc"), "--out",
+                             str(out / f"refine_d{n}"), "--local-only", "--iterations", "1", "--batch-size", "50",
+                             "--epochs-per-iteration", "1", "--devices", str(n), "--quiet"])
+    rcs["too_many"] = main(["refine", str(star), "--reference", str(d / "reference.mrc"), "--out",
+                            str(out / "refine_bad"), "--local-only", "--devices", "8", "--quiet"])
+    report["cli_returncodes"] = rcs
+    from jaxcryo.io.mrc import read_map
+
+    report["cli_max_rel_diff"] = {name: rel(read_map(out / "refine_d4" / name)[0], read_map(out / "refine_d1" / name)[0])
+                                  for name in ("map.mrc", "half1.mrc", "half2.mrc")}
+    report["cli_devices"] = [json.loads((out / f"refine_d{n}" / "run.json").read_text())["devices"] for n in (4, 1)]
+    return report
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    modes = {"api": api, "cli": cli}
+    modes = {"api": api, "cli": cli, "refine": refine}
     result = {m: modes[m](out / m) for m in (modes if mode == "all" else [mode])}
     print("PARALLEL_CHECK " + json.dumps(result))

@@ -93,6 +93,22 @@ def test_cli_devices_4_matches_devices_1(forced):
             np.testing.assert_allclose([h["loss"] for h in h4], [h["loss"] for h in h1], rtol=TOL)
 
 
+def test_refine_iteration_devices_4_matches_devices_1(forced):
+    """One refinement iteration (global search, local search from perturbed poses) on 4 devices: the same
+    poses and half maps as on one (API), and ``jaxcryo refine --devices 4`` the same maps as ``--devices 1``
+    with ``run.json`` recording the devices; the scoring really ran on quarter batches."""
+    rep, out, log = forced
+    r = rep["refine"]
+    for name in ("global", "local"):
+        assert r[name]["max_rotation_diff"] == 0.0 and r[name]["max_shift_diff"] == 0.0, r[name]
+        assert r[name]["max_rel_diff_half_maps"] < TOL, r[name]
+        assert r[name]["devices_recorded"] == [4, 1]
+    assert set(r["scoring_traced_batch_shapes_4"]) == {13}, r["scoring_traced_batch_shapes_4"]
+    assert r["cli_returncodes"] == {"d4": 0, "d1": 0, "too_many": 2}, log[-2000:]
+    assert max(r["cli_max_rel_diff"].values()) < TOL, r["cli_max_rel_diff"]
+    assert r["cli_devices"] == [4, 1]
+
+
 # --------------------------------------------------------------------------------------------------
 # in this process (one device)
 # --------------------------------------------------------------------------------------------------

@@ -62,6 +62,10 @@ def register(sub) -> None:
                    help="STAR with the true poses (simulations): run.json and the summary report pose errors")
     p.add_argument("--datadir", type=Path, default=None, help="folder to look for the image stacks in")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--devices", type=int, default=None,
+                   help="local devices to split the pose scoring and the volume updates over (default: all JAX "
+                        "sees); --batch-size is the global batch, so the result does not depend on it beyond "
+                        "rounding. On CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -141,7 +145,8 @@ def run(args) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             res = refine(ds, ref, settings, local_only=args.local_only, reference_pixel_size=ref_px,
-                         progress=not args.quiet, state=state, on_iteration=checkpoint, warn=warn, truth=truth)
+                         progress=not args.quiet, state=state, on_iteration=checkpoint, warn=warn, truth=truth,
+                         devices=args.devices)
     except KeyboardInterrupt:
         print(f"jaxcryo refine: interrupted; continue with --resume ({stem}.npz)", file=sys.stderr)
         return 130
@@ -176,9 +181,12 @@ def run(args) -> int:
                      x_keys=("epoch",), y_keys=("resolution", "mean_pose_change_deg", "fsc05_truth_shell"),
                      title="refinement per iteration")
     summary["wall_seconds"] = time.perf_counter() - t0
+    n_devices = res.history[-1].get("devices", 1) if res.history else 1
     atomic_write_text(out / "run.json", json.dumps({"command": "refine", "argv": sys.argv,
                                                     "settings": dataclasses.asdict(settings),
-                                                    "local_only": args.local_only, "summary": summary}, indent=1))
+                                                    "local_only": args.local_only, "devices": n_devices,
+                                                    "devices_requested": args.devices,
+                                                    "summary": summary}, indent=1))
     print(f"jaxcryo refine: {len(md)} particles, {res.state.iteration} iterations, {summary['wall_seconds']:.0f} s; "
           f"half-map FSC 0.143: {summary['resolution_0143']:.2f} A"
           + (f"; vs truth 0.5: {summary['truth_resolution_05']:.2f} A" if "truth_resolution_05" in summary else "")
