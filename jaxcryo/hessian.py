@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import stencil
-from .batch import Batch, complex_dtype, iterate_batches, make_batch, to_batch
+from jax.sharding import PartitionSpec as P
+
+from . import parallel, stencil
+from .batch import Batch, complex_dtype, epoch_batches, iterate_batches, load_batch, make_batch, to_batch
 from .ctf import CTFParams
 from .linalg import CGResult, conjugate_gradient
 from .loss import hvp, loss
@@ -81,7 +83,8 @@ def weight_backprojection(projector: Projector, batch: Batch, squared: bool = Tr
     if pixels is not None:  # a subset of the pixels, each scaled (Projector.hermitian_pixels)
         idx, pw = pixels
         pts, w = pts.reshape(b, -1, 3)[:, idx], w.reshape(b, -1)[:, idx] * jnp.asarray(pw, rdt)
-    (d,) = jax.linear_transpose(lambda v: fwd(v, pts), jax.ShapeDtypeStruct((n,) * 3, rdt))(w)
+    # in a data-parallel pass (shard_map): this device's partial sum (parallel.primal_like), reduced by the caller
+    (d,) = jax.linear_transpose(lambda v: fwd(v, pts), parallel.primal_like((n,) * 3, rdt, w, pts))(w)
     return d
 
 
@@ -301,15 +304,18 @@ def solve_cg(projector: Projector, source, lam: float = 0.0, tol: float = 1e-4, 
 
 
 @lru_cache(maxsize=16)
-def _wiener_steps(projector: Projector, rdt, hermitian: bool):
+def _wiener_steps(projector: Projector, rdt, hermitian: bool, mesh=None):
     """The jitted per-batch accumulation of :func:`wiener_backprojection` and the final transpose of the
-    operator's lift, built once per (projector, precision, hermitian) so repeated calls (two half sets)
-    trace once."""
+    operator's lift, built once per (projector, precision, hermitian, mesh) so repeated calls (two half sets)
+    trace once.
+
+    On a ``mesh`` of ``D`` devices (:mod:`jaxcryo.parallel`): each device accumulates its shard of every batch
+    into its own sums (arrays with a leading device axis, split over the mesh), and ``finish`` reduces them
+    with one ``psum`` before the lift's transpose; its outputs are replicated."""
     cdt = complex_dtype(rdt)
     pixels = projector.hermitian_pixels() if hermitian else None
 
-    @partial(jax.jit, donate_argnums=(0, 1))
-    def accumulate(num, den, raw):  # the sums stay on the device, updated in place: one call per batch
+    def add_batch(num, den, raw):  # the sums stay on the device, updated in place: one call per batch
         b = to_batch(raw, rdt)
         y = b.images_f * (b.weights * b.mask)[:, None, None]
         filt = projector.filters(b.shifts, b.ctf, dtype=cdt)
@@ -318,18 +324,31 @@ def _wiener_steps(projector: Projector, rdt, hermitian: bool):
         return (num + projector.backproject_lifted(y, b.rotations, filt, pixels),
                 den + weight_backprojection(projector, b, squared=False, pixels=pixels))
 
-    @jax.jit
-    def finish(num, den):  # the lift's transpose and the Friedel mirror, once
+    def unlift(num, den):  # the lift's transpose and the Friedel mirror, once
         num = projector.unlift_adjoint(num)
         if hermitian:
             num, den = num + hermitian_mirror(num), den + hermitian_mirror(den)
         return num, den
 
+    if parallel.mesh_size(mesh) <= 1:
+        return partial(jax.jit, donate_argnums=(0, 1))(add_batch), jax.jit(unlift)
+    spec, rep = P(parallel.AXIS), P()
+
+    def add_local(num, den, raw):  # this device's sums (leading axis of length 1) and its shard of the batch
+        num, den = add_batch(num[0], den[0], raw)
+        return num[None], den[None]
+
+    def unlift_local(num, den):
+        return unlift(*jax.lax.psum((num[0], den[0]), parallel.AXIS))
+
+    accumulate = jax.jit(jax.shard_map(add_local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec)),
+                         donate_argnums=(0, 1))
+    finish = jax.jit(jax.shard_map(unlift_local, mesh=mesh, in_specs=(spec, spec), out_specs=(rep, rep)))
     return accumulate, finish
 
 
 def wiener_backprojection(projector: Projector, source, lam: float = 0.0, batch_size: int = 256,
-                          indices=None, dtype=jnp.float32, hermitian: bool = True):
+                          indices=None, dtype=jnp.float32, hermitian: bool = True, mesh=None):
     """Direct Wiener-filter reconstruction ``(sum_i S_i^H w_i y_i) / (sum_i P_i^T (w_i CTF_i^2) + lam)``.
 
     ``S_i^H`` is the adjoint of the forward model (CTF, shift phase, slice) and ``P_i^T`` backprojects the
@@ -347,16 +366,30 @@ def wiener_backprojection(projector: Projector, source, lam: float = 0.0, batch_
     accumulated on the operator's lifted grid, whose transpose is applied once at the end
     (:meth:`~jaxcryo.projection.Projector.backproject_lifted`).
 
+    ``mesh``: a 1-D device mesh (:func:`jaxcryo.parallel.make_mesh`): each batch (padded to a multiple of
+    the device count) is split over its devices, each device backprojects its images into its own sums, and
+    one all-reduce adds them at the end (the result equals the single-device one up to rounding).
+
     Returns ``(vol_f, weights)``: the centred Fourier volume and the weight volume.
     """
     n = projector.n
     rdt, cdt = jnp.dtype(dtype), jnp.dtype(complex_dtype(dtype))
-    accumulate, finish = _wiener_steps(projector, rdt, hermitian)
-    num, den = jnp.zeros(projector.lifted_shape(), cdt), jnp.zeros((n,) * 3, rdt)
+    if parallel.mesh_size(mesh) <= 1:
+        mesh = None
+    accumulate, finish = _wiener_steps(projector, rdt, hermitian, mesh)
+    if mesh is None:
+        num, den = jnp.zeros(projector.lifted_shape(), cdt), jnp.zeros((n,) * 3, rdt)
+    else:  # one partial sum per device, created in place
+        d, split = mesh.size, parallel.batch_sharding(mesh)
+        num, den = jax.jit(lambda: (jnp.zeros((d, *projector.lifted_shape()), cdt), jnp.zeros((d,) + (n,) * 3, rdt)),
+                           out_shardings=(split, split))()
+    if indices is None:
+        indices = np.arange(len(source.metadata))
     count = 0
-    for raw in iterate_batches(source, batch_size, indices):
+    for idx, mask in epoch_batches(np.asarray(indices), batch_size, multiple=parallel.mesh_size(mesh)):
+        raw = parallel.shard_batch(load_batch(source, idx, mask), mesh)
         num, den = accumulate(num, den, raw)
-        count += int(raw.mask.sum())
+        count += int(mask.sum())
     num, den = finish(num, den)
     num, den = num / count, den / count
     safe = den + prior_diagonal(lam, n, rdt)

@@ -26,6 +26,7 @@ from jaxtyping import Array, ArrayLike, Complex, Float
 from .ctf import CTFParams, evaluate_ctf
 from .fourier import fft3c, freq_grid_2d, freq_indices, ifft2c, ifft3c
 from .operators import SliceOperator, Trilinear, as_operator, operator_name
+from .parallel import primal_like
 
 
 def _real_dtype(cdtype):
@@ -166,8 +167,9 @@ class Projector(eqx.Module):
         ``pixels``: ``(flat_indices, weights)`` (NumPy, static) restricts the backprojection to those image
         pixels, each scaled by its weight (:meth:`hermitian_pixels`)."""
         cdt = images_f.dtype
-        spec = jax.ShapeDtypeStruct(self.lifted_shape(), cdt)
         pts = slice_points(rotations, self.n, _real_dtype(cdt))
+        # in a data-parallel pass (shard_map): this device's partial sum, reduced once by the caller
+        spec = primal_like(self.lifted_shape(), cdt, images_f, pts, filters)
         y = jnp.conj(images_f)
         if pixels is not None:
             idx, w = pixels

@@ -12,9 +12,9 @@ step-size policy):
   and resume from them bit for bit;
 * the combined map ``(D1 v1 + D2 v2) / (D1 + D2)`` (the full-data least-squares solution for a diagonal
   Hessian; the plain mean when no diagonal is known), the half-map FSC and the FSC to a reference;
-* data parallelism (``devices``): the minibatch strategies' epoch steps split each batch over a 1-D mesh of
-  the local devices (:mod:`jaxcryo.parallel`); the one-pass strategies and each run's preparation still run
-  on one device.
+* data parallelism (``devices``): the minibatch strategies' epoch steps, the one-pass ``backproject`` and
+  the spectral prior's estimate split each batch over a 1-D mesh of the local devices
+  (:mod:`jaxcryo.parallel`); ``cg`` and each minibatch run's preparation still run on one device.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ OPTIMIZERS = STRATEGY_NAMES
 class ReconstructResult:
     """``volume``: the map (real space ``(n, n, n)``); ``half1``/``half2`` the half maps (or ``None``);
     ``history``: one dict per epoch; ``fsc_half``/``fsc_ref``: :class:`jaxcryo.metrics.FSCResult` or None;
-    ``devices``: the number of devices the epoch steps were split over (1 for the one-pass strategies)."""
+    ``devices``: the number of devices the data passes were split over (1 for ``cg``)."""
 
     volume: np.ndarray
     half1: np.ndarray | None
@@ -195,8 +195,9 @@ def reconstruct(
         devices: local devices to split each minibatch step over (default: all JAX sees; see
             :mod:`jaxcryo.parallel`). ``batch_size`` is the global batch; the result does not depend on the
             count beyond floating-point reduction order, and a checkpoint resumes on any count. The one-pass
-            strategies (``backproject``, ``cg``) and the spectral prior's estimate are not sharded: they run
-            on one device whatever ``devices`` says (:attr:`ReconstructResult.devices` is 1).
+            ``backproject`` and the spectral prior's half-map estimate split their batches too; ``cg`` and
+            the preparation of a minibatch run (step size, exact diagonal) run on one device
+            (:attr:`ReconstructResult.devices` is 1 for ``cg``).
         prefetch: minibatches read ahead by a background thread during the epochs of the minibatch strategies
             (:func:`jaxcryo.fit.fit`; 0: each batch read when its step starts). The result does not depend on it.
     """
@@ -231,13 +232,15 @@ def reconstruct(
 
     def estimate(fudge):
         halves = est_halves if halfmaps else [indices[h] for h in est_halves]
-        estimates.append(estimate_spectral_prior(projector, source, halves, lam, batch_size, fudge))
+        estimates.append(estimate_spectral_prior(projector, source, halves, lam, batch_size, fudge, mesh))
         return estimates[-1]
 
     t_prior = time.perf_counter()
     objective_prior = resolve_prior(prior, lam, estimate)
     t_prior = time.perf_counter() - t_prior
-    runs = [_Run(name, Problem(source, projector, idx, objective_prior, batch_size, seed)) for name, idx in parts]
+    one_pass_mesh = mesh if not strategy.minibatch and strategy.sharded else None
+    runs = [_Run(name, Problem(source, projector, idx, objective_prior, batch_size, seed, one_pass_mesh))
+            for name, idx in parts]
     config = dict(optimizer=strategy.name, epochs=epochs, batch_size=batch_size, lr=lr, interp=describe(projector.operator),
                   probes=probes, lam=lam, prior=_prior_name(prior), box=n, pixel_size=px, halfmaps=halfmaps,
                   mask=mask, seed=seed, n_particles=int(len(indices)))
@@ -263,7 +266,8 @@ def reconstruct(
             for k, v in s.info.items():
                 rec[k] = max(rec.get(k, v), v)
         fin.record(rec, vol_f)
-        return fin.result([s.volume_f for s in sols], vol_f, [rec], config, prior_record, devices=1)
+        return fin.result([s.volume_f for s in sols], vol_f, [rec], config, prior_record,
+                          devices=parallel.mesh_size(mesh) if strategy.sharded else 1)
 
     history: list = []
     start_epoch = 0

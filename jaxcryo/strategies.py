@@ -56,6 +56,7 @@ class Problem:
     lam: "float | Prior" = 0.0
     batch_size: int = 256
     seed: int = 0
+    mesh: Any = None  # a device mesh for the one-pass estimate (jaxcryo.parallel); the epoch steps get theirs from fit
 
     @property
     def steps_per_epoch(self) -> int:
@@ -217,6 +218,8 @@ class OnePassStrategy(Strategy):
     """A full-batch solver of the same objective."""
 
     minibatch: ClassVar[bool] = False
+    #: its data passes split each batch over ``problem.mesh`` (:mod:`jaxcryo.parallel`)
+    sharded: ClassVar[bool] = False
 
     def data_passes(self, iterations: int) -> int:
         """Passes over the data that :meth:`solve` makes for ``iterations``."""
@@ -247,6 +250,8 @@ class CG(OnePassStrategy):
 class Backproject(OnePassStrategy):
     """One-pass Wiener-filter backprojection (exact for ``nearest`` slices)."""
 
+    sharded: ClassVar[bool] = True
+
     def solve(self, problem: Problem, iterations: int, wiener=None) -> Solution:
         lam = prior_diagonal(problem.lam, problem.projector.n)
         if wiener is not None:  # the same sums with another regulariser: no data pass
@@ -255,7 +260,7 @@ class Backproject(OnePassStrategy):
             v = jnp.where(safe > 0, v0 * safe0 / jnp.where(safe > 0, safe, 1), 0)
             return Solution(v, safe, {})
         v, den = wiener_backprojection(problem.projector, problem.source, lam=problem.lam,
-                                       batch_size=problem.batch_size, indices=problem.indices)
+                                       batch_size=problem.batch_size, indices=problem.indices, mesh=problem.mesh)
         return Solution(v, den + lam, {})
 
 

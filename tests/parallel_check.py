@@ -15,6 +15,10 @@ the test compares the maps and reads ``run.json``. Also ``--devices 8`` (more th
 and a local one from perturbed poses) on 4 devices and on 1, and ``jaxcryo refine --devices 4`` against
 ``--devices 1`` for one iteration: the maps' and poses' differences, ``run.json``'s devices.
 
+``python tests/parallel_check.py wiener OUT_DIR``: the one-pass estimate
+(:func:`jaxcryo.hessian.wiener_backprojection`) on 4 devices and on 1, and the all-reduces of its compiled
+programs.
+
 ``all`` runs them all in one process (one JAX start-up); the JSON has one key per mode.
 """
 
@@ -113,6 +117,35 @@ def cli(out: Path) -> dict:
     return {"devices_seen": len(jax.devices()), "returncodes": rcs}
 
 
+def wiener(out: Path) -> dict:
+    """The one-pass estimate (the default ``backproject``) on 4 devices against 1: maps and weights, and the
+    compiled programs: no all-reduce per batch (each device sums its own images), one in the finish."""
+    import jaxcryo as jc
+    from jaxcryo import parallel
+    from jaxcryo.hessian import _wiener_steps, wiener_backprojection
+    from jaxcryo.simulate import simulate
+
+    sim = simulate(n_particles=150, box=16, snr=1.0, seed=0, operator="trilinear")
+    ds = jc.ArrayDataset(sim.metadata, sim.images)
+    mesh = parallel.make_mesh(4)
+    report = {}
+    for name, op in (("trilinear", "trilinear"), ("trilinear_x2", jc.make_operator("trilinear", oversample=2)),
+                     ("nufft", "nufft")):
+        proj = jc.Projector(n=16, pixel_size=3.0, operator=op)
+        a, da = wiener_backprojection(proj, ds, 1e-3, 40)
+        b, db = wiener_backprojection(proj, ds, 1e-3, 40, mesh=mesh)
+        acc, fin = _wiener_steps(proj, np.dtype(np.float32), True, mesh)
+        split = parallel.batch_sharding(mesh)
+        num = jax.ShapeDtypeStruct((4, *proj.lifted_shape()), np.complex64, sharding=split)
+        den = jax.ShapeDtypeStruct((4, 16, 16, 16), np.float32, sharding=split)
+        raw = parallel.shard_batch(jc.load_batch(ds, np.arange(40)), mesh)
+        report[name] = {"max_rel_diff": rel(b, a), "max_rel_diff_weights": rel(db, da),
+                        "sharding": str(b.sharding.spec), "sharding_devices": len(b.sharding.device_set),
+                        "all_reduce_per_batch": acc.lower(num, den, raw).compile().as_text().count("all-reduce("),
+                        "all_reduce_finish": fin.lower(num, den).compile().as_text().count("all-reduce(")}
+    return report
+
+
 def refine(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     import jaxcryo as jc
@@ -174,6 +207,6 @@ def refine(out: Path) -> dict:
 
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
-    modes = {"api": api, "cli": cli, "refine": refine}
+    modes = {"api": api, "cli": cli, "wiener": wiener, "refine": refine}
     result = {m: modes[m](out / m) for m in (modes if mode == "all" else [mode])}
     print("PARALLEL_CHECK " + json.dumps(result))

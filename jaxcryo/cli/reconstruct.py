@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from .. import distributed
 from ..errors import InputError
 from ..io.atomic import atomic_write_text
 from ..io.mrc import read_map, write_map
@@ -71,14 +72,31 @@ def register(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--platform", choices=("cpu", "gpu"), default=None, help="JAX platform (default: what JAX finds)")
     p.add_argument("--devices", type=int, default=None,
-                   help="local devices to split each minibatch step over (default: all JAX sees); --batch-size "
+                   help="devices to split each minibatch step over (default: all JAX sees; with several "
+                        "processes, the total over all of them); --batch-size "
                         "is the global batch. The one-pass optimisers (backproject, cg) run on one device. On "
                         "CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices (sharing the "
                         "cores)")
     p.add_argument("--prefetch", type=int, default=1,
                    help="minibatches read ahead from disk by a background thread while a step computes (minibatch "
                         "optimisers; 0 = off). The result does not depend on it")
+    add_distributed_flags(p)
     p.set_defaults(func=run)
+
+
+def add_distributed_flags(p) -> None:
+    """``--coordinator``, ``--num-processes``, ``--process-id``: a multi-process run (jaxcryo.distributed)."""
+    g = p.add_argument_group(
+        "several processes (hosts)",
+        "every process runs the same command with its own --process-id; the devices of all of them form one "
+        "mesh (--devices counts them all), each process reads its share of every batch, and process 0 writes "
+        "the outputs. Minibatch optimisers only (psgd, sgd, adam)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address and a free port (default: $JAX_COORDINATOR_ADDRESS; 'auto': JAX's "
+                        "Slurm / Open MPI / mpi4py detection)")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the run (default: $JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None,
+                   help="this process's id, 0 to num-processes - 1 (default: $JAX_PROCESS_ID)")
 
 
 def _versions() -> dict:
@@ -99,6 +117,11 @@ def _write_json(path: Path, obj) -> None:
 
 def run(args) -> int:
     t0 = time.perf_counter()
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before JAX starts: no-op alone
+    processes, rank = distributed.process_count(), distributed.process_index()
+    if processes > 1 and args.optimizer in ("backproject", "cg"):
+        raise InputError(f"--optimizer {args.optimizer} with {processes} processes: the one-pass estimate is not "
+                         "split across processes; use --optimizer psgd, sgd or adam, or run it in one process")
     preload()  # matplotlib's import overlaps with the reconstruction
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -140,6 +163,9 @@ def run(args) -> int:
         reference, _ = read_map(args.reference)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
+    if rank > 0:  # process 0 writes the outputs; each other process checkpoints into its own folder (--resume)
+        (out / f"process{rank}").mkdir(exist_ok=True)
+        ckpt = out / f"process{rank}" / "checkpoint"
     if args.resume and not ckpt.with_suffix(".npz").exists():
         raise InputError(f"{ckpt}.npz: no checkpoint to resume from (--resume)")
     try:
@@ -155,6 +181,8 @@ def run(args) -> int:
         msg = f"interrupted; continue with --resume ({ckpt}.npz)" if done else "interrupted"
         print(f"jaxcryo reconstruct: {msg}", file=sys.stderr)
         return 130
+    if rank > 0:
+        return 0
     px = res.pixel_size
     write_map(out / "map.mrc", res.volume, px)
     if res.half1 is not None:
@@ -180,9 +208,9 @@ def run(args) -> int:
         "config": res.config, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                        if k != "func"},
         "n_particles_used": int(len(indices)), "prior": res.prior, "versions": _versions(), "device": devices,
-        "devices": res.devices, "devices_requested": args.devices if args.devices is not None else len(devices),
-        **({} if res.devices > 1 or args.optimizer not in ("backproject", "cg") else {
-            "devices_note": f"{args.optimizer} (one-pass) is not sharded: it ran on one device"}),
+        "devices": res.devices, "processes": processes, "devices_requested": args.devices if args.devices is not None else len(devices),
+        **({} if res.devices > 1 or args.optimizer != "cg" or args.devices in (None, 1) else {
+            "devices_note": "cg is not sharded: it ran on one device"}),
         "wall_seconds": time.perf_counter() - t0,
     })
     wall = time.perf_counter() - t0
