@@ -172,10 +172,13 @@ def prefetch(items: Iterable, depth: int = 1) -> Iterator:
 def load_batch(source, idx, mask=None, weights=None) -> RawBatch:
     """Read the images and metadata of particles ``idx`` from ``source`` into a :class:`RawBatch`.
 
-    Each distinct image is read once (padding repeats indices). ``weights`` are per particle of the source.
-    Particles without poses (``metadata.rotations is None``: a pose search) get identity rotations.
+    Each distinct image is read once (padding repeats indices). ``weights`` are per particle of the source
+    (default: the source's ``weights`` attribute if it has one, e.g. :class:`jaxcryo.refine.SoftPoses`,
+    else 1). Particles without poses (``metadata.rotations is None``: a pose search) get identity rotations.
     """
     md = source.metadata
+    if weights is None:
+        weights = getattr(source, "weights", None)
     idx = np.asarray(idx)
     uniq, inv = np.unique(idx, return_inverse=True)
     imgs = np.asarray(source.images(uniq), np.float32)[inv]

@@ -47,7 +47,7 @@ from .optim import harmonic_schedule, preconditioned_sgd, sgd
 from .particles import ParticleMetadata
 from .priors import fourier_fsc
 from .projection import Projector, fourier_to_volume, volume_to_fourier
-from .scoring import best_poses, score_local, score_poses
+from .scoring import best_poses, score_local, score_pixels, score_poses, soft_weights
 from .sources import ArrayDataset, ParticleDataset, split_halves
 from .strategies import Problem, initial_step_size
 
@@ -72,6 +72,9 @@ class RefineSettings:
         patience: iterations at the finest step without a one-shell improvement before stopping.
         epochs_per_iteration: epochs of the volume update per iteration.
         optimizer: ``"psgd"`` (preconditioned SGD) or ``"sgd"`` for the volume updates.
+        top_k: pose assignment of the local searches: 1 = hard (each image at its best candidate); K > 1 =
+            soft: each image enters the volume update at its K most likely candidates with their posterior
+            weights (:func:`assign_poses`); the particles' poses are the best candidates either way.
         lam: Tikhonov weight of the volume updates.
         batch_size: images per step of the volume updates and of the pose scoring.
         interp: slice operator name for scoring and updates.
@@ -95,6 +98,7 @@ class RefineSettings:
     patience: int = 1
     epochs_per_iteration: int = 2
     optimizer: str = "psgd"
+    top_k: int = 1
     lam: float = 1e-3
     batch_size: int = 200
     interp: str = "trilinear"
@@ -225,37 +229,106 @@ class _Scorer:
         radius = s.local_radius_steps * step
         grid = jnp.asarray(shift_grid(s.local_shift_steps * shift_step_px * px, shift_step_px * px), jnp.float32)
 
+        top_k = int(s.top_k)
+        n_pix = len(score_pixels(self.projector, kmax))
+
         def one(v, raw, rot, sh):
             cand = local_grid(rot, step, radius)
             csh = sh[:, None, :] + grid[None]
             sc = score_local(v, to_batch(raw), self.projector, cand, csh, kmax=kmax)
-            return _best(sc, cand, csh)
+            return tuple(assign_poses(sc, cand, csh, top_k, n_pix))
 
         f = _per_image(one, self.mesh, self.traced_batch_shapes)
         return self._run(f, vol_f, source, idx, progress, desc, rotations, shifts)
 
     def _run(self, f, vol_f, source, idx, progress, desc, rotations=None, shifts=None):
         n = len(idx)
-        out_r, out_s = np.zeros((n, 3, 3)), np.zeros((n, 2))
+        outs = None
         mesh = self.mesh
         batches = epoch_batches(np.arange(n), self.s.batch_size, multiple=parallel.mesh_size(mesh))
         vol_f = parallel.replicate(vol_f, mesh)
         for pos, mask in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
             raw = parallel.shard_batch(load_batch(source, idx[pos], mask), mesh)
             if rotations is None:
-                r, sh = f(vol_f, raw)
+                res = f(vol_f, raw)
             else:
                 per = (np.asarray(rotations[pos], np.float32), np.asarray(shifts[pos], np.float32))
-                r, sh = f(vol_f, raw, *parallel.shard_batch(per, mesh))
+                res = f(vol_f, raw, *parallel.shard_batch(per, mesh))
+            res = [np.asarray(x, np.float64) for x in res]
+            if outs is None:
+                outs = [np.zeros((n,) + x.shape[1:]) for x in res]
             keep = np.asarray(mask) > 0
-            out_r[pos[keep]] = np.asarray(r, np.float64)[keep]
-            out_s[pos[keep]] = np.asarray(sh, np.float64)[keep]
-        return out_r, out_s
+            for o, x in zip(outs, res):
+                o[pos[keep]] = x[keep]
+        return tuple(outs)
 
 
 def _best(scores, rotations, shifts):
     b = best_poses(scores, rotations, shifts)
     return b.rotations, b.shifts
+
+
+class Assignment(NamedTuple):
+    """Each image's ``K`` most likely candidates, best first: ``rotations`` ``(B, K, 3, 3)``, ``shifts``
+    ``(B, K, 2)`` (Å), ``weights`` ``(B, K)`` (posterior weights summing to 1; ``K = 1``: hard assignment)."""
+
+    rotations: jax.Array
+    shifts: jax.Array
+    weights: jax.Array
+
+
+def assign_poses(scores, rotations, shifts, top_k: int = 1, n_pixels: int | None = None) -> Assignment:
+    """Hard (``top_k=1``: :func:`jaxcryo.scoring.best_poses`) or soft assignment from the scores of
+    :func:`jaxcryo.scoring.score_poses` / :func:`~jaxcryo.scoring.score_local` (``rotations``, ``shifts``: the
+    candidates, shared or per image).
+
+    Soft: the scores are log-likelihoods for unit noise variance (the objective's), so before the softmax of
+    :func:`jaxcryo.scoring.soft_weights` each image's scores are divided by its own noise variance estimated
+    from its best residual, ``sigma_i^2 = -2 max L_i / n_pixels`` (the mean squared residual per scored pixel
+    at the best pose, an upper bound on the noise variance: weights at least as broad as the data's, as
+    RELION's residual-based noise estimate). Per image, so the result does not depend on the batch or the
+    number of devices. Pure, jittable (``top_k`` and ``n_pixels`` static)."""
+    rotations, shifts = jnp.asarray(rotations), jnp.asarray(shifts)
+    if top_k == 1:
+        b = best_poses(scores, rotations, shifts)
+        return Assignment(b.rotations[:, None], b.shifts[:, None], jnp.ones((b.rotations.shape[0], 1), scores.dtype))
+    if n_pixels is None:
+        raise ValueError("soft assignment (top_k > 1) needs n_pixels, the number of scored pixels")
+    best = jnp.max(scores, axis=(1, 2))
+    sigma2 = jnp.maximum(-2.0 * best / n_pixels, jnp.finfo(scores.dtype).tiny)  # padding (score 0): no matter
+    pw = soft_weights(scores / sigma2[:, None, None], top_k)
+    rows = jnp.arange(scores.shape[0])[:, None]
+    rot = rotations[pw.rotation_index] if rotations.ndim == 3 else rotations[rows, pw.rotation_index]
+    sh = shifts[pw.shift_index] if shifts.ndim == 2 else shifts[rows, pw.shift_index]
+    return Assignment(rot, sh, pw.weights)
+
+
+class SoftPoses:
+    """A particle source for soft assignment: each particle of ``source`` repeated as ``K`` rows (row
+    ``i * K + k`` is particle ``i`` at its ``k``-th candidate pose), with per-row ``weights`` (``K`` x the
+    posterior weight, so each particle's rows average 1 and the objective keeps its per-image scale). The
+    images are read from ``source`` (each distinct image once per batch); :func:`jaxcryo.batch.load_batch`
+    reads the ``weights`` attribute."""
+
+    def __init__(self, source, rotations, shifts, weights):
+        n, k = np.shape(weights)
+        self.base, self.k = source, k
+        self.rows = np.repeat(np.arange(n), k)
+        md = source.metadata.subset(self.rows)
+        self.metadata = dataclasses.replace(md, rotations=np.asarray(rotations, np.float64).reshape(n * k, 3, 3),
+                                            shifts=np.asarray(shifts, np.float64).reshape(n * k, 2),
+                                            missing_poses=None)
+        self.weights = (k * np.asarray(weights, np.float64)).reshape(n * k).astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def images(self, idx) -> np.ndarray:
+        return self.base.images(self.rows[np.asarray(idx)])
+
+    def row_indices(self, idx) -> np.ndarray:
+        """The rows of particles ``idx``."""
+        return (np.asarray(idx)[:, None] * self.k + np.arange(self.k)).reshape(-1)
 
 
 def _orthonormalise(r: np.ndarray) -> np.ndarray:
@@ -308,24 +381,32 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
     rots = None if state.rotations is None else state.rotations.copy()
     shifts = state.shifts.copy()
     global_search = rots is None
+    k = int(s.top_k)
     new_r, new_s = np.zeros((len(shifts), 3, 3)), shifts.copy()
+    soft_r, soft_s, soft_w = np.zeros((len(shifts), k, 3, 3)), np.zeros((len(shifts), k, 2)), np.zeros((len(shifts), k))
     for h, idx in enumerate(halves):
         src = source if rots is None else _with_poses(source, rots, shifts)
         v = state.half_maps[h]
         if global_search:
             r, sh = scorer.global_search(v, src, idx, kmax, progress, f"global search, half {h + 1}")
-            r, sh = scorer.local_search(v, src, idx, r, sh, s.global_step / 2, s.global_shift_step_px / 2, kmax,
-                                        progress, f"local search, half {h + 1}")
+            r, sh, w = scorer.local_search(v, src, idx, r, sh, s.global_step / 2, s.global_shift_step_px / 2, kmax,
+                                           progress, f"local search, half {h + 1}")
         else:
-            r, sh = scorer.local_search(v, src, idx, rots[idx], shifts[idx], state.step, state.shift_step_px, kmax,
-                                        progress, f"local search, half {h + 1}")
-        new_r[idx], new_s[idx] = _orthonormalise(r), sh
+            r, sh, w = scorer.local_search(v, src, idx, rots[idx], shifts[idx], state.step, state.shift_step_px,
+                                           kmax, progress, f"local search, half {h + 1}")
+        r = _orthonormalise(r)
+        new_r[idx], new_s[idx] = r[:, 0], sh[:, 0]  # the best candidate (soft: the first of the top K)
+        soft_r[idx], soft_s[idx], soft_w[idx] = r, sh, w
     change = None if rots is None else float(np.mean(geodesic_distance_deg(rots, new_r)))
     shift_change = float(np.mean(np.linalg.norm(new_s - shifts, axis=1))) / px
     t_pose = time.perf_counter() - t0
-    posed = _with_poses(source, new_r, new_s)
-    maps = [_update_volume(posed, idx, projector, state.half_maps[h], s, eta_cache, progress,
-                           f"{s.optimizer} update, half {h + 1}", mesh) for h, idx in enumerate(halves)]
+    if k == 1:
+        posed, rows = _with_poses(source, new_r, new_s), list(halves)
+    else:  # soft assignment: every particle at its top K candidates, weighted
+        posed = SoftPoses(source, soft_r, soft_s, soft_w)
+        rows = [posed.row_indices(idx) for idx in halves]
+    maps = [_update_volume(posed, rows[h], projector, state.half_maps[h], s, eta_cache, progress,
+                           f"{s.optimizer} update, half {h + 1}", mesh) for h in range(len(halves))]
     f = fourier_fsc(maps[0], maps[1])
     shells = np.arange(len(f))
     below = np.flatnonzero((f < 0.143) & (shells > 0))
@@ -343,7 +424,8 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
            "frequency_limit_shell": kmax, "global_search": global_search,
            "mean_pose_change_deg": change, "mean_shift_change_px": shift_change,
            "seconds": time.perf_counter() - t0, "pose_seconds": t_pose, "optimizer": s.optimizer,
-           "devices": parallel.mesh_size(mesh),
+           "devices": parallel.mesh_size(mesh), "top_k": k,
+           "mean_best_weight": float(np.mean(soft_w[:, 0])),
            "half_map_fsc": [float(x) for x in f]}
     hist = list(state.history) + [rec]
     return RefineState(list(maps), new_r, new_s, res, step, shift_step, state.iteration + 1, stalls, hist)

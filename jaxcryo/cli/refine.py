@@ -48,6 +48,9 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--local-only", action="store_true", help="start from the particles' poses (local searches only)")
     p.add_argument("--optimizer", choices=("psgd", "sgd"), default=d.optimizer, help="volume updates")
+    p.add_argument("--top-k", type=int, default=d.top_k,
+                   help="pose assignment: 1 = hard (best pose); K > 1 = soft, each image weighted over its K most "
+                        "likely poses in the volume updates (K times the update cost)")
     p.add_argument("--iterations", type=int, default=d.iterations, help="iterations at most")
     p.add_argument("--init-resolution", type=float, default=d.init_resolution,
                    help="low-pass the reference to this resolution (A) first")
@@ -104,6 +107,8 @@ def run(args) -> int:
         raise InputError(f"{args.reference}: no such file (--reference)")
     if args.iterations < 1:
         raise InputError(f"--iterations {args.iterations}: expected at least 1")
+    if args.top_k < 1:
+        raise InputError(f"--top-k {args.top_k}: expected at least 1 (1 = hard assignment)")
     ds = ParticleDataset.from_file(args.particles, datadir=args.datadir)
     md = ds.metadata
     if len(md) == 0:
@@ -114,6 +119,7 @@ def run(args) -> int:
     settings = RefineSettings(init_resolution=args.init_resolution, global_step=args.global_step,
                               local_step=args.local_step, max_shift_px=args.max_shift, iterations=args.iterations,
                               epochs_per_iteration=args.epochs_per_iteration, optimizer=args.optimizer,
+                              top_k=args.top_k,
                               batch_size=args.batch_size, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "checkpoint"
