@@ -284,11 +284,13 @@ def main(argv=None) -> int:
         setting = make_set(d, args.box, args.particles, args.snr, args.seed)
     truth, _ = read_map(d / "ground_truth.mrc")
     true_md = read_particles(setting["star"])
-    want = set(args.runs_only or ["local_psgd", "local_sgd", "global_psgd", "abinitio_refine"])
+    want = set(args.runs_only or ["local_psgd", "local_sgd", "local_soft", "global_psgd", "abinitio_refine"])
     if args.skip_sgd:
         want.discard("local_sgd")
     if args.skip_abinitio or (args.quick and not args.runs_only):  # quick (CI): tests/test_abinitio.py covers it
         want.discard("abinitio_refine")
+    if args.quick and not args.runs_only:  # CI: tests/test_soft_assignment.py covers soft assignment
+        want.discard("local_soft")
     if prev is not None:
         known = prev["known_pose"]
     else:  # the known-pose reconstruction of the same set (the yardstick)
@@ -302,11 +304,14 @@ def main(argv=None) -> int:
     if "local_sgd" in want:
         runs.append(run_jaxcryo(d, "local_sgd", str(d / "particles_perturbed.star"),
                                 ["--local-only", "--optimizer", "sgd"] + extra, truth, true_md, env))
+    if "local_soft" in want:  # soft assignment: each image over its 3 most likely poses
+        runs.append(run_jaxcryo(d, "local_soft", str(d / "particles_perturbed.star"),
+                                ["--local-only", "--top-k", "3"] + extra, truth, true_md, env))
     if "global_psgd" in want:
         runs.append(run_jaxcryo(d, "global_psgd", str(d / "particles_noposes.star"), extra, truth, true_md, env))
     if "abinitio_refine" in want:
         runs.append(run_abinitio_then_refine(d, extra, truth, true_md, env, args.quick))
-    order = ["local_psgd", "local_sgd", "global_psgd", "abinitio_refine"]
+    order = ["local_psgd", "local_sgd", "local_soft", "global_psgd", "abinitio_refine"]
     runs.sort(key=lambda r: order.index(r["name"]))
     result = {"machine": machine_info(), "setting": setting, "known_pose": known, "runs": runs,
               "relion": (prev["relion"] if prev is not None else
