@@ -40,10 +40,11 @@ from .projection import Projector
 
 def _read(source, idx, mask, mesh, to_device: bool) -> RawBatch:
     """One batch read for a step: on a mesh, split over its devices; with ``to_device`` (prefetching), put on
-    the default device already, so the transfer also overlaps the running step."""
-    raw = load_batch(source, idx, mask)
+    the default device already, so the transfer also overlaps the running step. On a mesh over several
+    processes each reads only its own block of the batch (:func:`jaxcryo.parallel.load_sharded`)."""
     if mesh is not None:
-        return parallel.shard_batch(raw, mesh)
+        return parallel.load_sharded(source, idx, mask, mesh)
+    raw = load_batch(source, idx, mask)
     return jax.device_put(raw) if to_device else raw
 
 
@@ -198,6 +199,8 @@ def fit(
                 bar.set_postfix(epoch=epoch + 1, loss=f"{val:.4g}")
         jax.block_until_ready(vol)
         dt = time.perf_counter() - t0
+        # several processes: the replicated global volume and state copied to this process's default device
+        local_vol, local_opt = parallel.to_local((vol, opt_state), mesh)
         t_total += dt
         rec = {
             "epoch": epoch + 1,
@@ -208,15 +211,15 @@ def fit(
             "fsc_ref": None,
         }
         if reference_f is not None:
-            r = fsc_fn(np.asarray(vol), np.asarray(reference_f), pixel_size=pixel_size or projector.pixel_size,
+            r = fsc_fn(np.asarray(local_vol), np.asarray(reference_f), pixel_size=pixel_size or projector.pixel_size,
                        fourier=True)
             rec["resolution_05_ref"] = float(r.resolution_05)
             rec["fsc_ref"] = [float(x) for x in r.fsc]
         history.append(rec)
-        state = FitState(vol, opt_state, epoch + 1, rng.bit_generator.state, history)
+        state = FitState(local_vol, local_opt, epoch + 1, rng.bit_generator.state, history)
         if callback is not None:
-            callback(rec, vol)
+            callback(rec, local_vol)
         if on_epoch_end is not None:
             on_epoch_end(state)
     bar.close()
-    return FitResult(vol, history, state)
+    return FitResult(state.volume_f if parallel.is_multiprocess(mesh) else vol, history, state)

@@ -27,6 +27,10 @@ NO_CACHE_FLAG = "--no-compilation-cache"
 
 SUBCOMMANDS = ("simulate", "project", "fsc", "reconstruct", "refine", "abinitio", "condition", "demo")
 
+#: Subcommands that join a multi-process run (``--coordinator``, ``--num-processes``, ``--process-id`` or
+#: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; :mod:`jaxcryo.distributed`).
+DISTRIBUTED = ("reconstruct",)
+
 #: Library parameters whose flag is not ``--`` + the name with ``-`` for ``_``.
 FLAGS = {"lam": "--lambda"}
 
@@ -112,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if a in SUBCOMMANDS), None)
+    if command in DISTRIBUTED:
+        try:  # a multi-process run is joined before --platform (or anything) starts JAX's devices
+            from ..distributed import initialize, settings_from_argv
+
+            initialize(**settings_from_argv(argv))
+        except JaxcryoError as e:
+            print(f"jaxcryo {command}: error: {e.render(flag_for(e.param)) if e.param else e}", file=sys.stderr)
+            return 2
     platform = _platform_arg(argv)
     if platform is not None:  # before build_parser: the subcommand modules import JAX
         err = select_platform(platform)
