@@ -32,13 +32,13 @@ number of its own devices. The same step then runs in every process: each reads 
 every global batch (:func:`load_sharded`, :func:`jaxcryo.distributed.process_share`) and the blocks form one
 global array (:func:`jax.make_array_from_process_local_data`); the ``psum`` crosses processes (``gloo`` over
 TCP on CPU). Every process draws the same batches (same seed) and holds the replicated volume, which
-:func:`to_local` copies back to a plain array on its own default device. Measured: two processes on
-localhost give the one-process map to about 1e-7 relative (``tests/test_multihost.py``).
+:func:`to_local` copies back to a plain array on its own default device. Code that reads whole batches and
+calls :func:`shard_batch` (the one-pass :func:`jaxcryo.hessian.wiener_backprojection`) also works across
+processes: each process keeps its block of the batch it read. Measured: two processes on localhost give the
+one-process map to about 2e-7 relative, PSGD and the one-pass estimate (``tests/test_multihost.py``).
 
-Not sharded yet: the one-pass estimate (:func:`jaxcryo.hessian.wiener_backprojection`, the default
-``backproject``, and the spectral prior's half-map estimate), CG's normal equations, the preparation of a
-minibatch run (step-size power iteration, exact full-data diagonal) and refinement's pose scoring; with several
-processes these run whole in every process, on its default device.
+Not sharded yet: CG's normal equations and the preparation of a minibatch run (step-size power iteration,
+exact full-data diagonal); with several processes these run whole in every process, on its default device.
 """
 
 from __future__ import annotations

@@ -9,17 +9,18 @@ before JAX is imported, then prints one JSON line ``MULTIHOST_CHECK {...}`` on s
   recording which particles this process read from disk; saves the map to ``OUT/api_multi_p{I}.npy``;
 * ``cli``: ``jaxcryo reconstruct STAR --optimizer psgd --coordinator ... --num-processes P --process-id I``
   into ``OUT/cli_multi`` (process 0 writes the outputs; the others their checkpoints only);
-* ``backproject``: the same command with the default one-pass optimiser (refused with several processes).
+* ``backproject``: the same command with the default one-pass optimiser into ``OUT/bp_multi``;
+* ``cg``: refused with several processes (exit code 2).
 
 ``python tests/multihost_check.py single STAR OUT --local-devices K``: the same ``fit`` on 1 and (``K > 1``) on
-``K`` devices (``OUT/api_single_d{n}.npy``) and ``jaxcryo reconstruct --devices 1`` into ``OUT/cli_single``.
+``K`` devices (``OUT/api_single_d{n}.npy``) and ``jaxcryo reconstruct --devices 1`` into ``OUT/cli_single`` (psgd) and
+``OUT/bp_single`` (backproject).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 p = argparse.ArgumentParser()
 p.add_argument("mode", choices=("multi", "single"))
@@ -76,8 +77,9 @@ def fit_map(mesh, source):
 
 
 def cli_args(out: Path, optimizer: str = "psgd") -> list[str]:
+    extra = ["--epochs", "2", "--lr", "0.5"] if optimizer == "psgd" else []
     return ["--no-compilation-cache", "reconstruct", args.star, "--out", str(out), "--optimizer", optimizer,
-            "--epochs", "2", "--batch-size", "30", "--seed", "5", "--lr", "0.5", "--quiet"]
+            "--batch-size", "30", "--seed", "5", "--quiet"] + extra
 
 
 def multi() -> dict:
@@ -104,10 +106,11 @@ def multi() -> dict:
     rep["result_sharding"] = str(res.volume_f.sharding)
     rep["result_fully_addressable"] = bool(res.volume_f.is_fully_addressable)
     rep["seconds_api"] = time.perf_counter() - T0
-    rep["rc_cli"] = main(cli_args(OUT / "cli_multi") + ["--coordinator", args.coordinator, "--num-processes",
-                                                        str(args.num_processes), "--process-id",
-                                                        str(args.process_id)])
-    rep["rc_backproject"] = main(cli_args(OUT / "bp_multi", "backproject"))
+    flags = ["--coordinator", args.coordinator, "--num-processes", str(args.num_processes),
+             "--process-id", str(args.process_id)]
+    rep["rc_cli"] = main(cli_args(OUT / "cli_multi") + flags)
+    rep["rc_backproject"] = main(cli_args(OUT / "bp_multi", "backproject") + flags)
+    rep["rc_cg"] = main(cli_args(OUT / "cg_multi", "cg"))
     return rep
 
 
@@ -125,6 +128,7 @@ def single() -> dict:
         rep["losses"][str(n)] = losses
     rep["seconds_api"] = time.perf_counter() - T0
     rep["rc_cli"] = main(cli_args(OUT / "cli_single") + ["--devices", "1"])
+    rep["rc_backproject"] = main(cli_args(OUT / "bp_single", "backproject") + ["--devices", "1"])
     return rep
 
 

@@ -3,7 +3,8 @@
 4-device mesh across processes; cross-process ``psum`` by JAX's ``gloo`` CPU collectives), give the map of one
 process on one device to 1e-5 relative, through the API (:func:`jaxcryo.fit`) and the command
 (``jaxcryo reconstruct --coordinator --num-processes --process-id``); each process reads only its block of
-every batch; process 0 alone writes the outputs; the one-pass ``backproject`` refuses.
+every batch; process 0 alone writes the outputs; the default one-pass ``backproject`` gives the one-process
+map too; ``cg`` refuses several processes.
 
 The processes run ``tests/multihost_check.py`` (it sets ``JAX_PLATFORMS=cpu`` and the forced device count
 before JAX is imported) next to a one-process reference, under one deadline: a hang (a process that never
@@ -154,11 +155,25 @@ def test_two_process_cli_matches_one_process(runs):
     assert sorted(f.name for f in (multi / "process1").iterdir()) == ["checkpoint.json", "checkpoint.npz"]
 
 
-def test_one_pass_backproject_refuses_several_processes(runs):
-    reps, logs, _ = runs
+def test_two_process_backproject_matches_one_process_and_cg_refuses(runs):
+    """The default one-pass ``backproject`` (and the spectral prior's estimate) on the 4-device mesh across
+    the two processes: the one-process map; ``cg`` is not split and refuses several processes."""
+    from jaxcryo.io.mrc import read_map
+
+    reps, logs, out = runs
+    assert reps["p0"]["rc_backproject"] == 0 and reps["p1"]["rc_backproject"] == 0
+    assert reps["single"]["rc_backproject"] == 0
+    for name in ("map.mrc", "half1.mrc", "half2.mrc"):
+        a, _ = read_map(out / "bp_multi" / name)
+        b, _ = read_map(out / "bp_single" / name)
+        diff = _rel(a, b)
+        print(f"jaxcryo reconstruct (backproject), {name}: two processes vs one: max relative difference {diff:.2e}")
+        assert diff < TOL, (name, diff)
+    run = json.loads((out / "bp_multi" / "run.json").read_text())
+    assert run["devices"] == 2 * LOCAL_DEVICES and run["processes"] == 2
     for i in (0, 1):
-        assert reps[f"p{i}"]["rc_backproject"] == 2
-        assert "--optimizer backproject with 2 processes" in logs[f"p{i}"]
+        assert reps[f"p{i}"]["rc_cg"] == 2
+        assert "--optimizer cg with 2 processes" in logs[f"p{i}"]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def add_distributed_flags(p) -> None:
         "several processes (hosts)",
         "every process runs the same command with its own --process-id; the devices of all of them form one "
         "mesh (--devices counts them all), each process reads its share of every batch, and process 0 writes "
-        "the outputs. Minibatch optimisers only (psgd, sgd, adam)")
+        "the outputs. Not with --optimizer cg")
     g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="process 0's address and a free port (default: $JAX_COORDINATOR_ADDRESS; 'auto': JAX's "
                         "Slurm / Open MPI / mpi4py detection)")
@@ -119,9 +119,9 @@ def run(args) -> int:
     t0 = time.perf_counter()
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before JAX starts: no-op alone
     processes, rank = distributed.process_count(), distributed.process_index()
-    if processes > 1 and args.optimizer in ("backproject", "cg"):
-        raise InputError(f"--optimizer {args.optimizer} with {processes} processes: the one-pass estimate is not "
-                         "split across processes; use --optimizer psgd, sgd or adam, or run it in one process")
+    if processes > 1 and args.optimizer == "cg":
+        raise InputError(f"--optimizer cg with {processes} processes: CG is not split across devices or processes; "
+                         "use --optimizer backproject, psgd, sgd or adam, or run it in one process")
     preload()  # matplotlib's import overlaps with the reconstruction
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -208,7 +208,8 @@ def run(args) -> int:
         "config": res.config, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                        if k != "func"},
         "n_particles_used": int(len(indices)), "prior": res.prior, "versions": _versions(), "device": devices,
-        "devices": res.devices, "processes": processes, "devices_requested": args.devices if args.devices is not None else len(devices),
+        "devices": res.devices, "processes": processes,
+        "devices_requested": args.devices if args.devices is not None else len(devices),
         **({} if res.devices > 1 or args.optimizer != "cg" or args.devices in (None, 1) else {
             "devices_note": "cg is not sharded: it ran on one device"}),
         "wall_seconds": time.perf_counter() - t0,
