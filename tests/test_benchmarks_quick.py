@@ -241,3 +241,34 @@ def test_scaling_quick(tmp_path):
         assert c["identical_maps"] is True
         assert c["median_off_s"] > 0 and c["median_on_s"] > 0 and c["read_s_per_epoch"] > 0
         assert len(c["seconds_per_epoch"]["off"]) == len(c["seconds_per_epoch"]["on"]) > 0
+
+
+def test_streaming_quick(tmp_path):
+    """Issue 12: a set in several stacks streamed by `jaxcryo reconstruct` in a child process; peak RSS, epoch
+    seconds with prefetch on/off, cold/warm page cache, the disk's raw read speed."""
+    d = run_quick("streaming", tmp_path)
+    check_machine(d["machine"])
+    s = d["settings"]
+    assert s["quick"] is True
+    ds = d["data_set"]
+    assert ds["n_particles"] == s["n_particles"] and len(ds["stacks"]) > 1 and sum(ds["counts"]) == ds["n_particles"]
+    raw = d["disk"]["raw_read"]
+    assert raw["bytes"] >= ds["n_particles"] * s["box"] ** 2 * 4 and raw["cold_mb_s"] > 0 and raw["warm_mb_s"] > 0
+    if raw["resident_after_evict_mb"] is not None:  # fincore present: the eviction took effect
+        assert raw["resident_after_evict_mb"] < 0.5 * raw["resident_after_read_mb"]
+    runs = d["runs"]
+    assert all(r["returncode"] == 0 for r in runs), [r.get("error") for r in runs]
+    psgd = [r for r in runs if r["optimizer"] == "psgd"]
+    assert {(r["cache"], r["prefetch"]) for r in psgd} == {(c, p) for c in ("cold", "warm") for p in (0, 1)}
+    for r in psgd:
+        assert r["epoch_s"] > 0 and r["peak_rss_mb"] > 0 and r["fit_calls"] == 2  # one fit per half set
+        assert r["reads"] > 0 and 0 <= r["wait_s"] <= r["epoch_s"]
+        assert r["scan_s"] is not None
+        if r["cache"] == "cold":
+            assert [w for w, _ in r["evicted_at"]] == ["after the NaN scan", "when the epoch starts"]
+    assert any(r["optimizer"] == "backproject" for r in runs)
+    assert d["max_peak_rss_mb"] == max(r["peak_rss_mb"] for r in runs)
+    assert d["rss_under_limit"] is True  # a 2000-particle set: far below 3 GB
+    for key in ("cold_prefetch_on", "cold_prefetch_off", "warm_prefetch_on", "warm_prefetch_off"):
+        assert d["summary"][key]["epoch_s"] > 0, key
+    assert d["loadavg_start"] is None or d["loadavg_start"] >= 0
