@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from . import parallel, stencil
-from .batch import Batch, complex_dtype, epoch_batches, iterate_batches, load_batch, make_batch, to_batch
+from .batch import Batch, complex_dtype, epoch_batches, iterate_batches, make_batch, to_batch
 from .ctf import CTFParams
 from .linalg import CGResult, conjugate_gradient
 from .loss import hvp, loss
@@ -387,7 +387,7 @@ def wiener_backprojection(projector: Projector, source, lam: float = 0.0, batch_
         indices = np.arange(len(source.metadata))
     count = 0
     for idx, mask in epoch_batches(np.asarray(indices), batch_size, multiple=parallel.mesh_size(mesh)):
-        raw = parallel.shard_batch(load_batch(source, idx, mask), mesh)
+        raw = parallel.load_sharded(source, idx, mask, mesh)  # multi-process: each reads its own block
         num, den = accumulate(num, den, raw)
         count += int(mask.sum())
     num, den = finish(num, den)

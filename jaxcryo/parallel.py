@@ -33,12 +33,18 @@ every global batch (:func:`load_sharded`, :func:`jaxcryo.distributed.process_sha
 global array (:func:`jax.make_array_from_process_local_data`); the ``psum`` crosses processes (``gloo`` over
 TCP on CPU). Every process draws the same batches (same seed) and holds the replicated volume, which
 :func:`to_local` copies back to a plain array on its own default device. Code that reads whole batches and
-calls :func:`shard_batch` (the one-pass :func:`jaxcryo.hessian.wiener_backprojection`) also works across
-processes: each process keeps its block of the batch it read. Measured: two processes on localhost give the
-one-process map to about 2e-7 relative, PSGD and the one-pass estimate (``tests/test_multihost.py``).
+calls :func:`shard_batch` also works across processes (each keeps its block of the batch it read); the
+one-pass :func:`jaxcryo.hessian.wiener_backprojection` reads through :func:`load_sharded`, so each process
+reads only its block. Measured: two processes on localhost give the one-process map to about 2e-7 relative,
+PSGD and the one-pass estimate (``tests/test_multihost.py``).
 
-Not sharded yet: CG's normal equations and the preparation of a minibatch run (step-size power iteration,
-exact full-data diagonal); with several processes these run whole in every process, on its default device.
+Also sharded: the one-pass estimate (each device accumulates its images into its own partial sums, typed
+per device with :func:`primal_like` so no all-reduce runs per batch; one ``psum`` at the end) and
+``refine``'s pose scoring (per image, no reduction; :func:`jaxcryo.refine.refine_iteration`).
+
+Not sharded yet: CG's normal equations, the preparation of a minibatch run (step-size power iteration,
+exact full-data diagonal) and ``abinitio``; with several processes the first two run whole in every process,
+on its default device, and ``refine``/``abinitio`` run in one process.
 """
 
 from __future__ import annotations

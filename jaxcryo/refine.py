@@ -37,7 +37,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import parallel
-from .batch import epoch_batches, load_batch, to_batch
+from .batch import epoch_batches, to_batch
 from .errors import InputError
 from .fit import fit
 from .fourier import radius_grid, resample_real
@@ -248,7 +248,7 @@ class _Scorer:
         batches = epoch_batches(np.arange(n), self.s.batch_size, multiple=parallel.mesh_size(mesh))
         vol_f = parallel.replicate(vol_f, mesh)
         for pos, mask in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
-            raw = parallel.shard_batch(load_batch(source, idx[pos], mask), mesh)
+            raw = parallel.load_sharded(source, idx[pos], mask, mesh)
             if rotations is None:
                 res = f(vol_f, raw)
             else:
