@@ -56,6 +56,8 @@ def register(sub) -> None:
                    help="low-pass the reference to this resolution (A) first")
     p.add_argument("--global-step", type=float, default=d.global_step, help="global search step (degrees)")
     p.add_argument("--local-step", type=float, default=d.local_step, help="first local step with --local-only (deg)")
+    p.add_argument("--min-step", type=float, default=d.min_step,
+                   help="finest angular step (degrees) the local searches halve down to")
     p.add_argument("--max-shift", type=float, default=d.max_shift_px, help="global translation range (+- px)")
     p.add_argument("--epochs-per-iteration", type=int, default=d.epochs_per_iteration)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -107,6 +109,8 @@ def run(args) -> int:
         raise InputError(f"{args.reference}: no such file (--reference)")
     if args.iterations < 1:
         raise InputError(f"--iterations {args.iterations}: expected at least 1")
+    if not args.min_step > 0:
+        raise InputError(f"--min-step {args.min_step}: expected a positive angle (degrees)")
     if args.top_k < 1:
         raise InputError(f"--top-k {args.top_k}: expected at least 1 (1 = hard assignment)")
     ds = ParticleDataset.from_file(args.particles, datadir=args.datadir)
@@ -117,7 +121,8 @@ def run(args) -> int:
     ref, ref_px = read_map(args.reference)
     truth = read_map(args.truth)[0] if args.truth is not None else None
     settings = RefineSettings(init_resolution=args.init_resolution, global_step=args.global_step,
-                              local_step=args.local_step, max_shift_px=args.max_shift, iterations=args.iterations,
+                              local_step=args.local_step, min_step=args.min_step, max_shift_px=args.max_shift,
+                              iterations=args.iterations,
                               epochs_per_iteration=args.epochs_per_iteration, optimizer=args.optimizer,
                               top_k=args.top_k,
                               batch_size=args.batch_size, seed=args.seed)
