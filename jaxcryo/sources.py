@@ -76,14 +76,17 @@ def require_poses(md: ParticleMetadata) -> ParticleMetadata:
 
 
 class ParticleDataset:
-    """Particle metadata plus lazy, memory-mapped access to the images.
+    """Particle metadata plus lazy access to the images: each :meth:`images` call reads just those images
+    from their stacks (:class:`~jaxcryo.io.mrc.StackReader`: plain file reads, nothing memory-mapped).
 
     Args:
         metadata: :class:`ParticleMetadata`.
-        max_open: number of stacks kept open (memory-mapped) at once.
+        max_open: readers (a stack's header layout; no open file or map) kept at once, least recently used
+            dropped beyond. The default keeps every stack of a large set (one per micrograph) known: a random
+            batch touches many stacks, and re-reading a header costs about a millisecond.
     """
 
-    def __init__(self, metadata: ParticleMetadata, max_open: int = 16):
+    def __init__(self, metadata: ParticleMetadata, max_open: int = 100_000):
         self.metadata = metadata
         self._stacks: OrderedDict = OrderedDict()
         self._max_open = max_open

@@ -14,7 +14,8 @@ import pytest
 
 from jaxcryo.cli import main
 from jaxcryo.errors import InputError
-from jaxcryo.io.mrc import read_map, write_stack
+from jaxcryo.io import mrc as mrc_io
+from jaxcryo.io.mrc import StackReader, read_map, write_stack
 from jaxcryo.io.star import write_star
 from jaxcryo.particles import ParticleMetadata
 from jaxcryo.simulate import simulate
@@ -51,6 +52,58 @@ def test_images_from_several_stacks_read_back_exactly(tmp_path):
     np.testing.assert_array_equal(ds.images(np.arange(len(ds))), images)
     bad = ds.find_bad_images(chunk=7)
     assert bad.shape == (len(ds),) and not bad.any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.dtype(">f4")])
+def test_stack_reader_matches_mrcfile(tmp_path, dtype):
+    """Runs of consecutive indices, unsorted and repeated indices, a single index: the images in the file."""
+    import mrcfile
+
+    rng = np.random.default_rng(1)
+    data = (rng.standard_normal((40, 6, 5)) * 100).astype(dtype)
+    path = tmp_path / "s.mrcs"
+    with mrcfile.new(path) as m:
+        m.set_data(data)
+        m.set_image_stack()
+    with mrcfile.open(path) as m:
+        ref = np.array(m.data)
+    np.testing.assert_array_equal(ref, data)
+    r = StackReader(path)
+    assert r.shape == (40, 6, 5) and len(r) == 40
+    for idx in ([0], [39], [3, 4, 5, 9, 10, 2, 1], [7, 7, 8, 0, 39, 38], rng.integers(0, 40, 64),
+                rng.permutation(40), np.arange(40), []):
+        got = r[np.asarray(idx, np.int64)]
+        assert got.shape == (len(idx), 6, 5) and got.dtype == ref.dtype
+        np.testing.assert_array_equal(got, ref[np.asarray(idx, np.int64)])
+    np.testing.assert_array_equal(r[17], ref[17])
+    with pytest.raises(IndexError):
+        r[[40]]
+
+
+def test_stack_reader_truncated_file(tmp_path):
+    path = tmp_path / "t.mrcs"
+    write_stack(path, np.ones((10, 8, 8), np.float32), 1.0)
+    r = StackReader(path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    np.testing.assert_array_equal(r[[0, 1]], np.ones((2, 8, 8), np.float32))
+    with pytest.raises(InputError, match="truncated"):
+        r[[8, 9]]
+
+
+def test_many_stacks_headers_read_once(tmp_path, monkeypatch):
+    """A random batch touches many stacks (real sets have one per micrograph): each header is read once,
+    not at every batch (the reader cache used to hold 16, so 20 stacks re-read every header every batch)."""
+    star, images = _multi_stack_set(tmp_path / "data", n=60, per_stack=3)  # 20 stacks
+    calls = []
+    layout = mrc_io._stack_layout
+    monkeypatch.setattr(mrc_io, "_stack_layout", lambda p: calls.append(p) or layout(p))
+    ds = ParticleDataset.from_file(star)
+    rng = np.random.default_rng(2)
+    for _ in range(4):
+        idx = rng.permutation(len(ds))[:30]
+        np.testing.assert_array_equal(ds.images(idx), images[idx])
+    assert len(calls) == len(set(calls)) == len(set(ds.metadata.image_files))
 
 
 def test_prefetch_flag_same_map_and_recorded(tmp_path, capsys):

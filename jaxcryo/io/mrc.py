@@ -127,8 +127,9 @@ class StackReader:
 
     Unlike a memory map, pages read through it are not mapped into the process, so reading a stack larger
     than memory, image batch by image batch, keeps the resident memory flat (a memory map's touched pages
-    count towards the process's RSS until the mapping is dropped). Runs of consecutive indices are read in
-    one call.
+    count towards the process's RSS until the mapping is dropped). It holds no open file between reads (only
+    the header's layout), so any number of readers can be kept. Runs of consecutive indices are read in one
+    call, straight into the result's buffer.
     """
 
     def __init__(self, path):
@@ -148,22 +149,29 @@ class StackReader:
         idx = np.atleast_1d(np.asarray(idx, np.int64))
         if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
             raise IndexError(f"{self.path}: image index out of range (stack has {self.shape[0]} images)")
-        out = np.empty((len(idx),) + tuple(self.shape[1:]), self.dtype)
         order = np.argsort(idx, kind="stable")
         sidx = idx[order]
-        with open(self.path, "rb") as f:
-            start = 0
-            while start < len(sidx):
-                end = start + 1
-                while end < len(sidx) and sidx[end] == sidx[end - 1] + 1:
-                    end += 1
-                f.seek(self.offset + int(sidx[start]) * self._image_bytes)
-                count = (end - start) * self.shape[1] * self.shape[2]
-                block = np.fromfile(f, dtype=self.dtype, count=count)
-                if block.size != count:
-                    raise InputError(f"{self.path}: file is truncated (image {int(sidx[start]) + 1})")
-                out[order[start:end]] = block.reshape((end - start,) + tuple(self.shape[1:]))
-                start = end
+        buf = np.empty((len(idx),) + tuple(self.shape[1:]), self.dtype)
+        if len(idx):
+            cut = np.flatnonzero(np.diff(sidx) != 1) + 1  # runs of consecutive indices (in sorted order)
+            starts, ends = np.concatenate([[0], cut]).tolist(), np.concatenate([cut, [len(sidx)]]).tolist()
+            raw = memoryview(buf.reshape(-1).view(np.uint8))
+            ib = self._image_bytes
+            with open(self.path, "rb", buffering=0) as f:  # unbuffered: each read lands in ``buf`` directly
+                for a, b in zip(starts, ends):
+                    first = int(sidx[a])
+                    f.seek(self.offset + first * ib)
+                    view, got = raw[a * ib:b * ib], 0
+                    while got < len(view):
+                        n = f.readinto(view[got:])
+                        if not n:
+                            raise InputError(f"{self.path}: file is truncated (image {first + 1})")
+                        got += n
+        if np.array_equal(order, np.arange(len(idx))):
+            out = buf
+        else:
+            out = np.empty_like(buf)
+            out[order] = buf
         return out[0] if single else out
 
 
