@@ -218,10 +218,13 @@ def run_relion(d: Path, truth, true_md, args, which=RELION_RUNS, prev=None) -> d
     res = dict(prev or {}, available=True, version=(v.stdout.strip().splitlines() or ["?"])[0])
     mpi = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "3", exe]
     for name, star, extra in (("relion_local", "particles_perturbed.star",
-                               ["--offset_range", "3", "--healpix_order", "4", "--auto_local_healpix_order", "4",
+                               ["--offset_range", "3", "--offset_step", "1", "--healpix_order", "4", "--auto_local_healpix_order", "4",
                                 "--sigma_ang", "3"]),
+                              # the global search samples translations as jaxcryo's does (+-6 px in 2 px steps;
+                              # auto-refine halves the step as it refines): with 1 px steps (113 translations)
+                              # RELION's first iteration alone took an estimated 1.5 h on the 2-core CPU
                               ("relion_global", "particles_noposes.star",
-                               ["--offset_range", "6", "--healpix_order", "2"])):
+                               ["--offset_range", "6", "--healpix_order", "2", "--offset_step", "2"])):
         if name not in which:
             continue
         o = d / name
@@ -237,7 +240,7 @@ def run_relion(d: Path, truth, true_md, args, which=RELION_RUNS, prev=None) -> d
                 cmd = mpi + ["--o", o / "run", "--auto_refine", "--split_random_halves", "--i", d / star,
                              "--ref", d / "reference_30A.mrc", "--ini_high", "30",
                              "--particle_diameter", str(0.8 * args.box * 3.0), "--ctf", "--flatten_solvent",
-                             "--zero_mask", "--offset_step", "1", "--j", "1", "--pad", "2",
+                             "--zero_mask", "--j", "1", "--pad", "2",
                              "--low_resol_join_halves", "40", "--oversampling", "1"] + extra
             # RELION resolves the stack names in the STAR relative to its working directory: the set's folder
             r = timed(cmd, o / f"segment{len(segments) + 1}.log", env, timeout=args.relion_timeout, cwd=d)

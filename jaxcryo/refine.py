@@ -78,6 +78,9 @@ class RefineSettings:
         lam: Tikhonov weight of the volume updates.
         batch_size: images per step of the volume updates and of the pose scoring.
         interp: slice operator name for scoring and updates.
+        fsc_weighting: score against each half map weighted per shell by ``sqrt(2 FSC / (1 + FSC))`` of the
+            last half-map FSC (the map's SNR weighting, as RELION's and cryoSPARC's references for alignment),
+            not against the raw half map, whose noisy high shells add pose error.
         score_oversample: the scoring operator oversamples the map this many times (with the gridding
             correction): plain trilinear slices bias the best pose by degrees, which the volume updates (plain
             operator: exact batch diagonal) do not suffer from.
@@ -102,6 +105,7 @@ class RefineSettings:
     lam: float = 1e-3
     batch_size: int = 200
     interp: str = "trilinear"
+    fsc_weighting: bool = True
     score_oversample: int = 2
     seed: int = 0
 
@@ -331,6 +335,21 @@ class SoftPoses:
         return (np.asarray(idx)[:, None] * self.k + np.arange(self.k)).reshape(-1)
 
 
+def fsc_weighted(vol_f, fsc) -> jax.Array:
+    """``vol_f`` (centred Fourier volume) multiplied in each shell ``s`` by ``sqrt(2 F_s / (1 + F_s))``, the
+    half-map FSC ``F`` turned into the full map's correlation with the truth (``F`` clipped to [0, 1]; shells
+    beyond ``F``'s length get 0)."""
+    from .fourier import shell_index
+
+    n = vol_f.shape[-1]
+    f = np.clip(np.asarray(fsc, np.float64), 0.0, 1.0)
+    w = np.sqrt(2 * f / (1 + f))
+    shells = shell_index(n, 3)
+    table = np.zeros(shells.max() + 1)
+    table[: min(len(w), len(table))] = w[: len(table)]
+    return vol_f * jnp.asarray(table[shells], jnp.real(vol_f).dtype)
+
+
 def _orthonormalise(r: np.ndarray) -> np.ndarray:
     u, _, vt = np.linalg.svd(r)
     d = np.sign(np.linalg.det(u @ vt))
@@ -384,9 +403,12 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
     k = int(s.top_k)
     new_r, new_s = np.zeros((len(shifts), 3, 3)), shifts.copy()
     soft_r, soft_s, soft_w = np.zeros((len(shifts), k, 3, 3)), np.zeros((len(shifts), k, 2)), np.zeros((len(shifts), k))
+    prev_fsc = state.history[-1].get("half_map_fsc") if state.history else None
     for h, idx in enumerate(halves):
         src = source if rots is None else _with_poses(source, rots, shifts)
         v = state.half_maps[h]
+        if s.fsc_weighting and prev_fsc is not None:  # the first iteration scores against the low-passed reference
+            v = fsc_weighted(v, prev_fsc)
         if global_search:
             r, sh = scorer.global_search(v, src, idx, kmax, progress, f"global search, half {h + 1}")
             r, sh, w = scorer.local_search(v, src, idx, r, sh, s.global_step / 2, s.global_shift_step_px / 2, kmax,

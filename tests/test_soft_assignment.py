@@ -82,3 +82,21 @@ def test_refine_soft_assignment_cli(tmp_path):
     assert a.median_deg < 3.0 and not a.mirrored, a.median_deg  # from 5 deg (hard assignment: 2.1 deg)
     assert main(["refine", str(sim / "particles_perturbed.star"), "--reference", str(sim / "ground_truth.mrc"),
                  "--out", str(tmp_path / "bad"), "--top-k", "0", "--quiet"]) == 2
+
+
+def test_fsc_weighted_reference():
+    """The scoring reference of refine: each shell times sqrt(2F/(1+F)) of the half-map FSC."""
+    from jaxcryo.fourier import shell_index
+    from jaxcryo.refine import fsc_weighted
+
+    n = 16
+    rng = np.random.default_rng(0)
+    vol = jnp.asarray(rng.normal(size=(n,) * 3) + 1j * rng.normal(size=(n,) * 3), jnp.complex64)
+    fsc = np.linspace(1.0, -0.2, 9)  # shells 0..8; negative values count as 0; beyond shell 8: 0
+    out = np.asarray(fsc_weighted(vol, fsc))
+    shells = shell_index(n, 3)
+    f = np.clip(fsc, 0, 1)
+    for s in (0, 3, 7, 8, 10):
+        w = np.sqrt(2 * f[s] / (1 + f[s])) if s < len(f) else 0.0
+        np.testing.assert_allclose(out[shells == s], w * np.asarray(vol)[shells == s], rtol=1e-6, atol=1e-7)
+    assert np.all(out[shells == 0] == np.asarray(vol)[shells == 0])  # FSC 1: weight 1
