@@ -256,6 +256,30 @@ def run_relion(d: Path, truth, true_md, args, which=RELION_RUNS, prev=None) -> d
     return res
 
 
+def compare_with_relion(runs, relion, known) -> list:
+    """jaxcryo's local and global refinements next to RELION's on the same set (those RELION ran)."""
+    if not isinstance(relion, dict) or not relion.get("available"):
+        return []
+    out = []
+    for task, ours, theirs in (("local", "local_psgd", "relion_local"), ("global", "global_psgd", "relion_global")):
+        r = next((x for x in runs if x["name"] == ours and "fsc05_truth_shell" in x), None)
+        t = relion.get(theirs)
+        if t is None or "fsc05_truth_shell" not in t:
+            continue
+        out.append({
+            "task": task, "known_pose_shell": known["fsc05_truth_shell"],
+            "jaxcryo": None if r is None else {
+                "program": f"jaxcryo refine ({ours})", "median_deg": r["median_angular_error_deg"],
+                "fsc05_shell": r["fsc05_truth_shell"], "wall_seconds": r["wall_seconds"],
+                "cpu_seconds": r.get("cpu_seconds"), "state": f"converged, {r['iterations']} iterations"},
+            "relion": {"program": f"RELION auto-refine ({theirs})", "median_deg": t.get("median_angular_error_deg"),
+                       "fsc05_shell": t["fsc05_truth_shell"], "wall_seconds": t["wall_seconds"],
+                       "cpu_seconds": t.get("cpu_seconds"),
+                       "state": (f"converged, {t.get('iterations')} iterations" if t.get("converged") else
+                                 f"not converged: stopped by the time limit after iteration {t.get('iterations')}")}})
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--box", type=int, default=64)
@@ -337,6 +361,7 @@ def main(argv=None) -> int:
                 "wall_seconds": r["wall_seconds"]}
     loc_glob = [r["wall_seconds"] for r in runs if r["name"] in ("local_psgd", "global_psgd")]
     result["goals"] = goals
+    result["comparison"] = compare_with_relion(runs, result["relion"], known)
     result["local_plus_global_seconds"] = float(sum(loc_glob))
     result["total_seconds"] = time.perf_counter() - t0
     write_json(args.out / "refine.json", result)
@@ -362,6 +387,22 @@ def main(argv=None) -> int:
                   f"{r['wall_seconds']:.0f} s (volume updates {r['volume_update_seconds']:.0f} s)")
         else:
             print(f"{r['name']}: failed ({r['returncode']}), see {r['log']}")
+    if result["comparison"]:
+        print("side by side with RELION (same set; FSC-0.5 shell to the truth, known poses: "
+              f"{known['fsc05_truth_shell']}):")
+        print(f"  {'':<8} {'program':<28} {'median err':>10} {'shell':>6} {'wall s':>8} {'CPU s':>8}  state")
+        for c in result["comparison"]:
+            for who in ("jaxcryo", "relion"):
+                e = c[who]
+                if e is None:
+                    print(f"  {c['task']:<8} {who:<28} {'-':>10}")
+                    continue
+                med = "-" if e["median_deg"] is None else f"{e['median_deg']:.2f} deg"
+                cpu = "-" if e.get("cpu_seconds") is None else f"{e['cpu_seconds']:.0f}"
+                print(f"  {c['task']:<8} {e['program']:<28} {med:>10} {str(e['fsc05_shell']):>6} "
+                      f"{e['wall_seconds']:>8.0f} {cpu:>8}  {e['state']}")
+    elif isinstance(result["relion"], dict) and result["relion"].get("available") is False:
+        print(f"RELION: skipped ({result['relion']['reason']})")
     print(f"wrote {args.out / 'refine.json'} ({result['total_seconds']:.0f} s)")
     return 0
 
