@@ -112,11 +112,31 @@ def loadavg() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
+def code_state() -> dict:
+    """The commit the runs' code is at, and the package files with uncommitted changes (the working tree is
+    shared: each run imports jaxcryo afresh)."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "jaxcryo")
+    return {"commit": head.strip() if head else None,  # porcelain lines are 'XY path': keep the leading blank
+            "uncommitted_package_files": [ln[3:] for ln in dirty.splitlines() if ln.strip()] if dirty else []}
+
+
+def say(*a) -> None:
+    print(*a, flush=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # the data set, a stack at a time
 # --------------------------------------------------------------------------------------------------
 def generate(work: Path, n: int, per_stack: int, box: int, pixel_size: float = 3.0, snr: float = 0.1,
-             seed: int = 0, log=print) -> dict:
+             seed: int = 0, log=say) -> dict:
     """Write (or reuse) ``work/particles.star`` + ``work/stacks/particles_XXX.mrcs``; returns ``set.json``'s
     content. Only one stack's images are in memory at a time."""
     import jax
@@ -291,8 +311,6 @@ def child(spec: dict, cli_args: list) -> int:
 
 def run_command(name: str, cli_args: list, stacks: list, cold: bool, work: Path, sample_s: float = 1.0) -> dict:
     """One ``jaxcryo`` command in a child process with the cache policy; peak RSS, RSS timeline, counters."""
-    import resource
-
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     stats = logs / f"{name}.stats.json"
@@ -390,37 +408,40 @@ def plot(d: dict, path: Path) -> None:
 
     from _common import save_figure
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.6))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5))
     for r in d["runs"]:
         if r["returncode"] != 0 or not r["rss_timeline"]:
             continue
         t, m = zip(*r["rss_timeline"])
         ls = "-" if r["cache"] == "cold" else ":"
-        a.plot(t, m, ls, lw=1, label=f"{r['name']} (peak {r['peak_rss_mb']:.0f} MB)")
-    a.axhline(LIMIT_MB, color="r", lw=1, ls="--", label="3 GB")
+        a.plot(t, m, ls, lw=0.8, label=f"{r['name']} (peak {r['peak_rss_mb']:.0f} MB)")
+    a.axhline(LIMIT_MB, color="r", lw=1, ls="--", label="3 GB (the acceptance limit)")
     s = d["settings"]
+    a.set_ylim(0, LIMIT_MB * 1.15)
     a.set_xlabel("seconds since the command started")
-    a.set_ylabel("RSS (MB)")
+    a.set_ylabel("RSS (MB), sampled")
     a.set_title(f"jaxcryo reconstruct, {s['n_particles']:,} particles, box {s['box']}, "
-                f"{d['data_set']['bytes'] / 1e9:.2f} GB of stacks")
-    a.legend(fontsize=6, ncol=2)
+                f"{d['data_set']['bytes'] / 1e9:.2f} GB of stacks", fontsize=10)
+    a.legend(fontsize=6, ncol=2, loc="upper right")
     summ = d["summary"]
-    labels, ep, wait = [], [], []
-    for key, v in summ.items():
-        if not isinstance(v, dict):
-            continue
-        labels.append(key.replace("_prefetch_", "\nprefetch "))
-        ep.append(v["epoch_s"])
-        wait.append(v["wait_s"])
-    x = range(len(labels))
-    b.bar(x, ep, color="C0", label="epoch (median)")
-    b.bar(x, wait, color="C3", label="of which the step loop waited for data")
-    b.set_xticks(list(x), labels, fontsize=8)
+    keys = [k for k, v in summ.items() if isinstance(v, dict)]
+    x = list(range(len(keys)))
+    b.bar(x, [summ[k]["epoch_s"] for k in keys], color="C0", alpha=0.6, label="epoch (median of the runs)")
+    b.bar(x, [summ[k]["wait_s"] for k in keys], color="C3", label="of which the step loop waited for data")
+    for i, k in enumerate(keys):
+        b.plot([i] * len(summ[k]["epochs"]), summ[k]["epochs"], "k.", ms=6,
+               label="single runs (machine shared: see the load)" if i == 0 else None)
+        b.text(i, summ[k]["wait_s"] + 4, f"{summ[k]['wait_s']:.1f} s", ha="center", fontsize=8, color="C3")
+    for ro in d["disk"]["read_only_epoch"]:
+        b.axhline(ro["seconds"], color="C2", lw=1, ls="--" if ro["cache"] == "cold" else ":",
+                  label=f"reading one epoch's batches alone, {ro['cache']}: {ro['seconds']:.1f} s")
+    b.set_xticks(x, [k.replace("_prefetch_", "\nprefetch ") for k in keys], fontsize=8)
     b.set_ylabel("seconds")
     raw = d["disk"]["raw_read"]
-    b.set_title(f"psgd, one epoch; raw sequential read: {raw['cold_mb_s']:.0f} MB/s cold, "
-                f"{raw['warm_mb_s']:.0f} MB/s warm", fontsize=9)
-    b.legend(fontsize=8)
+    b.set_title(f"psgd, one epoch of both halves\nraw sequential read {raw['cold_mb_s']:.0f} MB/s cold, "
+                f"{raw['warm_mb_s']:.0f} MB/s warm; load {d['loadavg_start']:.1f}-{d['loadavg_end']:.1f} on "
+                f"{d['machine']['cores']} cores", fontsize=9)
+    b.legend(fontsize=7, loc="center right")
     save_figure(fig, path)
 
 
@@ -436,6 +457,7 @@ def main(argv=None) -> int:
         p.add_argument("--box", type=int, default=None, help="default 64 (--quick: 32)")
         p.add_argument("--rounds", type=int, default=None, help="rounds of psgd on/off, cold and warm (default 2)")
         p.add_argument("--no-backproject", dest="backproject", action="store_false")
+        p.add_argument("--plot-only", action="store_true", help="redraw OUT/streaming.png from OUT/streaming.json")
 
     args = parse_args(__doc__.splitlines()[0], argv, add)
     q = args.quick
@@ -444,6 +466,9 @@ def main(argv=None) -> int:
     box = args.box or (32 if q else 64)
     rounds = args.rounds or (1 if q else 2)
     use_agg()
+    if args.plot_only:
+        plot(json.loads((args.out / "streaming.json").read_text()), args.out / "streaming.png")
+        return 0
     tmp = None
     if args.work is None and q:
         tmp = tempfile.TemporaryDirectory(prefix="jaxcryo-streaming-")
@@ -471,7 +496,7 @@ def main(argv=None) -> int:
 
 
 def measure(work: Path, n: int, per: int, box: int, rounds: int, backproject: bool, quick: bool) -> dict:
-    load_start = loadavg()
+    load_start, code_start = loadavg(), code_state()
     ds = generate(work, n, per, box)
     star, warm_star = work / ds["star"], work / "warmup.star"
     stacks = sorted(str(work / s) for s in ds["stacks"])
@@ -514,14 +539,14 @@ def measure(work: Path, n: int, per: int, box: int, rounds: int, backproject: bo
                 name = f"psgd_{cache}_prefetch{pf}_r{r + 1}"
                 runs.append(run_command(name, cli(psgd, star, runs_dir / name, "--prefetch", str(pf)), stacks,
                                         cache == "cold", work))
-                print(f"{name}: rc {runs[-1]['returncode']}, epoch {runs[-1].get('epoch_s')}, "
-                      f"peak RSS {runs[-1]['peak_rss_mb']:.0f} MB", flush=True)
+                say(f"{name}: rc {runs[-1]['returncode']}, epoch {runs[-1].get('epoch_s')}, "
+                    f"peak RSS {runs[-1]['peak_rss_mb']:.0f} MB")
     if backproject:
         for cache in ("cold",) if quick else ("cold", "warm"):
             name = f"backproject_{cache}"
             runs.append(run_command(name, cli(bp, star, runs_dir / name), stacks, cache == "cold", work))
-            print(f"{name}: rc {runs[-1]['returncode']}, wall {runs[-1]['wall_s']:.1f} s, "
-                  f"peak RSS {runs[-1]['peak_rss_mb']:.0f} MB", flush=True)
+            say(f"{name}: rc {runs[-1]['returncode']}, wall {runs[-1]['wall_s']:.1f} s, "
+                f"peak RSS {runs[-1]['peak_rss_mb']:.0f} MB")
     summ = summarise(runs)
     ro = {r["cache"]: r["seconds"] for r in disk["read_only_epoch"]}
     for cache in ("cold", "warm"):
@@ -542,7 +567,7 @@ def measure(work: Path, n: int, per: int, box: int, rounds: int, backproject: bo
                      "work": str(work)},
         "data_set": ds, "disk": disk, "warmups": warmups, "runs": runs, "summary": summ,
         "max_peak_rss_mb": peak, "rss_limit_mb": LIMIT_MB, "rss_under_limit": peak is not None and peak < LIMIT_MB,
-        "loadavg_start": load_start, "loadavg_end": loadavg(),
+        "loadavg_start": load_start, "loadavg_end": loadavg(), "code_start": code_start, "code_end": code_state(),
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         if shutil.which("uptime") else None,
     }
