@@ -390,16 +390,16 @@ def main(argv=None) -> int:
     if result["comparison"]:
         print("side by side with RELION (same set; FSC-0.5 shell to the truth, known poses: "
               f"{known['fsc05_truth_shell']}):")
-        print(f"  {'':<8} {'program':<28} {'median err':>10} {'shell':>6} {'wall s':>8} {'CPU s':>8}  state")
+        print(f"  {'':<8} {'program':<36} {'median err':>10} {'shell':>6} {'wall s':>8} {'CPU s':>8}  state")
         for c in result["comparison"]:
             for who in ("jaxcryo", "relion"):
                 e = c[who]
                 if e is None:
-                    print(f"  {c['task']:<8} {who:<28} {'-':>10}")
+                    print(f"  {c['task']:<8} {who:<36} {'-':>10}")
                     continue
                 med = "-" if e["median_deg"] is None else f"{e['median_deg']:.2f} deg"
                 cpu = "-" if e.get("cpu_seconds") is None else f"{e['cpu_seconds']:.0f}"
-                print(f"  {c['task']:<8} {e['program']:<28} {med:>10} {str(e['fsc05_shell']):>6} "
+                print(f"  {c['task']:<8} {e['program']:<36} {med:>10} {str(e['fsc05_shell']):>6} "
                       f"{e['wall_seconds']:>8.0f} {cpu:>8}  {e['state']}")
     elif isinstance(result["relion"], dict) and result["relion"].get("available") is False:
         print(f"RELION: skipped ({result['relion']['reason']})")
