@@ -47,6 +47,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import evict  # noqa: E402
+
 NOTE = (
     "Forced host devices (XLA_FLAGS=--xla_force_host_platform_device_count=D) are D logical devices of one "
     "process sharing the same CPU cores, memory and memory bandwidth; their all-reduce is a memory copy. Total "
@@ -137,16 +139,6 @@ def run_worker(n: int, args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # prefetch: one device, a stack on disk
 # --------------------------------------------------------------------------------------------------
-def evict(path: Path) -> None:
-    """Drop ``path``'s pages from the page cache (``posix_fadvise(DONTNEED)``; clean pages of a file we wrote)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def prefetch_benchmark(args, workdir: Path) -> dict:
     import jax
     import numpy as np

@@ -61,6 +61,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import evict  # noqa: E402
+
 SET_VERSION = 1
 LIMIT_MB = 3000.0  # the acceptance: peak RSS under 3 GB
 
@@ -68,17 +70,6 @@ LIMIT_MB = 3000.0  # the acceptance: peak RSS under 3 GB
 # --------------------------------------------------------------------------------------------------
 # page cache
 # --------------------------------------------------------------------------------------------------
-def evict(paths) -> None:
-    """Drop the files' pages from the page cache (``posix_fadvise(DONTNEED)``; clean pages only, so sync first)."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def resident_mb(paths) -> float | None:
     """MB of the files resident in the page cache (``fincore``), or None where ``fincore`` is missing."""
     exe = shutil.which("fincore")
