@@ -19,15 +19,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from _common import machine_info, write_json
-from jaxcryo.batch import epoch_batches, iterate_batches, load_batch, to_batch
-from jaxcryo.conditioning import condition_report
-from jaxcryo.hessian import exact_diagonal
-from jaxcryo.loss import objective
-from jaxcryo.optim import hutchinson_diagonal, hutchinson_samples
+from jaxcryo.data._batch import epoch_batches, iterate_batches, load_batch, to_batch
+from jaxcryo.leastsq._conditioning import condition_report
+from jaxcryo.leastsq._hessian import exact_diagonal
+from jaxcryo.leastsq._loss import objective
+from jaxcryo.solvers._optim import hutchinson_diagonal, hutchinson_samples
 from jaxcryo.plotting import save_figure
-from jaxcryo.projection import Projector
-from jaxcryo.simulate import simulate
-from jaxcryo.sources import ArrayDataset
+from jaxcryo.forward._projection import Projector
+from jaxcryo.data._simulate import simulate
+from jaxcryo.data._sources import ArrayDataset
 
 LAM = 1e-3
 

@@ -43,12 +43,12 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from _common import machine_info, save_figure, write_json  # noqa: E402
 import jaxcryo as jc  # noqa: E402
-from jaxcryo.batch import RawBatch, to_batch  # noqa: E402
-from jaxcryo.ctf import CTFParams  # noqa: E402
-from jaxcryo.fit import make_step  # noqa: E402
-from jaxcryo.grids import local_grid  # noqa: E402
-from jaxcryo.hessian import _wiener_steps  # noqa: E402
-from jaxcryo.scoring import score_local  # noqa: E402
+from jaxcryo.data._batch import RawBatch, to_batch  # noqa: E402
+from jaxcryo.forward._ctf import CTFParams  # noqa: E402
+from jaxcryo.solvers._fit import make_step  # noqa: E402
+from jaxcryo.rotations._grids import local_grid  # noqa: E402
+from jaxcryo.leastsq._hessian import _wiener_steps  # noqa: E402
+from jaxcryo.poses._scoring import score_local  # noqa: E402
 
 GB = 1024 ** 3
 BUDGET = 16 * GB

@@ -63,20 +63,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, save_figure, write_json  # noqa: E402
 import jaxcryo as jc  # noqa: E402
-from jaxcryo import optim, strategies  # noqa: E402
-from jaxcryo.fit import fit, make_step  # noqa: E402
-from jaxcryo.fourier import resample_real  # noqa: E402
-from jaxcryo.hessian import hessian_operator  # noqa: E402
+from jaxcryo import solvers as optim, solvers as strategies  # noqa: E402
+from jaxcryo.solvers._fit import fit, make_step  # noqa: E402
+from jaxcryo.ndimage._fourier import resample_real  # noqa: E402
+from jaxcryo.leastsq._hessian import hessian_operator  # noqa: E402
 from jaxcryo.io.mrc import read_map  # noqa: E402
-from jaxcryo.linalg import condition_number  # noqa: E402
-from jaxcryo.operators import NUFFT  # noqa: E402
-from jaxcryo.optimum import Optimum  # noqa: E402
-from jaxcryo.particles import ParticleMetadata  # noqa: E402
-from jaxcryo.priors import fourier_fsc  # noqa: E402
-from jaxcryo.rotations import axis_angle_to_matrix, random_rotations  # noqa: E402
-from jaxcryo.simulate import project_metadata  # noqa: E402
-from jaxcryo.sources import read_particles  # noqa: E402
-from jaxcryo import stencil as stencil_mod  # noqa: E402
+from jaxcryo.leastsq._linalg import condition_number  # noqa: E402
+from jaxcryo.forward._operators import NUFFT  # noqa: E402
+from jaxcryo.leastsq._optimum import Optimum  # noqa: E402
+from jaxcryo.forward._particles import ParticleMetadata  # noqa: E402
+from jaxcryo.leastsq._priors import fourier_fsc  # noqa: E402
+from jaxcryo.rotations._rotations import axis_angle_to_matrix, random_rotations  # noqa: E402
+from jaxcryo.data._simulate import project_metadata  # noqa: E402
+from jaxcryo.data._sources import read_particles  # noqa: E402
+from jaxcryo.leastsq import _stencil as stencil_mod  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: The maps: ASPIRE's ribosome (65^3, signal to its Nyquist; declared 3 A/px at 64 px, as benchmarks/peers.py)
@@ -191,7 +191,7 @@ def jnp_stencil_matvec(s):
 
 class Objective:
     """``F(v) = mean_i 1/2 ||M(S_i m v - y_i)||^2 + alpha/2 ||v||^2`` with ``m`` the volume ball mask, and its
-    exact optimum (:class:`jaxcryo.optimum.Optimum`)."""
+    exact optimum (:class:`jaxcryo.leastsq._optimum.Optimum`)."""
 
     def __init__(self, data: DataSet, interp: str, alpha: float, batch: int, cg_tol: float, lbfgs_iters: int):
         box = data.metadata.box
@@ -468,7 +468,7 @@ def main(argv=None) -> int:
         "seconds": "training time per epoch, cumulative; compilation excluded (compile_seconds)",
     }
     reference = {
-        "method": "CG on the assembled 27-point stencil Hessian (complex128), masked ball (jaxcryo.optimum.Optimum); seconds include the assembly",
+        "method": "CG on the assembled 27-point stencil Hessian (complex128), masked ball (jaxcryo.leastsq._optimum.Optimum); seconds include the assembly",
         "iterations": obj.cg_iterations, "relative_residual": obj.cg_residual, "seconds": obj.cg_seconds,
 "loss_gap_at_zero": obj.gap0,
         "fsc_vs_truth": [float(x) for x in ref_fsc[:hi + 1]],

@@ -199,7 +199,7 @@ def simulate_set(args, box: int, n: int, aspire: dict, work: Path) -> dict:
         star = write_dataset(d, s.metadata, s.images)
         truth = d / "truth.npy"
         np.save(truth, np.asarray(s.volume, np.float32))
-        sim = {"simulator": "jaxcryo.simulate.simulate (NUFFT slices, RELION CTF, shifts up to 2 px, "
+        sim = {"simulator": "jaxcryo.data._simulate.simulate (NUFFT slices, RELION CTF, shifts up to 2 px, "
                             "built-in phantom)", "noise_sigma": float(s.noise_sigma)}
         relion_sign, aspire_sign = +1, -1
     rec = {"want": want, "box": box, "particles": n, "dir": str(d), "star": str(star), "truth": str(truth),

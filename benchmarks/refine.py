@@ -7,7 +7,7 @@ The set (issue 11's acceptance): box 64, 5,000 particles at 3 Å/px from the bui
 1-2.5 µm, in-plane shifts uniform in +-5 px, SNR 0.5 (signal/noise variance). Copies of its STAR: poses rotated
 by 5° about random axes and shifts moved by 1.5 px (local refinement), and no poses (global). The
 reference is the true map low-pass filtered to 30 Å. Metrics: median and mean angular error after the best
-global alignment (:func:`jaxcryo.grids.align_rotations`), median translation error, FSC-0.5 to the truth
+global alignment (:func:`jaxcryo.rotations._grids.align_rotations`), median translation error, FSC-0.5 to the truth
 (shell and Å), wall time of each command.
 
 Usage::
@@ -44,10 +44,10 @@ import jaxcryo as jc  # noqa: E402
 from jaxcryo.cli.refine import pose_errors  # noqa: E402
 from jaxcryo.io.mrc import read_map, write_map  # noqa: E402
 from jaxcryo.io.star import write_star  # noqa: E402
-from jaxcryo.projection import fourier_to_volume, volume_to_fourier  # noqa: E402
-from jaxcryo.refine import lowpass  # noqa: E402
-from jaxcryo.simulate import perturbed_metadata, without_poses  # noqa: E402
-from jaxcryo.sources import read_particles  # noqa: E402
+from jaxcryo.forward._projection import fourier_to_volume, volume_to_fourier  # noqa: E402
+from jaxcryo.poses._refine import lowpass  # noqa: E402
+from jaxcryo.data._simulate import perturbed_metadata, without_poses  # noqa: E402
+from jaxcryo.data._sources import read_particles  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,7 +86,7 @@ def timed(cmd, log: Path, env=None, timeout=None, cwd=None) -> dict:
 
 def fsc05_shell(vol, truth) -> tuple[int, list]:
     import jax.numpy as jnp
-    from jaxcryo.priors import fourier_fsc
+    from jaxcryo.leastsq._priors import fourier_fsc
 
     f = fourier_fsc(volume_to_fourier(jnp.asarray(vol)), volume_to_fourier(jnp.asarray(truth)))
     below = np.flatnonzero(f[1:] < 0.5)
@@ -135,8 +135,8 @@ def run_jaxcryo(d: Path, name: str, star: str, extra: list, truth, true_md, env)
 
 def run_abinitio_then_refine(d: Path, extra: list, truth, true_md, env, quick: bool) -> dict:
     """``jaxcryo abinitio`` from no poses and no reference, then ``jaxcryo refine`` (global, from its map),
-    FSC to the truth after aligning the map (rotation, hand, shift: :func:`jaxcryo.abinitio.truth_metrics`)."""
-    from jaxcryo.abinitio import truth_metrics
+    FSC to the truth after aligning the map (rotation, hand, shift: :func:`jaxcryo.poses._abinitio.truth_metrics`)."""
+    from jaxcryo.poses._abinitio import truth_metrics
 
     ab = d / "abinitio"
     a = timed(jaxcryo_cmd() + ["abinitio", d / "particles_noposes.star", "--out", ab, "--quiet", "--max-shift", "6"]

@@ -2,7 +2,7 @@
 
 **Scaling.** For each device count ``D`` (1, 2, 4) a worker process is started with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=D`` (set before JAX is imported: the process sees exactly ``D``
-CPU devices) and times :func:`jaxcryo.fit.make_step` with a ``D``-device mesh (:mod:`jaxcryo.parallel`: the batch
+CPU devices) and times :func:`jaxcryo.solvers._fit.make_step` with a ``D``-device mesh (:mod:`jaxcryo.parallel._mesh`: the batch
 split over the devices, volume and optimiser state replicated, gradient and Hutchinson products reduced inside
 the step) for a PSGD step (Hutchinson, one probe, the ``psgd`` strategy's optimiser) and a plain SGD step, on
 one static minibatch of random poses, shifts, CTFs and noise images (the cost does not depend on the content),
@@ -25,7 +25,7 @@ the all-reduce goes over NVLink or PCIe (``N^3 x 8`` bytes per reduction: 2 MiB 
 a fraction of a millisecond to a few milliseconds on NVLink, an estimate, not measured here), and the
 per-device batch ``B / D`` decides how well each GPU is used. Scaling on GPUs must be measured on GPUs.
 
-**Prefetch.** :func:`jaxcryo.fit.fit` reads the next batch in a background thread while the current step runs
+**Prefetch.** :func:`jaxcryo.solvers._fit.fit` reads the next batch in a background thread while the current step runs
 (``prefetch=1``, the default); ``prefetch=0`` reads each batch when its step starts. Measured on one device with a
 stack written to disk: seconds per epoch of a PSGD fit with and without prefetch, alternating, with the stack in
 the page cache (``warm``) and evicted before every epoch with ``posix_fadvise(DONTNEED)`` (``cold``: reads from
@@ -145,9 +145,9 @@ def prefetch_benchmark(args, workdir: Path) -> dict:
 
     import jaxcryo as jc
     from jaxcryo import ParticleMetadata
-    from jaxcryo.rotations import random_rotations
-    from jaxcryo.simulate import random_ctf_params
-    from jaxcryo.sources import ParticleDataset, write_dataset
+    from jaxcryo.rotations._rotations import random_rotations
+    from jaxcryo.data._simulate import random_ctf_params
+    from jaxcryo.data._sources import ParticleDataset, write_dataset
 
     box, n, batch, epochs = args.prefetch_box, args.prefetch_particles, args.prefetch_batch, args.prefetch_epochs
     rng = np.random.default_rng(0)

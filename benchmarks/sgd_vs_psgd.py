@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, write_json  # noqa: E402
 import jaxcryo as jc  # noqa: E402
-from jaxcryo.linalg import relative_error_in_ball  # noqa: E402
+from jaxcryo.leastsq._linalg import relative_error_in_ball  # noqa: E402
 from jaxcryo.plotting import save_figure  # noqa: E402
-from jaxcryo.priors import fourier_fsc  # noqa: E402
+from jaxcryo.leastsq._priors import fourier_fsc  # noqa: E402
 
 LAM = 1e-3
 

@@ -1,6 +1,6 @@
 """jaxcryo's PSGD epoch against the paper's reference code (simplecryoem), side by side in one run.
 
-One simulated data set (box 64, 2,000 images, CTF, shifts, SNR 0.5; ``jaxcryo.simulate``) is reconstructed
+One simulated data set (box 64, 2,000 images, CTF, shifts, SNR 0.5; ``jaxcryo.data._simulate``) is reconstructed
 for a few epochs, in float64, with trilinear slices, batch 100 and the paper's objective (Tikhonov
 alpha = 1e-8), by
 
@@ -17,7 +17,7 @@ alpha = 1e-8), by
   with its forward model (correlation with the clean images, ``convention_check``). When simplecryoem is
   absent that side is skipped and said so.
 * ``jaxcryo-psgd-paper``: ``jaxcryo.preconditioned_sgd(n_probes=1, init_value=1.0, linesearch=True,
-  steps_per_epoch=...)`` with :func:`jaxcryo.fit` (float64), the paper's Algorithm 1 as jaxcryo offers it
+  steps_per_epoch=...)`` with :func:`jaxcryo.solvers._fit` (float64), the paper's Algorithm 1 as jaxcryo offers it
   (its Armijo constant is c = 1e-4, and a shell floor on the diagonal).
 * ``jaxcryo-psgd-paper-c0.99``: the same pieces (``hutchinson_diagonal``, ``scale_by_diagonal``,
   ``armijo_linesearch``) chained with the notebook's c = 0.99, so both codes do the same line-search work.
@@ -302,8 +302,8 @@ def main(argv=None) -> None:
 
     import jaxcryo as jc
     from _common import machine_info, save_figure, time_calls, use_agg, write_json
-    from jaxcryo.optim import ArmijoState, armijo_linesearch, hutchinson_diagonal, scale_by_diagonal
-    from jaxcryo.rotations import matrix_to_euler
+    from jaxcryo.solvers._optim import ArmijoState, armijo_linesearch, hutchinson_diagonal, scale_by_diagonal
+    from jaxcryo.rotations._rotations import matrix_to_euler
 
     quick = args.quick
     box = args.box or (32 if quick else 64)
@@ -500,7 +500,7 @@ def main(argv=None) -> None:
         key = jax.random.PRNGKey(1)
         v0 = (jax.random.normal(key, (box,) * 3) + 1j * jax.random.normal(jax.random.split(key)[0], (box,) * 3))
         v0 = v0.astype(jnp.complex128) * 1e-3
-        from jaxcryo.optim import hutchinson_samples
+        from jaxcryo.solvers._optim import hutchinson_samples
 
         @jax.jit
         def f_val(v, raw):

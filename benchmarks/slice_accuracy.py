@@ -2,7 +2,7 @@
 
 For a volume ``v`` and random rotations the reference is the exact DFT of ``v`` at every slice point,
 ``V(p) = sum_r v(r) exp(-2 pi i p . r / N)``, summed directly in float64
-(:func:`jaxcryo.operators.dft_at_points`; checked against a float64 NUFFT at eps 1e-12, the agreement is in
+(:func:`jaxcryo.forward._operators.dft_at_points`; checked against a float64 NUFFT at eps 1e-12, the agreement is in
 the JSON as ``reference_check``). Each operator computes the same slices from the volume's centred Fourier
 transform in the production precision (float32/complex64): ``nearest`` and ``trilinear`` at oversampling 1,
 2 and 3 with and without the gridding correction (``gridding``: the real-space volume divided by the
@@ -12,7 +12,7 @@ that shell (``0 .. N/2``, voxel units; only the modelled points ``|p| <= N/2``: 
 are masked out by the forward model), and ``overall`` the same over all of them. A shell whose reference
 power is below 1e-12 of the volume's (no signal, e.g. beyond a low-pass filter) is reported as ``null``.
 
-Volumes: the built-in phantom (:func:`jaxcryo.simulate.phantom`, boxes 32 and 64) and, when
+Volumes: the built-in phantom (:func:`jaxcryo.data._simulate.phantom`, boxes 32 and 64) and, when
 ``../shared/data`` is present, ASPIRE's 70S ribosome map (signal up to Nyquist; boxes 32 and 64) and RELION's
 beta-galactosidase reference (low-pass filtered at about 40 Å, i.e. at shell 9 whatever the crop, so it is
 measured at box 20, where that is near Nyquist), each Fourier-cropped to the box.
@@ -46,15 +46,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from _common import machine_info, parse_args, save_figure, time_calls, use_agg, write_json  # noqa: E402
-from jaxcryo.batch import make_batch  # noqa: E402
-from jaxcryo.fourier import fft3c, resample_real, shell_index  # noqa: E402
-from jaxcryo.hessian import solve_cg  # noqa: E402
-from jaxcryo.loss import objective, value_and_grad  # noqa: E402
-from jaxcryo.operators import NUFFT, Nearest, Trilinear, describe, dft_at_points, slice_nufft  # noqa: E402
-from jaxcryo.projection import Projector, slice_points  # noqa: E402
-from jaxcryo.rotations import random_rotations  # noqa: E402
-from jaxcryo.simulate import phantom, random_ctf_params, simulate  # noqa: E402
-from jaxcryo.sources import ArrayDataset  # noqa: E402
+from jaxcryo.data._batch import make_batch  # noqa: E402
+from jaxcryo.ndimage._fourier import fft3c, resample_real, shell_index  # noqa: E402
+from jaxcryo.leastsq._hessian import solve_cg  # noqa: E402
+from jaxcryo.leastsq._loss import objective, value_and_grad  # noqa: E402
+from jaxcryo.forward._operators import NUFFT, Nearest, Trilinear, describe, dft_at_points, slice_nufft  # noqa: E402
+from jaxcryo.forward._projection import Projector, slice_points  # noqa: E402
+from jaxcryo.rotations._rotations import random_rotations  # noqa: E402
+from jaxcryo.data._simulate import phantom, random_ctf_params, simulate  # noqa: E402
+from jaxcryo.data._sources import ArrayDataset  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 #: Default boxes per volume (``--boxes`` overrides them all).
@@ -289,7 +289,7 @@ def main(argv=None) -> dict:
     settings = {"quick": args.quick, "boxes": boxes or {v: BOXES[v] for v in volumes}, "images": images,
                 "volumes": volumes,
                 "operators": [label for label, _ in ops], "operator_dtype": "float32/complex64",
-                "reference": "direct DFT sum in float64 (jaxcryo.operators.dft_at_points)",
+                "reference": "direct DFT sum in float64 (jaxcryo.forward._operators.dft_at_points)",
                 "error": "||S v - V|| / ||V|| per shell round(|p|), points with |p| <= N/2 (the image mask)",
                 "no_signal_threshold": NO_SIGNAL, "timing_box": tbox, "timing_batch": tbatch}
     t0 = time.perf_counter()

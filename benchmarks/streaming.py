@@ -24,12 +24,12 @@ the timed runs do not compile (the step shapes do not depend on the number of pa
 every ``.mrcs``: works without root for clean pages) before the command, again after the command's NaN scan
 (``find_bad_images``, which reads every image once before any work and would otherwise leave the whole set in
 the page cache: 3.3 GB fits in this machine's memory) and again when the epoch starts (the first
-:func:`jaxcryo.fit.fit` call). So every data pass of a cold run reads from the disk, as it would for a set
+:func:`jaxcryo.solvers._fit.fit` call). So every data pass of a cold run reads from the disk, as it would for a set
 larger than memory. *Warm* means every stack was read whole just before the command. ``fincore`` (where
 available) records how much of the stacks was resident before each run, which checks the eviction.
 
 **Instrumentation** (in the command's process, wrapping module functions without changing what they do):
-the time of the NaN scan; the seconds spent inside :func:`jaxcryo.batch.load_batch` during the epoch (the
+the time of the NaN scan; the seconds spent inside :func:`jaxcryo.data._batch.load_batch` during the epoch (the
 reads, in whichever thread does them); and the seconds the step loop waited for its next batch (the time in
 ``next()`` of the batch iterator): without prefetch that is the whole read time, with prefetch only the part
 the background thread did not hide. ``epoch_s`` is the epoch's time from the run's ``history.json``; the
@@ -38,7 +38,7 @@ it; memory-mapped pages would), and the RSS is also sampled every second for the
 
 **The disk alone**: every stack read sequentially in 8 MiB blocks after the eviction (``raw_read`` cold) and
 again from the page cache (warm), and one epoch's batches read in the epoch's random order by
-:func:`jaxcryo.batch.load_batch` without any compute (``read_only_epoch``, cold and warm): the read time share
+:func:`jaxcryo.data._batch.load_batch` without any compute (``read_only_epoch``, cold and warm): the read time share
 of an epoch is that over the epoch's time without prefetch.
 
 Runs alternate (``on, off`` then ``off, on`` in the next round, cold and warm interleaved) so that a change
@@ -135,14 +135,14 @@ def generate(work: Path, n: int, per_stack: int, box: int, pixel_size: float = 3
     import numpy as np
 
     from _common import host_peak_rss_mb
-    from jaxcryo.ctf import CTFParams
+    from jaxcryo.forward._ctf import CTFParams
     from jaxcryo.io.mrc import stack_shape, write_stack
     from jaxcryo.io.star import write_star
-    from jaxcryo.operators import Trilinear
-    from jaxcryo.particles import ParticleMetadata
-    from jaxcryo.projection import Projector, volume_to_fourier
-    from jaxcryo.rotations import random_rotations
-    from jaxcryo.simulate import phantom, random_ctf_params
+    from jaxcryo.forward._operators import Trilinear
+    from jaxcryo.forward._particles import ParticleMetadata
+    from jaxcryo.forward._projection import Projector, volume_to_fourier
+    from jaxcryo.rotations._rotations import random_rotations
+    from jaxcryo.data._simulate import phantom, random_ctf_params
 
     work.mkdir(parents=True, exist_ok=True)
     n_stacks = -(-n // per_stack)
@@ -226,7 +226,7 @@ def child(spec: dict, cli_args: list) -> int:
 
     from jaxcryo.cli import main
 
-    # the modules (the package's names ``jaxcryo.fit`` and ``jaxcryo.reconstruct`` are its functions)
+    # the modules (the package's names ``jaxcryo.solvers._fit`` and ``jaxcryo.solvers._reconstruct`` are its functions)
     F, R, S = (importlib.import_module(f"jaxcryo.{m}") for m in ("fit", "reconstruct", "sources"))
 
     cold, stacks = bool(spec["cold"]), list(spec["stacks"])
@@ -361,8 +361,8 @@ def read_only_epoch(star: Path, batch: int, stacks: list, cold: bool) -> dict:
     """One epoch's batches (both halves, the epoch's random order) read by ``load_batch``, no compute."""
     import numpy as np
 
-    from jaxcryo.batch import epoch_batches, load_batch
-    from jaxcryo.sources import ParticleDataset
+    from jaxcryo.data._batch import epoch_batches, load_batch
+    from jaxcryo.data._sources import ParticleDataset
 
     ds = ParticleDataset.from_file(star)
     h1, h2 = ds.split_halves(0)

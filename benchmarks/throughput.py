@@ -3,13 +3,13 @@
 For each interpolation (``nearest``, ``trilinear``, ``nufft``) and box we time, on one static-shape minibatch
 of random poses, shifts and CTFs (the images are noise: the cost does not depend on their content), all
 from the same device-resident batch (``to_batch`` runs inside each jitted function, as in
-:func:`jaxcryo.fit.fit`, so forward and gradient start from the same prepared batch):
+:func:`jaxcryo.solvers._fit.fit`, so forward and gradient start from the same prepared batch):
 
 * ``forward``: the forward model ``P_i V`` (slice, shift, CTF) for the batch;
-* ``gradient``: the minibatch objective and its gradient (``jaxcryo.loss.value_and_grad``);
+* ``gradient``: the minibatch objective and its gradient (``jaxcryo.leastsq._loss.value_and_grad``);
 * ``hvp``: one Hessian-vector product of the minibatch objective (forward-over-reverse);
-* ``sgd_step``: :func:`jaxcryo.fit.make_step` with :func:`jaxcryo.optim.sgd`;
-* ``psgd_step_k1`` / ``psgd_step_k4``: the same with :func:`jaxcryo.optim.preconditioned_sgd` and K = 1 / 4
+* ``sgd_step``: :func:`jaxcryo.solvers._fit.make_step` with :func:`jaxcryo.solvers._optim.sgd`;
+* ``psgd_step_k1`` / ``psgd_step_k4``: the same with :func:`jaxcryo.solvers._optim.preconditioned_sgd` and K = 1 / 4
   Hutchinson probes (gradient + K Hessian-vector products + the diagonal update);
 * ``psgd_step_k1_every4``: Hutchinson K = 1 refreshed every 4th step (``update_every=4``); its time is the
   mean over groups of 4 consecutive steps (one with the HVP, three without);
@@ -57,10 +57,10 @@ from _common import (device_peak_mb, host_peak_rss_mb, machine_info, parse_args,
                      use_agg, write_json)
 from jaxcryo import (ArrayDataset, ParticleMetadata, Projector, load_batch, make_step, objective,  # noqa: E402
                      preconditioned_sgd, sgd, to_batch, value_and_grad)
-from jaxcryo.loss import hvp  # noqa: E402
-from jaxcryo.operators import OPERATOR_NAMES  # noqa: E402
-from jaxcryo.rotations import random_rotations  # noqa: E402
-from jaxcryo.simulate import random_ctf_params  # noqa: E402
+from jaxcryo.leastsq._loss import hvp  # noqa: E402
+from jaxcryo.forward._operators import OPERATOR_NAMES  # noqa: E402
+from jaxcryo.rotations._rotations import random_rotations  # noqa: E402
+from jaxcryo.data._simulate import random_ctf_params  # noqa: E402
 
 INTERPS = OPERATOR_NAMES
 OPS = ("forward", "gradient", "hvp", "sgd_step", "psgd_step_k1", "psgd_step_k4", "psgd_step_k1_every4",

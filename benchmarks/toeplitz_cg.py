@@ -3,9 +3,9 @@
 The normal operator ``H = (1/n) sum_i S_i^H M S_i + lam I`` of the NUFFT model is applied two ways
 (issue 9, item 5):
 
-* ``explicit``: :func:`jaxcryo.hessian.normal_equations`, one pass over all the images per matvec (a type-2
+* ``explicit``: :func:`jaxcryo.leastsq._hessian.normal_equations`, one pass over all the images per matvec (a type-2
   and a type-1 NUFFT per image batch; batches cached in host memory);
-* ``toeplitz``: :func:`jaxcryo.toeplitz.toeplitz_normal_equations`, a convolution on the ``2N`` grid whose
+* ``toeplitz``: :func:`jaxcryo.leastsq._toeplitz.toeplitz_normal_equations`, a convolution on the ``2N`` grid whose
   kernel is built once (one type-1 NUFFT pass over the metadata), so a matvec is four FFTs whatever the number
   of particles.
 
@@ -46,12 +46,12 @@ import numpy as np  # noqa: E402
 
 from _common import (host_peak_rss_mb, machine_info, parse_args, save_figure, time_calls,  # noqa: E402
                      use_agg, write_json)
-from jaxcryo.hessian import normal_equations  # noqa: E402
-from jaxcryo.linalg import conjugate_gradient  # noqa: E402
-from jaxcryo.projection import Projector  # noqa: E402
-from jaxcryo.simulate import simulate  # noqa: E402
-from jaxcryo.sources import ArrayDataset  # noqa: E402
-from jaxcryo.toeplitz import toeplitz_kernel, toeplitz_normal_equations  # noqa: E402
+from jaxcryo.leastsq._hessian import normal_equations  # noqa: E402
+from jaxcryo.leastsq._linalg import conjugate_gradient  # noqa: E402
+from jaxcryo.forward._projection import Projector  # noqa: E402
+from jaxcryo.data._simulate import simulate  # noqa: E402
+from jaxcryo.data._sources import ArrayDataset  # noqa: E402
+from jaxcryo.leastsq._toeplitz import toeplitz_kernel, toeplitz_normal_equations  # noqa: E402
 
 PIXEL_SIZE = 3.0
 

@@ -9,34 +9,38 @@ The public API, for notebooks and scripts (``import jaxcryo as jc``)::
     opt = jc.preconditioned_sgd(jc.harmonic_schedule(0.25, steps_per_epoch=8))
     out = jc.fit(ds, opt, proj, epochs=5, batch_size=250)
 
-Modules hold one concept each (see the README's layout); everything here is re-exported from them.
+Subpackages hold the layers (see the README's layout): ``ndimage``, ``rotations``, ``forward``, ``io``, ``data``,
+``parallel``, ``leastsq``, ``solvers``, ``poses``, ``cli``; everything here is re-exported from them, and no name
+here hides a subpackage.
 """
 
-from .batch import Batch, RawBatch, epoch_batches, iterate_batches, load_batch, make_batch, to_batch
-from .ctf import CTFParams, evaluate_ctf
+from .data import Batch, RawBatch, epoch_batches, iterate_batches, load_batch, make_batch, to_batch
+from .forward import CTFParams, evaluate_ctf
 from .errors import DivergenceError, InputError
-from .fit import FitResult, FitState, fit, make_step
-from .fourier import shell_index
-from .grids import (RotationAlignment, align_rotations, geodesic_distance_deg, local_grid, shift_grid,
+from .leastsq import Prior, SpectralPrior, Tikhonov
+from .poses import AbinitioResult, AbinitioSettings, RefineResult, RefineSettings, abinitio, refine
+from .solvers import FitResult, FitState, fit, make_step
+from .ndimage import shell_index
+from .rotations import (RotationAlignment, align_rotations, geodesic_distance_deg, local_grid, shift_grid,
                     so3_grid)
-from .hessian import exact_diagonal, normal_equations, solve_cg, wiener_backprojection
-from .io.mrc import read_map, write_map
-from .linalg import conjugate_gradient, power_iteration, preconditioned_max_eigenvalue, relative_error_in_ball
-from .loss import gradient, hvp, loss, objective, value_and_grad
-from .metrics import FSCResult, fsc
-from .operators import NUFFT, OPERATORS, Nearest, SliceOperator, Trilinear, make_operator
-from .optim import (armijo_linesearch, batch_diagonal, fixed_diagonal, harmonic_schedule, hutchinson_diagonal,
+from .leastsq import exact_diagonal, normal_equations, solve_cg, wiener_backprojection
+from .io import read_map, write_map
+from .leastsq import conjugate_gradient, power_iteration, preconditioned_max_eigenvalue, relative_error_in_ball
+from .leastsq import gradient, hvp, loss, objective, value_and_grad
+from .ndimage import FSCResult, fsc
+from .forward import NUFFT, OPERATORS, Nearest, SliceOperator, Trilinear, make_operator
+from .solvers import (armijo_linesearch, batch_diagonal, fixed_diagonal, harmonic_schedule, hutchinson_diagonal,
                     paper_psgd, paper_sgd, preconditioned_sgd, scale_by_diagonal, sgd)
-from .optimum import Optimum
-from .particles import ParticleMetadata
-from .projection import Projector, fourier_to_volume, volume_to_fourier
-from .reconstruct import ReconstructResult, reconstruct
+from .leastsq import Optimum
+from .forward import ParticleMetadata
+from .forward import Projector, fourier_to_volume, volume_to_fourier
+from .solvers import ReconstructResult, reconstruct
 from .rotations import preferred_orientations
-from .scoring import BestPoses, PoseWeights, best_poses, score_local, score_poses, soft_weights
-from .simulate import SimulatedData, phantom, project_metadata, simulate
-from .sources import (ArrayDataset, CroppedSource, ParticleDataset, ParticleSource, read_particles,
+from .poses import BestPoses, PoseWeights, best_poses, score_local, score_poses, soft_weights
+from .data import SimulatedData, phantom, project_metadata, simulate
+from .data import (ArrayDataset, CroppedSource, ParticleDataset, ParticleSource, read_particles,
                       split_halves, write_dataset)
-from .strategies import (PSGD, SGD, STRATEGIES, Adam, Backproject, CG, Plan, Problem, Strategy,
+from .solvers import (PSGD, SGD, STRATEGIES, Adam, Backproject, CG, Plan, Problem, Strategy,
                          initial_step_size, make_strategy)
 
 __version__ = "0.1.0"
@@ -65,6 +69,10 @@ __all__ = [
     # poses (unknown-pose refinement)
     "so3_grid", "local_grid", "shift_grid", "geodesic_distance_deg", "align_rotations", "RotationAlignment",
     "score_poses", "score_local", "best_poses", "soft_weights", "BestPoses", "PoseWeights",
+    # priors
+    "Prior", "Tikhonov", "SpectralPrior",
+    # refinement and ab initio
+    "refine", "RefineSettings", "RefineResult", "abinitio", "AbinitioSettings", "AbinitioResult",
     # errors
     "InputError", "DivergenceError",
 ]

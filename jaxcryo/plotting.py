@@ -155,7 +155,7 @@ def _draw_convergence(fig, axes, histories, x_keys, ys, title):
 
 def plot_condition(report: dict, path) -> Path:
     """Log-log plot of ``kappa`` against box size (measured ``H``, ``D^-1 H`` and predicted) from a
-    :func:`jaxcryo.conditioning.condition_report`. Returns ``path``."""
+    :func:`jaxcryo.leastsq.condition_report`. Returns ``path``."""
     plt = _fig()
     fig, ax = plt.subplots(figsize=(5.5, 4.2))
     try:

@@ -3,9 +3,9 @@ one-process reference. Sets ``JAX_PLATFORMS=cpu`` and ``XLA_FLAGS=--xla_force_ho
 before JAX is imported, then prints one JSON line ``MULTIHOST_CHECK {...}`` on stdout.
 
 ``python tests/multihost_check.py multi STAR OUT --coordinator HOST:PORT --num-processes P --process-id I
---local-devices K``: joins the run (:func:`jaxcryo.distributed.initialize`), then
+--local-devices K``: joins the run (:func:`jaxcryo.parallel._distributed.initialize`), then
 
-* ``api``: :func:`jaxcryo.fit` (Hutchinson PSGD, trilinear slices) over the mesh of all ``P * K`` devices,
+* ``api``: :func:`jaxcryo.solvers._fit` (Hutchinson PSGD, trilinear slices) over the mesh of all ``P * K`` devices,
   recording which particles this process read from disk; saves the map to ``OUT/api_multi_p{I}.npy``;
 * ``cli``: ``jaxcryo reconstruct STAR --optimizer psgd --coordinator ... --num-processes P --process-id I``
   into ``OUT/cli_multi`` (process 0 writes the outputs; the others their checkpoints only);
@@ -45,7 +45,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from jaxcryo import distributed  # noqa: E402
+from jaxcryo.parallel import _distributed as distributed  # noqa: E402
 
 T0 = time.perf_counter()
 OUT = Path(args.out)

@@ -2,7 +2,7 @@
 (``XLA_FLAGS=--xla_force_host_platform_device_count=N``), then compares data-parallel runs with 1-device runs
 and prints one JSON object on stdout.
 
-``python tests/parallel_check.py api OUT_DIR``: :func:`jaxcryo.fit` on a small simulated set, per configuration
+``python tests/parallel_check.py api OUT_DIR``: :func:`jaxcryo.solvers._fit` on a small simulated set, per configuration
 (Hutchinson PSGD on 1/4/3 devices, the exact batch diagonal and NUFFT slices on 1/4), the maps' relative
 differences, the shardings of the batch and the volume around the step, the per-device batch the step's body
 was traced with, and the all-reduces in the compiled step.
@@ -11,12 +11,12 @@ was traced with, and the all-reduces in the compiled step.
 and ``--devices 1`` (same seed) for ``--optimizer psgd`` and the default ``backproject``, into ``OUT_DIR/cli``;
 the test compares the maps and reads ``run.json``. Also ``--devices 8`` (more than there are: exit code 2).
 
-``python tests/parallel_check.py refine OUT_DIR``: one :func:`jaxcryo.refine.refine_iteration` (a global search,
+``python tests/parallel_check.py refine OUT_DIR``: one :func:`jaxcryo.poses._refine.refine_iteration` (a global search,
 and a local one from perturbed poses) on 4 devices and on 1, and ``jaxcryo refine --devices 4`` against
 ``--devices 1`` for one iteration: the maps' and poses' differences, ``run.json``'s devices.
 
 ``python tests/parallel_check.py wiener OUT_DIR``: the one-pass estimate
-(:func:`jaxcryo.hessian.wiener_backprojection`) on 4 devices and on 1, and the all-reduces of its compiled
+(:func:`jaxcryo.leastsq._hessian.wiener_backprojection`) on 4 devices and on 1, and the all-reduces of its compiled
 programs.
 
 ``all`` runs them all in one process (one JAX start-up); the JSON has one key per mode.
@@ -48,7 +48,7 @@ def api(out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     import jaxcryo as jc
     from jaxcryo import parallel
-    from jaxcryo.simulate import simulate
+    from jaxcryo.data._simulate import simulate
 
     sim = simulate(n_particles=160, box=16, snr=1.0, seed=0, operator="trilinear")
     ds = jc.ArrayDataset(sim.metadata, sim.images)
@@ -122,8 +122,8 @@ def wiener(out: Path) -> dict:
     compiled programs: no all-reduce per batch (each device sums its own images), one in the finish."""
     import jaxcryo as jc
     from jaxcryo import parallel
-    from jaxcryo.hessian import _wiener_steps, wiener_backprojection
-    from jaxcryo.simulate import simulate
+    from jaxcryo.leastsq._hessian import _wiener_steps, wiener_backprojection
+    from jaxcryo.data._simulate import simulate
 
     sim = simulate(n_particles=150, box=16, snr=1.0, seed=0, operator="trilinear")
     ds = jc.ArrayDataset(sim.metadata, sim.images)
@@ -151,11 +151,11 @@ def refine(out: Path) -> dict:
     import jaxcryo as jc
     from jaxcryo.cli import main
     from jaxcryo.io.star import write_star
-    from jaxcryo.refine import (RefineSettings, _with_poses, initial_state, lowpass, refine_iteration,
+    from jaxcryo.poses._refine import (RefineSettings, _with_poses, initial_state, lowpass, refine_iteration,
                                 prepare_reference)
-    from jaxcryo.projection import volume_to_fourier
-    from jaxcryo.simulate import perturbed_metadata, simulate
-    from jaxcryo.sources import split_halves
+    from jaxcryo.forward._projection import volume_to_fourier
+    from jaxcryo.data._simulate import perturbed_metadata, simulate
+    from jaxcryo.data._sources import split_halves
 
     box, px = 20, 3.0
     sim = simulate(n_particles=150, box=box, snr=2.0, seed=1, operator="trilinear", max_shift=1.5 * px)
@@ -180,7 +180,7 @@ def refine(out: Path) -> dict:
             "max_shift_diff": float(np.abs(a.shifts - b.shifts).max()),
             "devices_recorded": [a.history[-1]["devices"], b.history[-1]["devices"]]}
     from jaxcryo import parallel
-    from jaxcryo.refine import _Scorer
+    from jaxcryo.poses._refine import _Scorer
 
     sc = _Scorer(proj, settings, parallel.make_mesh(4))  # the search's per-device batch: 52 / 4 images
     r, _ = sc.global_search(ref_f, ds, halves[0][:52], 6.0, False, "")

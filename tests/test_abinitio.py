@@ -13,13 +13,13 @@ import json
 import numpy as np
 import pytest
 
-from jaxcryo.abinitio import (AbinitioSettings, abinitio, align_map_to, kmax_schedule, rotate_map,
+from jaxcryo.poses._abinitio import (AbinitioSettings, abinitio, align_map_to, kmax_schedule, rotate_map,
                               truth_metrics)
 from jaxcryo.cli import main
 from jaxcryo.errors import InputError
-from jaxcryo.grids import MIRROR, align_rotations
+from jaxcryo.rotations._grids import MIRROR, align_rotations
 from jaxcryo.io.mrc import read_map
-from jaxcryo.sources import ArrayDataset, read_particles
+from jaxcryo.data._sources import ArrayDataset, read_particles
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_refine_takes_the_outputs(sim, run, tmp_path):
 
 
 def _rotation(axis, angle_deg):
-    from jaxcryo.rotations import axis_angle_to_matrix
+    from jaxcryo.rotations._rotations import axis_angle_to_matrix
 
     a = np.asarray(axis, np.float64)
     return np.asarray(axis_angle_to_matrix(np.deg2rad(angle_deg) * a / np.linalg.norm(a)), np.float64)
@@ -91,9 +91,9 @@ def test_rotate_map_convention():
     import jax
     import jax.numpy as jnp
 
-    from jaxcryo.projection import Projector, volume_to_fourier
-    from jaxcryo.rotations import random_rotations
-    from jaxcryo.simulate import phantom
+    from jaxcryo.forward._projection import Projector, volume_to_fourier
+    from jaxcryo.rotations._rotations import random_rotations
+    from jaxcryo.data._simulate import phantom
 
     v = phantom(32)
     r = _rotation([1.0, 2.0, -0.5], 60.0)
@@ -114,8 +114,8 @@ def test_rotate_map_convention():
 def test_align_map_to_recovers_rotation_hand_and_shift(mirrored):
     import jax
 
-    from jaxcryo.rotations import random_rotations
-    from jaxcryo.simulate import phantom
+    from jaxcryo.rotations._rotations import random_rotations
+    from jaxcryo.data._simulate import phantom
 
     v = phantom(32)
     g = _rotation([0.3, -1.0, 0.7], 70.0)
@@ -159,8 +159,8 @@ def test_bad_input(sim, tmp_path, capsys):
     assert main(["abinitio", str(sim / "missing.star"), "--out", str(tmp_path / "m"), "--quiet"]) == 2
     assert "no such file" in capsys.readouterr().err
     # NaN images
-    from jaxcryo.simulate import simulate
-    from jaxcryo.sources import write_dataset
+    from jaxcryo.data._simulate import simulate
+    from jaxcryo.data._sources import write_dataset
 
     s = simulate(n_particles=8, box=16, snr=1.0, seed=0)
     imgs = s.images.copy()

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from jaxcryo.cli import main
-from jaxcryo.batch import Batch
-from jaxcryo.conditioning import condition_report, predicted_condition_number
-from jaxcryo.fourier import ball_mask
-from jaxcryo.hessian import exact_diagonal, hessian_operator
-from jaxcryo.linalg import condition_number, lanczos_extreme_eigs, power_iteration
-from jaxcryo.optim import default_threshold
-from jaxcryo.projection import Projector
-from jaxcryo.rotations import random_rotations
-from jaxcryo.simulate import random_ctf_params
+from jaxcryo.data._batch import Batch
+from jaxcryo.leastsq._conditioning import condition_report, predicted_condition_number
+from jaxcryo.ndimage._fourier import ball_mask
+from jaxcryo.leastsq._hessian import exact_diagonal, hessian_operator
+from jaxcryo.leastsq._linalg import condition_number, lanczos_extreme_eigs, power_iteration
+from jaxcryo.solvers._optim import default_threshold
+from jaxcryo.forward._projection import Projector
+from jaxcryo.rotations._rotations import random_rotations
+from jaxcryo.data._simulate import random_ctf_params
 
 
 def _setup(n, n_poses, method="trilinear", ctf=False, seed=0):

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxcryo.ctf import CTFParams, electron_wavelength, evaluate_ctf
-from jaxcryo.fourier import freq_grid_2d
-from jaxcryo.rotations import (axis_angle_to_matrix, cryosparc_pose_to_relion, euler_to_matrix, matrix_to_euler,
+from jaxcryo.forward._ctf import CTFParams, electron_wavelength, evaluate_ctf
+from jaxcryo.ndimage._fourier import freq_grid_2d
+from jaxcryo.rotations._rotations import (axis_angle_to_matrix, cryosparc_pose_to_relion, euler_to_matrix, matrix_to_euler,
                                matrix_to_quaternion, quaternion_to_matrix, random_rotations)
 
 

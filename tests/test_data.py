@@ -6,13 +6,13 @@ import warnings
 import numpy as np
 import pytest
 
-from jaxcryo.ctf import CTFParams
-from jaxcryo.batch import epoch_batches
-from jaxcryo.sources import ParticleDataset, read_particles, require_poses, write_dataset
+from jaxcryo.forward._ctf import CTFParams
+from jaxcryo.data._batch import epoch_batches
+from jaxcryo.data._sources import ParticleDataset, read_particles, require_poses, write_dataset
 from jaxcryo.errors import InputError
 from jaxcryo.io import read_star, write_stack
-from jaxcryo.particles import ParticleMetadata
-from jaxcryo.rotations import euler_to_matrix
+from jaxcryo.forward._particles import ParticleMetadata
+from jaxcryo.rotations._rotations import euler_to_matrix
 
 
 def _metadata(n=10, box=16, px=3.0, seed=0) -> ParticleMetadata:

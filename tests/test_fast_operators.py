@@ -9,19 +9,19 @@ import numpy as np
 import optax
 import pytest
 
-from jaxcryo.batch import load_batch, make_batch
-from jaxcryo.ctf import CTFParams
-from jaxcryo.fit import fit, make_step
-from jaxcryo.fourier import freq_indices
-from jaxcryo.hessian import batch_diagonal_sum, solve_cg
-from jaxcryo.linalg import relative_error_in_ball
-from jaxcryo.loss import batch_filters, hvp, loss, objective, value_and_grad
-from jaxcryo.operators import Nearest, Trilinear, slice_trilinear
-from jaxcryo.optim import batch_diagonal, harmonic_schedule, minibatch_diagonal, preconditioned_sgd
-from jaxcryo.projection import Projector, shift_phase, slice_points
-from jaxcryo.rotations import random_rotations
-from jaxcryo.simulate import simulate
-from jaxcryo.sources import ArrayDataset
+from jaxcryo.data._batch import load_batch, make_batch
+from jaxcryo.forward._ctf import CTFParams
+from jaxcryo.solvers._fit import fit, make_step
+from jaxcryo.ndimage._fourier import freq_indices
+from jaxcryo.leastsq._hessian import batch_diagonal_sum, solve_cg
+from jaxcryo.leastsq._linalg import relative_error_in_ball
+from jaxcryo.leastsq._loss import batch_filters, hvp, loss, objective, value_and_grad
+from jaxcryo.forward._operators import Nearest, Trilinear, slice_trilinear
+from jaxcryo.solvers._optim import batch_diagonal, harmonic_schedule, minibatch_diagonal, preconditioned_sgd
+from jaxcryo.forward._projection import Projector, shift_phase, slice_points
+from jaxcryo.rotations._rotations import random_rotations
+from jaxcryo.data._simulate import simulate
+from jaxcryo.data._sources import ArrayDataset
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """Pose grids (issue 11): the SO(3) grid's size and measured covering radius (the numbers in
-jaxcryo.grids.so3_grid's docstring), local grids, shift grids, geodesic distances, global alignment."""
+jaxcryo.rotations._grids.so3_grid's docstring), local grids, shift grids, geodesic distances, global alignment."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from jaxcryo.errors import InputError
-from jaxcryo.grids import (MIRROR, align_rotations, covering_radius_deg, geodesic_distance_deg, local_grid,
+from jaxcryo.rotations._grids import (MIRROR, align_rotations, covering_radius_deg, geodesic_distance_deg, local_grid,
                            local_offsets, nearest_rotation_distance_deg, shift_grid, so3_grid, so3_grid_size)
-from jaxcryo.rotations import axis_angle_to_matrix, euler_to_matrix, random_rotations
+from jaxcryo.rotations._rotations import axis_angle_to_matrix, euler_to_matrix, random_rotations
 
 
 def _random_rotations(seed, n):

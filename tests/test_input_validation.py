@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from jaxcryo.cli import main
-from jaxcryo.ctf import CTFParams, validate_ctf, validate_pixel_size
+from jaxcryo.forward._ctf import CTFParams, validate_ctf, validate_pixel_size
 from jaxcryo.errors import InputError
 from jaxcryo.io import read_cs, read_star
-from jaxcryo.sources import read_particles
+from jaxcryo.data._sources import read_particles
 
 REPO = Path(__file__).resolve().parents[1]
 

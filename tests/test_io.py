@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from jaxcryo.cli import main
-from jaxcryo.ctf import CTFParams
-from jaxcryo.sources import ParticleDataset, read_particles, require_poses
+from jaxcryo.forward._ctf import CTFParams
+from jaxcryo.data._sources import ParticleDataset, read_particles, require_poses
 from jaxcryo.errors import InputError
-from jaxcryo.fourier import resample_real
+from jaxcryo.ndimage._fourier import resample_real
 from jaxcryo.io import (apply_poses, open_stack, read_cs, read_ctf_pickle, read_map, read_pose_pickle, read_star,
                         stack_pixel_size, write_map, write_stack, write_star)
-from jaxcryo.particles import ParticleMetadata
-from jaxcryo.rotations import axis_angle_to_matrix, cryosparc_pose_to_relion, euler_to_matrix, matrix_to_euler
-from jaxcryo.operators import Trilinear
-from jaxcryo.simulate import project_metadata
+from jaxcryo.forward._particles import ParticleMetadata
+from jaxcryo.rotations._rotations import axis_angle_to_matrix, cryosparc_pose_to_relion, euler_to_matrix, matrix_to_euler
+from jaxcryo.forward._operators import Trilinear
+from jaxcryo.data._simulate import project_metadata
 
 
 def _corr(a, b):
@@ -391,7 +391,7 @@ def test_simulate_read_back_project_round_trip(tmp_path):
     assert main(["project", str(out / "ground_truth.mrc"), str(out / "particles.star"), "--out",
                  str(out / "clean.mrcs"), "--quiet"]) == 0
     # The clean images of the simulation, reproduced from the written metadata.
-    from jaxcryo.simulate import simulate
+    from jaxcryo.data._simulate import simulate
 
     sim = simulate(40, 16, snr=1.0, seed=3)
     clean = np.asarray(open_stack(out / "clean.mrcs"))

@@ -7,8 +7,8 @@ import pytest
 
 from jaxcryo.cli import main
 from jaxcryo.errors import InputError
-from jaxcryo.fourier import ball_mask, fft3c, ifft3c, radius_grid
-from jaxcryo.metrics import (FSCResult, first_shell_below, fsc, relative_error, resolution_at,
+from jaxcryo.ndimage._fourier import ball_mask, fft3c, ifft3c, radius_grid
+from jaxcryo.ndimage._metrics import (FSCResult, first_shell_below, fsc, relative_error, resolution_at,
                              soft_sphere_mask)
 from jaxcryo.plotting import plot_convergence, plot_fsc
 

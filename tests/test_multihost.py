@@ -1,7 +1,7 @@
 """Multi-host data parallelism (issue 12, acceptance 4): two processes on localhost, joined by
-:func:`jaxcryo.distributed.initialize` through a loopback coordinator, each with 2 forced CPU devices (a
+:func:`jaxcryo.parallel._distributed.initialize` through a loopback coordinator, each with 2 forced CPU devices (a
 4-device mesh across processes; cross-process ``psum`` by JAX's ``gloo`` CPU collectives), give the map of one
-process on one device to 1e-5 relative, through the API (:func:`jaxcryo.fit`) and the command
+process on one device to 1e-5 relative, through the API (:func:`jaxcryo.solvers._fit`) and the command
 (``jaxcryo reconstruct --coordinator --num-processes --process-id``); each process reads only its block of
 every batch; process 0 alone writes the outputs; the default one-pass ``backproject`` gives the one-process
 map too; ``cg`` refuses several processes.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcryo import distributed
+from jaxcryo.parallel import _distributed as distributed
 from jaxcryo.errors import InputError
 
 HERE = Path(__file__).resolve().parent
@@ -104,7 +104,7 @@ def test_two_processes_join_one_mesh(runs):
 def test_each_process_reads_its_block_of_every_batch(runs):
     """Process ``i`` read exactly rows ``[20 i, 20 i + 20)`` of each global batch, the batches of the
     one-process run (same seed, same order); together the two read each batch once."""
-    from jaxcryo.batch import epoch_batches
+    from jaxcryo.data._batch import epoch_batches
 
     reps, _, _ = runs
     rng = np.random.default_rng(SEED)

@@ -5,15 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcryo.batch import iterate_batches, load_batch, make_batch, to_batch
-from jaxcryo.fit import fit, make_step
-from jaxcryo.hessian import exact_diagonal, normal_equations, solve_cg, wiener_backprojection
-from jaxcryo.linalg import largest_eigenvalue, preconditioned_max_eigenvalue, relative_error_in_ball
-from jaxcryo.loss import gradient, hvp, objective, value_and_grad
-from jaxcryo.optim import harmonic_schedule, hutchinson_estimate, hutchinson_samples, preconditioned_sgd, sgd
-from jaxcryo.projection import Projector, volume_to_fourier
-from jaxcryo.simulate import phantom, simulate
-from jaxcryo.sources import ArrayDataset
+from jaxcryo.data._batch import iterate_batches, load_batch, make_batch, to_batch
+from jaxcryo.solvers._fit import fit, make_step
+from jaxcryo.leastsq._hessian import exact_diagonal, normal_equations, solve_cg, wiener_backprojection
+from jaxcryo.leastsq._linalg import largest_eigenvalue, preconditioned_max_eigenvalue, relative_error_in_ball
+from jaxcryo.leastsq._loss import gradient, hvp, objective, value_and_grad
+from jaxcryo.solvers._optim import harmonic_schedule, hutchinson_estimate, hutchinson_samples, preconditioned_sgd, sgd
+from jaxcryo.forward._projection import Projector, volume_to_fourier
+from jaxcryo.data._simulate import phantom, simulate
+from jaxcryo.data._sources import ArrayDataset
 
 
 @pytest.fixture
@@ -145,7 +145,7 @@ def test_cg_residual_and_wiener_recovers_hit_voxels():
     cg = solve_cg(proj, ds, lam=1e-2, tol=1e-4, maxiter=300, batch_size=100)
     assert cg.residuals[-1] <= 1e-4
     # Noise-free data made by the same nearest operator: Wiener with lam -> 0 is exact where hit.
-    from jaxcryo.simulate import project_metadata
+    from jaxcryo.data._simulate import project_metadata
 
     clean = project_metadata(vol, s.metadata, operator="nearest")
     proj_full = Projector(n=n, pixel_size=s.metadata.pixel_size, operator="nearest", mask_radius=n)
@@ -154,7 +154,7 @@ def test_cg_residual_and_wiener_recovers_hit_voxels():
     truth = volume_to_fourier(jnp.asarray(vol))
     # Inside |k| < n/2 - 1 (the real-space images drop the unpaired Nyquist row/column, so voxels at the
     # edge of the grid are not exactly representable by real images).
-    from jaxcryo.fourier import ball_mask
+    from jaxcryo.ndimage._fourier import ball_mask
 
     hit = (np.asarray(den) > 1e-6) & ball_mask(n, n / 2 - 1.5)
     assert hit.sum() > 0.9 * ball_mask(n, n / 2 - 1.5).sum()

@@ -1,4 +1,4 @@
-"""The exact optimum of the known-pose objective and the exact loss gap (jaxcryo.optimum)."""
+"""The exact optimum of the known-pose objective and the exact loss gap (jaxcryo.leastsq._optimum)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 
 import jaxcryo as jc
 from jaxcryo.errors import InputError
-from jaxcryo.optimum import Optimum
+from jaxcryo.leastsq._optimum import Optimum
 
 
 @pytest.fixture(scope="module")

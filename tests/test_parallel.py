@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcryo.batch import epoch_batches, prefetch
+from jaxcryo.data._batch import epoch_batches, prefetch
 from jaxcryo.errors import InputError
 from jaxcryo.io.mrc import read_map
 
@@ -165,7 +165,7 @@ def test_prefetch_order_errors_and_close():
 
 def test_fit_prefetch_is_bitwise_identical():
     import jaxcryo as jc
-    from jaxcryo.simulate import simulate
+    from jaxcryo.data._simulate import simulate
 
     sim = simulate(n_particles=36, box=8, snr=1.0, seed=0, operator="trilinear")
     ds = jc.ArrayDataset(sim.metadata, sim.images)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import jaxcryo as jc
-from jaxcryo.fourier import shell_index
-from jaxcryo.priors import SpectralPrior, Tikhonov, as_prior, fourier_fsc, prior_diagonal, shell_means
-from jaxcryo.spectral import HalfMapFSC, estimate_spectral_prior
+from jaxcryo.ndimage._fourier import shell_index
+from jaxcryo.leastsq._priors import SpectralPrior, Tikhonov, as_prior, fourier_fsc, prior_diagonal, shell_means
+from jaxcryo.solvers._spectral import HalfMapFSC, estimate_spectral_prior
 
 
 def test_from_fsc_and_tau2_weights():

@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcryo.ctf import CTFParams
-from jaxcryo.fourier import freq_indices
-from jaxcryo.operators import OPERATOR_NAMES, make_operator
-from jaxcryo.projection import Projector, volume_to_fourier
-from jaxcryo.rotations import random_rotations
+from jaxcryo.forward._ctf import CTFParams
+from jaxcryo.ndimage._fourier import freq_indices
+from jaxcryo.forward._operators import OPERATOR_NAMES, make_operator
+from jaxcryo.forward._projection import Projector, volume_to_fourier
+from jaxcryo.rotations._rotations import random_rotations
 
 N = 16
 

@@ -1,4 +1,4 @@
-"""``jaxcryo reconstruct`` and :func:`jaxcryo.reconstruct.reconstruct`: the issue's acceptance checks.
+"""``jaxcryo reconstruct`` and :func:`jaxcryo.solvers._reconstruct.reconstruct`: the issue's acceptance checks.
 
 Fast versions (N small, box <= 32) of: reconstruction quality on simulated data (psgd, cg, backproject),
 output files and their schemas, the cryoDRGN toy set, real RELION/cryoSPARC files, kill-and-resume giving
@@ -21,7 +21,7 @@ import pytest
 
 from jaxcryo.cli import main
 from jaxcryo.io.mrc import read_map
-from jaxcryo.metrics import first_shell_below
+from jaxcryo.ndimage._metrics import first_shell_below
 
 
 # The PSGD configuration that was the default before issue 9 (psgd, nearest, Tikhonov): the tests written for
@@ -82,7 +82,7 @@ def test_acceptance_psgd_resolution(rec_psgd):
     assert len(d["reference"]["fsc"]) == 17
     assert _ref_shell(rec_psgd) >= 10, d["reference"]["fsc"]
     # and directly from the written maps
-    from jaxcryo.metrics import fsc
+    from jaxcryo.ndimage._metrics import fsc
 
     vol, px = read_map(rec_psgd / "map.mrc")
     gt, px_gt = read_map(rec_psgd.parent / "sim" / "ground_truth.mrc")
@@ -183,8 +183,8 @@ def test_acceptance_cg_backproject_quality(sim32, rec_psgd, tmp_path, optimizer,
 
 def _small_set(out: Path, n: int = 16, box: int = 16, snr: float = 1.0, seed: int = 0):
     """A small simulated RELION 3.1 set: ``out/particles.star`` + ``out/particles.mrcs``; returns (star, sim)."""
-    from jaxcryo.sources import write_dataset
-    from jaxcryo.simulate import simulate
+    from jaxcryo.data._sources import write_dataset
+    from jaxcryo.data._simulate import simulate
 
     sim = simulate(n_particles=n, box=box, snr=snr, seed=seed)
     return write_dataset(out, sim.metadata, sim.images), sim
@@ -398,7 +398,7 @@ def test_bad_resume_without_checkpoint(small, tmp_path, capsys):
 # --------------------------------------------------------------------------------------------------
 
 def test_resume_after_interrupt_is_bitwise(tmp_path, capsys, monkeypatch, optimizer="psgd"):
-    fit_module = importlib.import_module("jaxcryo.fit")  # the module (``jaxcryo.fit`` is the function)
+    fit_module = importlib.import_module("jaxcryo.solvers._fit")  # the module (``jaxcryo.solvers._fit`` is the function)
 
     star, _ = _small_set(tmp_path / "data", n=64, box=16)
     args = ["--epochs", 4, "--batch-size", 16, "--seed", 3, "--optimizer", optimizer, "--quiet"]
@@ -476,7 +476,7 @@ def test_cryodrgn_toy_set_recovers_model(shared_data, tmp_path, capsys):
 ])
 def test_real_files_accepted(shared_data, tmp_path, capsys, name, n, n_px):
     """Real RELION 3.0 / 3.1 files with poses reconstruct (cropped to --box 32; one-pass backprojection)."""
-    from jaxcryo.sources import read_particles
+    from jaxcryo.data._sources import read_particles
 
     f = shared_data / name
     md = read_particles(f)
@@ -511,7 +511,7 @@ def test_real_files_rejected(shared_data, tmp_path, capsys, name, names, why):
 
 def test_cs_without_alignments_accepted_with_poses_pickle(shared_data, tmp_path, capsys):
     """empiar_10076_7.cs plus --poses (a cryoDRGN rotation pickle, here random rotations): accepted."""
-    from jaxcryo.sources import read_particles
+    from jaxcryo.data._sources import read_particles
 
     f = shared_data / "cryodrgn" / "empiar_10076_7.cs"
     md = read_particles(f)
@@ -534,9 +534,9 @@ def test_cs_without_alignments_accepted_with_poses_pickle(shared_data, tmp_path,
 
 def test_reconstruct_api_array_dataset():
     """``reconstruct(ArrayDataset(...), optimizer="psgd", epochs=3)``: volume, half maps, history, FSCs."""
-    from jaxcryo.sources import ArrayDataset
-    from jaxcryo.reconstruct import ReconstructResult, reconstruct
-    from jaxcryo.simulate import simulate
+    from jaxcryo.data._sources import ArrayDataset
+    from jaxcryo.solvers._reconstruct import ReconstructResult, reconstruct
+    from jaxcryo.data._simulate import simulate
 
     sim = simulate(n_particles=32, box=16, snr=10.0, seed=1)
     records, volumes = [], []
@@ -590,7 +590,7 @@ def _big_set(folder: Path, n: int, box: int, chunk: int = 2000) -> Path:
     import mrcfile
 
     from jaxcryo.io.star import write_star
-    from jaxcryo.particles import ParticleMetadata
+    from jaxcryo.forward._particles import ParticleMetadata
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)

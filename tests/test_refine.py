@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from jaxcryo.cli import main
-from jaxcryo.grids import align_rotations
+from jaxcryo.rotations._grids import align_rotations
 from jaxcryo.io.mrc import read_map, write_map
-from jaxcryo.sources import read_particles
+from jaxcryo.data._sources import read_particles
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_bad_input(simset, tmp_path, capsys):
                  "--quiet"]) == 2
     assert "does not match" in capsys.readouterr().err
     # the same extent at another box: resampled with a warning
-    from jaxcryo.fourier import resample_real
+    from jaxcryo.ndimage._fourier import resample_real
     write_map(tmp_path / "big.mrc", np.asarray(resample_real(vol, 40, 3), np.float32), px * 32 / 40)
     assert main(["refine", star, "--reference", str(tmp_path / "big.mrc"), "--out", str(tmp_path / "z"),
                  "--local-only", "--iterations", "1", "--batch-size", "100"]) == 0

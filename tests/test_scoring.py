@@ -1,4 +1,4 @@
-"""Pose scoring (issue 11): the scores equal minus the data term of jaxcryo.loss.loss for every candidate
+"""Pose scoring (issue 11): the scores equal minus the data term of jaxcryo.leastsq._loss.loss for every candidate
 (nearest, trilinear, NUFFT; CTF, non-zero shifts, with and without kmax; global and local search), chunking
 does not change them, and noise-free images simulated at grid poses are assigned exactly those poses."""
 
@@ -7,16 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcryo.batch import Batch, make_batch
-from jaxcryo.ctf import CTFParams
+from jaxcryo.data._batch import Batch, make_batch
+from jaxcryo.forward._ctf import CTFParams
 from jaxcryo.errors import InputError
-from jaxcryo.grids import geodesic_distance_deg, local_grid, shift_grid, so3_grid
-from jaxcryo.loss import loss
-from jaxcryo.particles import ParticleMetadata
-from jaxcryo.projection import Projector, volume_to_fourier
-from jaxcryo.rotations import random_rotations
-from jaxcryo.scoring import best_poses, score_local, score_pixels, score_poses, soft_weights
-from jaxcryo.simulate import phantom, project_metadata, random_ctf_params
+from jaxcryo.rotations._grids import geodesic_distance_deg, local_grid, shift_grid, so3_grid
+from jaxcryo.leastsq._loss import loss
+from jaxcryo.forward._particles import ParticleMetadata
+from jaxcryo.forward._projection import Projector, volume_to_fourier
+from jaxcryo.rotations._rotations import random_rotations
+from jaxcryo.poses._scoring import best_poses, score_local, score_pixels, score_poses, soft_weights
+from jaxcryo.data._simulate import phantom, project_metadata, random_ctf_params
 
 N = 16
 PIXEL = 2.0

@@ -3,8 +3,8 @@
 import numpy as np
 
 from jaxcryo.cli import main
-from jaxcryo.rotations import perturb_rotations, preferred_orientations
-from jaxcryo.sources import read_particles
+from jaxcryo.rotations._rotations import perturb_rotations, preferred_orientations
+from jaxcryo.data._sources import read_particles
 
 
 def angle_deg(a, b):

@@ -11,13 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxcryo.fourier import fft3c, freq_indices, radius_grid
-from jaxcryo.hessian import exact_diagonal
-from jaxcryo.batch import make_batch
-from jaxcryo.operators import (NUFFT, Nearest, Trilinear, describe, dft_at_points, gridding_profile, make_operator,
+from jaxcryo.ndimage._fourier import fft3c, freq_indices, radius_grid
+from jaxcryo.leastsq._hessian import exact_diagonal
+from jaxcryo.data._batch import make_batch
+from jaxcryo.forward._operators import (NUFFT, Nearest, Trilinear, describe, dft_at_points, gridding_profile, make_operator,
                                oversampled, slice_nearest, slice_trilinear)
-from jaxcryo.projection import Projector, slice_points
-from jaxcryo.rotations import random_rotations
+from jaxcryo.forward._projection import Projector, slice_points
+from jaxcryo.rotations._rotations import random_rotations
 
 N = 24
 
@@ -53,7 +53,7 @@ def errors():
 
 def test_dft_reference_matches_nufft():
     """The direct-sum reference against a float64 NUFFT at eps 1e-12 (odd box too)."""
-    from jaxcryo.operators import slice_nufft
+    from jaxcryo.forward._operators import slice_nufft
 
     jax.config.update("jax_enable_x64", True)
     try:

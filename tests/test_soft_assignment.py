@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 import jaxcryo as jc
-from jaxcryo.batch import load_batch, to_batch
+from jaxcryo.data._batch import load_batch, to_batch
 from jaxcryo.cli import main
-from jaxcryo.grids import align_rotations
-from jaxcryo.loss import loss
-from jaxcryo.refine import SoftPoses, _with_poses, assign_poses
-from jaxcryo.rotations import perturb_rotations
-from jaxcryo.scoring import best_poses
-from jaxcryo.sources import read_particles
+from jaxcryo.rotations._grids import align_rotations
+from jaxcryo.leastsq._loss import loss
+from jaxcryo.poses._refine import SoftPoses, _with_poses, assign_poses
+from jaxcryo.rotations._rotations import perturb_rotations
+from jaxcryo.poses._scoring import best_poses
+from jaxcryo.data._sources import read_particles
 
 
 def test_assign_poses_hard_and_soft_against_numpy():
@@ -86,8 +86,8 @@ def test_refine_soft_assignment_cli(tmp_path):
 
 def test_fsc_weighted_reference():
     """The scoring reference of refine: each shell times sqrt(2F/(1+F)) of the half-map FSC."""
-    from jaxcryo.fourier import shell_index
-    from jaxcryo.refine import fsc_weighted
+    from jaxcryo.ndimage._fourier import shell_index
+    from jaxcryo.poses._refine import fsc_weighted
 
     n = 16
     rng = np.random.default_rng(0)

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxcryo.ctf import CTFParams
+from jaxcryo.forward._ctf import CTFParams
 from jaxcryo.errors import InputError
 from jaxcryo.io import star
 from jaxcryo.io.star import read_star, write_star
-from jaxcryo.particles import ParticleMetadata
-from jaxcryo.rotations import euler_to_matrix
+from jaxcryo.forward._particles import ParticleMetadata
+from jaxcryo.rotations._rotations import euler_to_matrix
 
 _SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 _STARS = sorted(str(p.relative_to(_SHARED)) for p in _SHARED.glob("*/*.star")) if _SHARED.is_dir() \

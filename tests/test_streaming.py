@@ -17,9 +17,9 @@ from jaxcryo.errors import InputError
 from jaxcryo.io import mrc as mrc_io
 from jaxcryo.io.mrc import StackReader, read_map, write_stack
 from jaxcryo.io.star import write_star
-from jaxcryo.particles import ParticleMetadata
-from jaxcryo.simulate import simulate
-from jaxcryo.sources import ParticleDataset
+from jaxcryo.forward._particles import ParticleMetadata
+from jaxcryo.data._simulate import simulate
+from jaxcryo.data._sources import ParticleDataset
 
 
 def _multi_stack_set(folder, n=48, box=16, per_stack=20):

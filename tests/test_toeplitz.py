@@ -1,5 +1,5 @@
 """The Toeplitz (kernel) normal operator of the NUFFT model (issue 9, item 5) against the explicit data-pass
-operator of :func:`jaxcryo.hessian.normal_equations`: same matvec (acceptance: 1e-5 relative), Hermitian,
+operator of :func:`jaxcryo.leastsq._hessian.normal_equations`: same matvec (acceptance: 1e-5 relative), Hermitian,
 same CG solution. Timing is not asserted (see ``benchmarks/toeplitz_cg.py``)."""
 
 import jax
@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jaxcryo.hessian as hessian
-from jaxcryo.batch import complex_dtype, epoch_batches, load_batch
+import jaxcryo.leastsq._hessian as hessian
+from jaxcryo.data._batch import complex_dtype, epoch_batches, load_batch
 from jaxcryo.errors import InputError
-from jaxcryo.linalg import conjugate_gradient, relative_error_in_ball
-from jaxcryo.projection import Projector
-from jaxcryo.simulate import simulate
-from jaxcryo.sources import ArrayDataset
-from jaxcryo.toeplitz import solve_cg_toeplitz, toeplitz_kernel, toeplitz_normal_equations
+from jaxcryo.leastsq._linalg import conjugate_gradient, relative_error_in_ball
+from jaxcryo.forward._projection import Projector
+from jaxcryo.data._simulate import simulate
+from jaxcryo.data._sources import ArrayDataset
+from jaxcryo.leastsq._toeplitz import solve_cg_toeplitz, toeplitz_kernel, toeplitz_normal_equations
 
 
 @pytest.fixture

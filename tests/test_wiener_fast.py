@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 import jaxcryo as jc
-from jaxcryo.fourier import fft2c
-from jaxcryo.operators import Nearest, Trilinear
-from jaxcryo.fourier import shell_index
-from jaxcryo.projection import hermitian_mirror
-from jaxcryo.rotations import random_rotations
+from jaxcryo.ndimage._fourier import fft2c
+from jaxcryo.forward._operators import Nearest, Trilinear
+from jaxcryo.ndimage._fourier import shell_index
+from jaxcryo.forward._projection import hermitian_mirror
+from jaxcryo.rotations._rotations import random_rotations
 
 OPS = [Nearest(), Trilinear(), Trilinear(oversample=2, gridding=False), Trilinear(oversample=2)]
 

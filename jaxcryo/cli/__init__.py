@@ -28,7 +28,7 @@ NO_CACHE_FLAG = "--no-compilation-cache"
 SUBCOMMANDS = ("simulate", "project", "fsc", "reconstruct", "refine", "abinitio", "condition", "demo")
 
 #: Subcommands that join a multi-process run (``--coordinator``, ``--num-processes``, ``--process-id`` or
-#: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; :mod:`jaxcryo.distributed`).
+#: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; :mod:`jaxcryo.parallel`).
 DISTRIBUTED = ("reconstruct",)
 
 #: Library parameters whose flag is not ``--`` + the name with ``-`` for ``_``.
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if a in SUBCOMMANDS), None)
     if command in DISTRIBUTED:
         try:  # a multi-process run is joined before --platform (or anything) starts JAX's devices
-            from ..distributed import initialize, settings_from_argv
+            from ..parallel._distributed import initialize, settings_from_argv
 
             initialize(**settings_from_argv(argv))
         except JaxcryoError as e:

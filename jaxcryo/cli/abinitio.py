@@ -13,14 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..abinitio import HANDEDNESS, AbinitioSettings, abinitio, check_settings, truth_metrics
+from ..poses._abinitio import HANDEDNESS, AbinitioSettings, abinitio, check_settings, truth_metrics
 from ..errors import InputError
-from ..grids import align_rotations
+from ..rotations._grids import align_rotations
 from ..io.atomic import atomic_write_text
 from ..io.mrc import read_map, write_map
 from ..io.star import write_star
 from ..plotting import plot_convergence
-from ..sources import ParticleDataset
+from ..data._sources import ParticleDataset
 
 
 def register(sub) -> None:
@@ -106,13 +106,13 @@ def run(args) -> int:
     px = float(md.pixel_size)
     truth = tmd = None
     if args.true_poses is not None:
-        from ..sources import read_particles
+        from ..data._sources import read_particles
 
         tmd = read_particles(args.true_poses, datadir=args.datadir)
         if tmd.rotations is None or len(tmd) != len(md):
             raise InputError(f"{args.true_poses}: expected poses for the same {len(md)} particles (--true-poses)")
     if args.truth is not None:
-        from ..refine import prepare_reference
+        from ..poses._refine import prepare_reference
 
         vol, tpx = read_map(args.truth)
         truth = prepare_reference(vol, tpx, md.box, px)

@@ -1,5 +1,5 @@
 """``jaxcryo condition``: condition number of the reconstruction Hessian with and without the diagonal
-preconditioner, against box size (see :mod:`jaxcryo.conditioning`)."""
+preconditioner, against box size (see :mod:`jaxcryo.leastsq`)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import math
 import sys
 from pathlib import Path
 
-from ..conditioning import condition_report
+from ..leastsq._conditioning import condition_report
 from ..errors import InputError
 from ..io.atomic import atomic_write_text
-from ..linalg import LANCZOS_ITERS
-from ..operators import OPERATORS, Trilinear, operator_name
+from ..leastsq._linalg import LANCZOS_ITERS
+from ..forward._operators import OPERATORS, Trilinear, operator_name
 from ..plotting import plot_condition
 
 #: ``--interp`` choices: the registered operators that can have a local stencil (assembled Hessian, exact D).

@@ -21,19 +21,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InputError
-from ..fit import fit
+from ..solvers._fit import fit
 from ..io.atomic import atomic_write_text
 from ..io.mrc import write_map
-from ..metrics import fsc as fsc_fn
-from ..operators import Trilinear, make_operator, operator_name
-from ..optim import paper_psgd, paper_sgd
-from ..optimum import Optimum
+from ..ndimage._metrics import fsc as fsc_fn
+from ..forward._operators import Trilinear, make_operator, operator_name
+from ..solvers._optim import paper_psgd, paper_sgd
+from ..leastsq._optimum import Optimum
 from ..plotting import plot_convergence, plot_fsc
-from ..priors import fourier_fsc
-from ..projection import Projector, fourier_to_volume, volume_to_fourier
-from ..rotations import preferred_orientations
-from ..simulate import simulate
-from ..sources import ArrayDataset
+from ..leastsq._priors import fourier_fsc
+from ..forward._projection import Projector, fourier_to_volume, volume_to_fourier
+from ..rotations._rotations import preferred_orientations
+from ..data._simulate import simulate
+from ..data._sources import ArrayDataset
 
 ALPHA = 1e-8
 OPTIMIZERS = {

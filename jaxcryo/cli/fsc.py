@@ -30,7 +30,7 @@ def run(args) -> int:
     from ..errors import InputError
     from ..io.atomic import atomic_write_text
     from ..io.mrc import read_map
-    from ..metrics import fsc, soft_sphere_mask
+    from ..ndimage._metrics import fsc, soft_sphere_mask
     from ..plotting import plot_fsc
 
     if args.apix is not None and not args.apix > 0:

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..fourier import resample_real
+from ..ndimage._fourier import resample_real
 from ..io.mrc import read_map, write_stack
-from ..operators import NUFFT, OPERATOR_NAMES, make_operator, operator_name
-from ..simulate import project_metadata
-from ..sources import read_particles
+from ..forward._operators import NUFFT, OPERATOR_NAMES, make_operator, operator_name
+from ..data._simulate import project_metadata
+from ..data._sources import read_particles
 
 
 def register(sub) -> None:

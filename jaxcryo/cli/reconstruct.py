@@ -12,15 +12,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .. import distributed
+from ..parallel import _distributed as distributed
 from ..errors import InputError
 from ..io.atomic import atomic_write_text
 from ..io.mrc import read_map, write_map
-from ..operators import OPERATOR_NAMES, operator_name
+from ..forward._operators import OPERATOR_NAMES, operator_name
 from ..plotting import plot_convergence, plot_fsc, preload
-from ..reconstruct import DEFAULTS, OPTIMIZERS, reconstruct
-from ..sources import ParticleDataset
-from ..spectral import PRIORS
+from ..solvers._reconstruct import DEFAULTS, OPTIMIZERS, reconstruct
+from ..data._sources import ParticleDataset
+from ..solvers._spectral import PRIORS
 
 
 def register(sub) -> None:
@@ -85,7 +85,7 @@ def register(sub) -> None:
 
 
 def add_distributed_flags(p) -> None:
-    """``--coordinator``, ``--num-processes``, ``--process-id``: a multi-process run (jaxcryo.distributed)."""
+    """``--coordinator``, ``--num-processes``, ``--process-id``: a multi-process run (jaxcryo.parallel)."""
     g = p.add_argument_group(
         "several processes (hosts)",
         "every process runs the same command with its own --process-id; the devices of all of them form one "

@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InputError
-from ..grids import align_rotations
+from ..rotations._grids import align_rotations
 from ..io.atomic import atomic_write_text
 from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..io.mrc import read_map, write_map
 from ..io.star import write_star
 from ..plotting import plot_convergence, plot_fsc
-from ..refine import RefineSettings, RefineState, half_map_volumes, refine
-from ..sources import ParticleDataset
+from ..poses._refine import RefineSettings, RefineState, half_map_volumes, refine
+from ..data._sources import ParticleDataset
 
 CHECKPOINT_KIND = "refine"
 
@@ -132,8 +132,8 @@ def run(args) -> int:
     if args.resume:
         if not stem.with_suffix(".npz").exists():
             raise InputError(f"{stem}.npz: no checkpoint to resume from (--resume)")
-        from ..refine import initial_state, prepare_reference
-        from ..projection import Projector, volume_to_fourier
+        from ..poses._refine import initial_state, prepare_reference
+        from ..forward._projection import Projector, volume_to_fourier
 
         proj = Projector(n=md.box, pixel_size=float(md.pixel_size), operator=settings.interp)
         r = prepare_reference(ref, ref_px, md.box, float(md.pixel_size))
@@ -176,7 +176,7 @@ def run(args) -> int:
         fsc["reference"] = final.fsc_ref.to_dict()
         summary["truth_resolution_05"] = final.fsc_ref.resolution_05
     if args.true_poses is not None:
-        from ..sources import read_particles
+        from ..data._sources import read_particles
 
         tmd = read_particles(args.true_poses, datadir=args.datadir)
         if tmd.rotations is None or len(tmd) != len(md):
@@ -207,9 +207,9 @@ def run(args) -> int:
 
 
 def pose_errors(est, true) -> dict:
-    """Pose errors of the particles ``est`` against ``true`` (:class:`~jaxcryo.particles.ParticleMetadata`,
+    """Pose errors of the particles ``est`` against ``true`` (:class:`~jaxcryo.forward.ParticleMetadata`,
     same particles; simulations): median/mean angular error in degrees after the best global alignment
-    (rotation and hand, :func:`jaxcryo.grids.align_rotations`), and the median shift error in pixels, given
+    (rotation and hand, :func:`jaxcryo.rotations.align_rotations`), and the median shift error in pixels, given
     only when no global rotation was needed (otherwise the two frames' origins differ)."""
     a = align_rotations(est.rotations, true.rotations, mirror=True)
     rotated = bool(a.mirrored or np.degrees(np.arccos(np.clip((np.trace(a.rotation) - 1) / 2, -1, 1))) > 0.5)

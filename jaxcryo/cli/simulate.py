@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..fourier import resample_real
+from ..ndimage._fourier import resample_real
 from ..io.mrc import read_map, write_map
 from ..io.star import write_star
-from ..rotations import preferred_orientations
-from ..simulate import perturbed_metadata, simulate, without_poses
-from ..sources import read_particles, write_dataset
+from ..rotations._rotations import preferred_orientations
+from ..data._simulate import perturbed_metadata, simulate, without_poses
+from ..data._sources import read_particles, write_dataset
 
 
 def register(sub) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ctf import CTFParams, validate_ctf
+from ..forward._ctf import CTFParams, validate_ctf
 from ..errors import InputError
-from ..particles import ParticleMetadata
+from ..forward._particles import ParticleMetadata
 
 
 def _load(path):

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ctf import CRYOSPARC_FIELDS, CTFParams, validate_ctf, validate_pixel_size
+from ..forward._ctf import CRYOSPARC_FIELDS, CTFParams, validate_ctf, validate_pixel_size
 from ..errors import InputError
-from ..particles import ParticleMetadata
-from ..rotations import cryosparc_pose_to_relion
+from ..forward._particles import ParticleMetadata
+from ..rotations._rotations import cryosparc_pose_to_relion
 
 
 def _field(path, data, name, required=True):

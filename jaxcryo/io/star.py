@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..ctf import RELION_FIELDS, CTFParams, validate_ctf, validate_pixel_size
+from ..forward._ctf import RELION_FIELDS, CTFParams, validate_ctf, validate_pixel_size
 from ..errors import InputError
-from ..particles import ParticleMetadata
-from ..rotations import euler_to_matrix, matrix_to_euler
+from ..forward._particles import ParticleMetadata
+from ..rotations._rotations import euler_to_matrix, matrix_to_euler
 from .atomic import atomic_path
 
 CTF_REQUIRED = ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage", "rlnSphericalAberration",
