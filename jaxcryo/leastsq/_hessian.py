@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from .. import parallel
+from ..jax_util import primal_like
 from . import _stencil as stencil
 from ..data._batch import Batch, complex_dtype, epoch_batches, iterate_batches, make_batch, to_batch
 from ..forward._ctf import CTFParams
@@ -85,7 +86,7 @@ def weight_backprojection(projector: Projector, batch: Batch, squared: bool = Tr
         idx, pw = pixels
         pts, w = pts.reshape(b, -1, 3)[:, idx], w.reshape(b, -1)[:, idx] * jnp.asarray(pw, rdt)
     # in a data-parallel pass (shard_map): this device's partial sum (parallel.primal_like), reduced by the caller
-    (d,) = jax.linear_transpose(lambda v: fwd(v, pts), parallel.primal_like((n,) * 3, rdt, w, pts))(w)
+    (d,) = jax.linear_transpose(lambda v: fwd(v, pts), primal_like((n,) * 3, rdt, w, pts))(w)
     return d
 
 

@@ -1,5 +1,7 @@
 """Device meshes, sharded batches and multi-process runs."""
 
+from ..jax_util import AXIS as AXIS
+
 from ._distributed import (
     ENV as ENV, PARAMS as PARAMS, WHAT as WHAT, AUTO as AUTO, Settings as Settings, resolve as resolve,
     is_initialized as is_initialized, initialize as initialize, process_count as process_count,
