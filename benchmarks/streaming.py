@@ -226,8 +226,8 @@ def child(spec: dict, cli_args: list) -> int:
 
     from jaxcryo.cli import main
 
-    # the modules (the package's names ``jaxcryo.solvers._fit`` and ``jaxcryo.solvers._reconstruct`` are its functions)
-    F, R, S = (importlib.import_module(f"jaxcryo.{m}") for m in ("fit", "reconstruct", "sources"))
+    # the private modules whose functions are instrumented
+    F, R, S = (importlib.import_module(f"jaxcryo.{m}") for m in ("solvers._fit", "solvers._reconstruct", "data._sources"))
 
     cold, stacks = bool(spec["cold"]), list(spec["stacks"])
     st = {"scan_s": None, "read_s": 0.0, "reads": 0, "wait_s": 0.0, "batches": 0, "evicted_at": [],
