@@ -64,13 +64,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from _common import machine_info, parse_args, run_timed, save_figure, use_agg, write_json  # noqa: E402
+from _common import (MAPS, code_state, first_below, jaxcryo_command, machine_info, parse_args,  # noqa: E402
+                     run_timed, use_agg, write_json)
 from jaxcryo import fsc, phantom, read_map, simulate, write_dataset  # noqa: E402
+from jaxcryo.plotting import save_figure  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 HELPER = BENCH / "_aspire_peer.py"
-DEFAULT_VOLUME = REPO.parent / "shared" / "data" / "aspire" / "clean70SRibosome_vol.npy"
+DEFAULT_VOLUME = MAPS["ribosome"]
 DEFAULT_ASPIRE_PYTHON = Path("/work/aspire-venv/bin/python")
 PIXEL_SIZE = 3.0
 SNR = 0.5
@@ -214,13 +215,6 @@ def simulate_set(args, box: int, n: int, aspire: dict, work: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def first_below(curve, thr: float) -> int | None:
-    for s in range(1, len(curve)):
-        if curve[s] < thr:
-            return s
-    return None
-
-
 def fsc_record(vol: np.ndarray, truth: np.ndarray, sign: int) -> dict:
     box = truth.shape[0]
     r = fsc(sign * np.asarray(vol, np.float32), truth, pixel_size=PIXEL_SIZE)
@@ -246,11 +240,6 @@ def _summary(rec: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- runs
-
-
-def jaxcryo_command() -> list[str]:
-    exe = Path(sys.executable).parent / "jaxcryo"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "jaxcryo"]
 
 
 def run_jaxcryo(sset: dict, truth: np.ndarray, d: Path) -> list[dict]:
@@ -487,13 +476,8 @@ def plot(data: dict, path: Path) -> None:
 
 def jaxcryo_source_state() -> dict:
     """The commit of the checkout and which files under jaxcryo/ differ from it (the default measured)."""
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
-        except Exception:  # noqa: BLE001 - informational
-            return None
-    return {"commit": git("rev-parse", "HEAD"),
-            "modified_or_new_under_jaxcryo": (git("status", "--porcelain", "--", "jaxcryo") or "").splitlines()}
+    c = code_state(short=False)
+    return {"commit": c["commit"], "modified_or_new_under_jaxcryo": c["uncommitted"]}
 
 
 def parse_sets(text: str) -> list[tuple[int, int]]:
