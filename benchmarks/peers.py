@@ -399,6 +399,10 @@ def _fmt(x, nd=2):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
+def _met(met) -> str:
+    return "n/a" if met is None else "met" if met else "NOT met"
+
+
 def markdown_table(data: dict) -> str:
     lines = []
     for s in data["sets"]:
@@ -419,23 +423,16 @@ def markdown_table(data: dict) -> str:
     g = data.get("goals", {})
     acc, sp = g.get("accuracy", {}), g.get("speed", {})
     if acc:
-        parts = []
-        for k, a in acc.get("per_set", {}).items():
-            if a.get("met") is None:
-                parts.append(f"{k}: n/a ({a.get('reason')})")
-            else:
-                parts.append(f"{k}: {'met' if a['met'] else 'NOT met'} (FSC-0.5 shell {a['jaxcryo_fsc05_shell']} vs "
-                             f"RELION {a['relion_fsc05_shell']}; worst FSC margin {a['worst_margin']:+.3f} at shell "
-                             f"{a['worst_shell']})")
-        lines.append(f"Accuracy goal: {'met' if acc.get('met') else 'NOT met' if acc.get('met') is False else 'n/a'}"
-                     f" — {'; '.join(parts)}.")
+        parts = [f"{k}: n/a ({a.get('reason')})" if a.get("met") is None else
+                 f"{k}: {_met(a['met'])} (FSC-0.5 shell {a['jaxcryo_fsc05_shell']} vs RELION "
+                 f"{a['relion_fsc05_shell']}; worst FSC margin {a['worst_margin']:+.3f} at shell {a['worst_shell']})"
+                 for k, a in acc.get("per_set", {}).items()]
+        lines.append(f"Accuracy goal: {_met(acc.get('met'))} — {'; '.join(parts)}.")
     if sp:
-        if sp.get("met") is None:
-            lines.append(f"Speed goal: n/a ({sp.get('reason')}).")
-        else:
-            lines.append(f"Speed goal: {'met' if sp['met'] else 'NOT met'} — box 64 / 5,000: jaxcryo run 2 "
-                         f"{sp['jaxcryo_run2_wall_s']:.1f} s (run 1 {_fmt(sp['jaxcryo_run1_wall_s'], 1)} s) vs RELION "
-                         f"{sp['relion_wall_s']:.1f} s ({sp['ratio_run2_over_relion']:.1f}×).")
+        lines.append(f"Speed goal: n/a ({sp.get('reason')})." if sp.get("met") is None else
+                     f"Speed goal: {_met(sp['met'])} — box 64 / 5,000: jaxcryo run 2 {sp['jaxcryo_run2_wall_s']:.1f} s "
+                     f"(run 1 {_fmt(sp['jaxcryo_run1_wall_s'], 1)} s) vs RELION {sp['relion_wall_s']:.1f} s "
+                     f"({sp['ratio_run2_over_relion']:.1f}×).")
     return "\n".join(lines)
 
 
