@@ -1,5 +1,7 @@
-"""Shared helpers for the benchmark scripts: arguments (``--quick``/``--out``), machine description,
-peak-memory readings, timing of jitted calls, and atomic JSON/PNG writing."""
+"""Shared helpers for the benchmark scripts: arguments (``--quick``/``--out``), machine description, the
+code's state and the load average, peak-memory readings, timing of jitted calls and of whole commands, the
+shared maps (``../shared/data``), FSC thresholds, and atomic JSON writing. Library pieces (maps, FSC,
+figures: :func:`jaxcryo.plotting.save_figure`) are imported from ``jaxcryo``, not copied here."""
 
 from __future__ import annotations
 
@@ -17,6 +19,15 @@ from typing import Callable, Sequence
 import numpy as np
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+#: The data shared between sessions (``../shared/data`` beside the checkout).
+SHARED_DATA = REPO.parent / "shared" / "data"
+#: The maps: ASPIRE's ribosome (65^3, signal to its Nyquist; declared 3 A/px at 64 px) and RELION's
+#: beta-galactosidase test reference (100^3 at 3.54 A, but low-pass filtered by RELION to about 45 A: no signal
+#: beyond shell 8 of 100, so it cannot show high-resolution behaviour against the truth).
+MAPS = {"ribosome": SHARED_DATA / "aspire" / "clean70SRibosome_vol.npy",
+        "betagal": SHARED_DATA / "relion" / "ref_model_betagal_100.mrc"}
+RIBOSOME_PIXEL_SIZE_AT_64 = 3.0
 
 
 def parse_args(description: str, argv: Sequence[str] | None = None,
@@ -31,6 +42,62 @@ def parse_args(description: str, argv: Sequence[str] | None = None,
     args.out = Path(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     return args
+
+
+def load_map(name: str, box: int, dtype=np.float32) -> tuple[np.ndarray, float]:
+    """The shared map ``name`` (a key of :data:`MAPS`) resampled to ``box`` by Fourier cropping or zero-padding
+    (real-space values kept; :func:`jaxcryo.ndimage.resample_real`) in ``dtype``, and its pixel size at ``box``.
+    Padding beyond the map's size adds no signal: the outer shells then carry noise only."""
+    from jaxcryo.io import read_map
+    from jaxcryo.ndimage import resample_real
+
+    path = MAPS[name]
+    if path.suffix == ".npy":
+        vol = np.load(path)
+        px0 = RIBOSOME_PIXEL_SIZE_AT_64 * 64 / vol.shape[-1]
+    else:
+        vol, px0 = read_map(path)
+    n0 = vol.shape[-1]
+    vol = np.asarray(resample_real(np.asarray(vol, dtype), box, 3), dtype)
+    return vol, float(px0) * n0 / box
+
+
+def jaxcryo_command() -> list[str]:
+    """The ``jaxcryo`` console script of this Python, or ``python -m jaxcryo`` where it is not installed."""
+    exe = Path(sys.executable).parent / "jaxcryo"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "jaxcryo"]
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average (None where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _git(*a) -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def code_state(short: bool = True) -> dict:
+    """The commit of the checkout (``short``: abbreviated) and the files under ``jaxcryo/`` with uncommitted
+    changes, as ``{"commit", "uncommitted"}`` (``git status --porcelain`` lines; ``[]`` if none)."""
+    head = _git("rev-parse", *(["--short"] if short else []), "HEAD")
+    dirty = _git("status", "--porcelain", "--", "jaxcryo")
+    return {"commit": head.strip() if head else None,
+            "uncommitted": [ln for ln in dirty.splitlines() if ln.strip()] if dirty else []}
+
+
+def first_below(curve, threshold: float) -> int | None:
+    """The first shell ``s >= 1`` whose FSC is below ``threshold``, or None if none
+    (:func:`jaxcryo.ndimage.first_shell_below`, which reports ``len(curve)`` for none)."""
+    from jaxcryo.ndimage import first_shell_below
+
+    s = first_shell_below(curve, threshold)
+    return s if s < len(curve) else None
 
 
 def evict(paths) -> None:
@@ -163,27 +230,6 @@ def write_json(path, obj) -> Path:
     return path
 
 
-def save_figure(fig, path) -> Path:
-    """Save a Matplotlib figure to ``path`` atomically (PNG) and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
-    return path
-
-
 def use_agg() -> None:
     """Headless Matplotlib backend."""
     import matplotlib
@@ -197,18 +243,30 @@ def run_timed(cmd: Sequence[str], cwd=None, env: dict | None = None, log=None, t
     Returns ``wall_s`` (the whole command, start-up included), ``cpu_s`` (user + system CPU seconds of the
     child and its descendants, which a busy machine does not inflate the way it inflates wall time),
     ``loadavg_before`` (1-minute load average when it started), ``returncode`` and ``command``. Output goes
-    to ``log`` (a path) or is discarded.
+    to ``log`` (a path) or is discarded. With a ``timeout`` the command runs in its own process group, which is
+    stopped as a whole when the time is up (SIGTERM, then SIGKILL after 30 s: every MPI rank goes) and the
+    returncode is ``"timeout"``.
     """
+    import signal
     import subprocess
 
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load = loadavg()
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = open(log, "w") if log is not None else subprocess.DEVNULL
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(list(map(str, cmd)), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=timeout)
-        rc = proc.returncode
+        p = subprocess.Popen(list(map(str, cmd)), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                             start_new_session=timeout is not None)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            rc = "timeout"
     finally:
         wall = time.perf_counter() - t0
         if log is not None:

@@ -19,15 +19,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from _common import machine_info, write_json
-from jaxcryo.data._batch import epoch_batches, iterate_batches, load_batch, to_batch
-from jaxcryo.leastsq._conditioning import condition_report
-from jaxcryo.leastsq._hessian import exact_diagonal
-from jaxcryo.leastsq._loss import objective
-from jaxcryo.solvers._optim import hutchinson_diagonal, hutchinson_samples
+from jaxcryo.data import ArrayDataset, epoch_batches, iterate_batches, load_batch, simulate, to_batch
+from jaxcryo.forward import Projector
+from jaxcryo.leastsq import condition_report, exact_diagonal, objective
 from jaxcryo.plotting import save_figure
-from jaxcryo.forward._projection import Projector
-from jaxcryo.data._simulate import simulate
-from jaxcryo.data._sources import ArrayDataset
+from jaxcryo.solvers import hutchinson_diagonal, hutchinson_samples
 
 LAM = 1e-3
 

@@ -41,14 +41,15 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from _common import machine_info, save_figure, write_json  # noqa: E402
+from _common import machine_info, write_json  # noqa: E402
+from jaxcryo.plotting import save_figure  # noqa: E402
 import jaxcryo as jc  # noqa: E402
-from jaxcryo.data._batch import RawBatch, to_batch  # noqa: E402
-from jaxcryo.forward._ctf import CTFParams  # noqa: E402
-from jaxcryo.solvers._fit import make_step  # noqa: E402
-from jaxcryo.rotations._grids import local_grid  # noqa: E402
+from jaxcryo.data import RawBatch, to_batch  # noqa: E402
+from jaxcryo.forward import CTFParams  # noqa: E402
+from jaxcryo.rotations import local_grid  # noqa: E402
+from jaxcryo.solvers import make_step  # noqa: E402
 from jaxcryo.leastsq._hessian import _wiener_steps  # noqa: E402
-from jaxcryo.poses._scoring import score_local  # noqa: E402
+from jaxcryo.poses import score_local  # noqa: E402
 
 GB = 1024 ** 3
 BUDGET = 16 * GB

@@ -61,31 +61,19 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, save_figure, write_json  # noqa: E402
+from _common import MAPS, SHARED_DATA, load_map, machine_info, write_json  # noqa: E402
 import jaxcryo as jc  # noqa: E402
-from jaxcryo import solvers as optim, solvers as strategies  # noqa: E402
-from jaxcryo.solvers._fit import fit, make_step  # noqa: E402
-from jaxcryo.ndimage._fourier import resample_real  # noqa: E402
-from jaxcryo.leastsq._hessian import hessian_operator  # noqa: E402
-from jaxcryo.io.mrc import read_map  # noqa: E402
-from jaxcryo.leastsq._linalg import condition_number  # noqa: E402
-from jaxcryo.forward._operators import NUFFT  # noqa: E402
-from jaxcryo.leastsq._optimum import Optimum  # noqa: E402
-from jaxcryo.forward._particles import ParticleMetadata  # noqa: E402
-from jaxcryo.leastsq._priors import fourier_fsc  # noqa: E402
-from jaxcryo.rotations._rotations import axis_angle_to_matrix, random_rotations  # noqa: E402
-from jaxcryo.data._simulate import project_metadata  # noqa: E402
-from jaxcryo.data._sources import read_particles  # noqa: E402
-from jaxcryo.leastsq import _stencil as stencil_mod  # noqa: E402
+from jaxcryo import solvers  # noqa: E402
+from jaxcryo.data import project_metadata, read_particles  # noqa: E402
+from jaxcryo.forward import NUFFT, ParticleMetadata  # noqa: E402
+from jaxcryo.leastsq import Optimum, condition_number, fourier_fsc, hessian_operator  # noqa: E402
+from jaxcryo.leastsq import matvec as stencil_matvec  # noqa: E402
+from jaxcryo.plotting import save_figure  # noqa: E402
+from jaxcryo.rotations import axis_angle_to_matrix, random_rotations  # noqa: E402
+from jaxcryo.solvers import fit, make_step  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-#: The maps: ASPIRE's ribosome (65^3, signal to its Nyquist; declared 3 A/px at 64 px, as benchmarks/peers.py)
-#: and RELION's beta-galactosidase test reference (100^3 at 3.54 A, but low-pass filtered by RELION to about
-#: 45 A: no signal beyond shell 8 of 100, so it cannot show high-resolution behaviour against the truth).
-MAPS = {"ribosome": SHARED / "aspire" / "clean70SRibosome_vol.npy",
-        "betagal": SHARED / "relion" / "ref_model_betagal_100.mrc"}
-RIBOSOME_PIXEL_SIZE_AT_64 = 3.0
-POSES = SHARED / "cryodrgn" / "cryosparc_P12_J24_001_particles.cs"
+#: The ground-truth maps are ``_common.MAPS`` (``--map``).
+POSES = SHARED_DATA / "cryodrgn" / "cryosparc_P12_J24_001_particles.cs"
 
 #: The paper's numbers (../shared/PAPER_NOTES.md).
 PAPER = {
@@ -108,20 +96,6 @@ SGD_SWEEP = ("sgd_armijo", "sgd_armijo_c0.5", "sgd_decay_c1", "sgd_decay_c1.9")
 # --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------
-def load_volume(box: int, name: str = "ribosome") -> tuple[np.ndarray, float]:
-    """A real map resampled to ``box`` by Fourier cropping or zero-padding (real-space values kept), and its
-    pixel size. Padding beyond the map's size adds no signal: the outer shells then carry noise only."""
-    path = MAPS[name]
-    if path.suffix == ".npy":
-        vol = np.load(path).astype(np.float32)
-        px0 = RIBOSOME_PIXEL_SIZE_AT_64 * 64 / vol.shape[-1]
-    else:
-        vol, px0 = read_map(path)
-    n0 = vol.shape[-1]
-    vol = np.asarray(resample_real(vol, box, 3), np.float32)
-    return vol, float(px0) * n0 / box
-
-
 def small_rotations(rng, n: int, sigma_deg: float) -> np.ndarray:
     """``(n, 3, 3)`` rotations by angles ``|N(0, sigma)|`` about uniformly random axes."""
     axis = rng.standard_normal((n, 3))
@@ -159,7 +133,7 @@ class DataSet:
 
     def __init__(self, box: int, n: int, snr: float, seed: int, poses: str, volume: str = "ribosome"):
         t = time.perf_counter()
-        self.volume, self.pixel_size = load_volume(box, volume)
+        self.volume, self.pixel_size = load_map(volume, box)
         self.metadata = real_like_metadata(n, box, self.pixel_size, seed, poses)
         clean = project_metadata(self.volume, self.metadata, operator=NUFFT())
         signal_var = float(np.mean(np.var(clean, axis=(1, 2))))
@@ -174,24 +148,9 @@ class DataSet:
 # --------------------------------------------------------------------------------------------------
 # The objective, its exact Hessian and the reference solution
 # --------------------------------------------------------------------------------------------------
-def jnp_stencil_matvec(s):
-    """``z -> H z`` for a stencil, in JAX (for L-BFGS)."""
-    s = jnp.asarray(s)
-    n = s.shape[-1]
-
-    def mv(z):
-        zp = jnp.pad(z, 1)
-        out = jnp.zeros_like(z)
-        for k, (dz, dy, dx) in enumerate(stencil_mod.OFFSETS):
-            out = out + s[k] * zp[1 + dz:1 + dz + n, 1 + dy:1 + dy + n, 1 + dx:1 + dx + n]
-        return out
-
-    return mv
-
-
 class Objective:
     """``F(v) = mean_i 1/2 ||M(S_i m v - y_i)||^2 + alpha/2 ||v||^2`` with ``m`` the volume ball mask, and its
-    exact optimum (:class:`jaxcryo.leastsq._optimum.Optimum`)."""
+    exact optimum (:class:`jaxcryo.leastsq.Optimum`)."""
 
     def __init__(self, data: DataSet, interp: str, alpha: float, batch: int, cg_tol: float, lbfgs_iters: int):
         box = data.metadata.box
@@ -221,7 +180,7 @@ class Objective:
         """L-BFGS (optax, float32 JAX) on the same quadratic, from zero: its distance to the CG solution."""
         t = time.perf_counter()
         s = self.hessian.stencil
-        mv = jnp_stencil_matvec(np.asarray(s, np.float32))
+        mv = stencil_matvec(np.asarray(s, np.float32), xp=jnp)
         m = jnp.asarray(self.mask)
         b = jnp.asarray(self.rhs, jnp.complex64)
 
@@ -245,7 +204,7 @@ class Objective:
         sol = np.asarray(jax.lax.complex(x[0], x[1]) * m, np.complex128)
         return {"iterations": iters, "seconds": time.perf_counter() - t,
                 "relative_difference_to_cg": float(np.linalg.norm(sol - self.solution) / np.linalg.norm(self.solution)),
-                "loss_gap_closed": float(100 * (1 - self.gap(sol) / self.gap0))}
+                "loss_gap_closed": float(self.optimum.gap_closed(sol))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,37 +214,37 @@ def make_optimizer(name: str, obj: Objective, data: DataSet, batch: int, seed: i
     """``(optax transformation, description)`` for a run name."""
     n = len(data.metadata)
     spe = int(np.ceil(n / batch))
-    problem = strategies.Problem(data.source, obj.projector, np.arange(n), obj.alpha, batch, seed)
+    problem = solvers.Problem(data.source, obj.projector, np.arange(n), obj.alpha, batch, seed)
     if name == "sgd_armijo":
-        return optim.paper_sgd(spe), "SGD, Armijo c=0.99, eta0=1, x2 per step, reset per epoch (paper)"
+        return solvers.paper_sgd(spe), "SGD, Armijo c=0.99, eta0=1, x2 per step, reset per epoch (paper)"
     if name == "sgd_armijo_c0.5":
-        return optim.paper_sgd(spe, armijo_c=0.5), "SGD, Armijo c=0.5 (simplecryoem's default), eta0=1, x2"
+        return solvers.paper_sgd(spe, armijo_c=0.5), "SGD, Armijo c=0.5 (simplecryoem's default), eta0=1, x2"
     if name.startswith("sgd_decay_c"):
         c = float(name.removeprefix("sgd_decay_c"))
-        eta = c * strategies.initial_step_size("sgd", problem)
-        return optim.sgd(optim.harmonic_schedule(eta, spe)), f"SGD, eta = {c}/lambda_max(H_B) / (1 + epoch)"
+        eta = c * solvers.initial_step_size("sgd", problem)
+        return solvers.sgd(solvers.harmonic_schedule(eta, spe)), f"SGD, eta = {c}/lambda_max(H_B) / (1 + epoch)"
     if name == "psgd_paper":
-        return optim.paper_psgd(spe, seed), \
+        return solvers.paper_psgd(spe, seed), \
             "Algorithm 1 as published: 1 probe, D0=1, beta=0.9, threshold 1/|outer shell|, Armijo c=0.99 x1.2 eta0=10"
     if name == "psgd_hutch_every4":
-        return optim.paper_psgd(spe, seed, update_every=4), \
+        return solvers.paper_psgd(spe, seed, update_every=4), \
             "Algorithm 1 with the Hutchinson estimate refreshed every 4 steps"
     if name == "sgd_precomputed":
-        return optim.paper_psgd(spe, diagonal=obj.full_diagonal()), \
+        return solvers.paper_psgd(spe, diagonal=obj.full_diagonal()), \
             "SGD with the exact full-data Hessian diagonal (the limit of Hutchinson's running mean), Armijo as Alg. 1"
     if name == "psgd_exact_batch":
-        return optim.paper_psgd(spe, diagonal="batch", projector=obj.projector, lam=obj.alpha), \
+        return solvers.paper_psgd(spe, diagonal="batch", projector=obj.projector, lam=obj.alpha), \
             "the exact minibatch Hessian diagonal every step (one adjoint pass), Armijo as Alg. 1"
     if name in ("psgd_jaxcryo", "psgd_jaxcryo_momentum"):
-        eta = strategies.initial_step_size("psgd", problem)
+        eta = solvers.initial_step_size("psgd", problem)
         mom = 0.9 if name.endswith("momentum") else None
         scale = (1 - mom) if mom else 1.0
-        return optim.preconditioned_sgd(optim.harmonic_schedule(eta * scale, spe), diagonal="hutchinson", seed=seed,
+        return solvers.preconditioned_sgd(solvers.harmonic_schedule(eta * scale, spe), diagonal="hutchinson", seed=seed,
                                         momentum=mom), \
             "jaxcryo's PSGD: Hutchinson (D0=0, bias-corrected), shell floor 0.5, eta0/(1+epoch)" + \
             (", momentum 0.9 (step x0.1)" if mom else "")
     if name == "adam":
-        eta = strategies.initial_step_size("adam", problem)
+        eta = solvers.initial_step_size("adam", problem)
         return optax.with_extra_args_support(optax.adam(eta)), "optax.adam, step 0.02 x RMS of a backprojection"
     raise SystemExit(f"unknown run {name!r}; choose from {', '.join(ALL_RUNS)}")
 
@@ -310,27 +269,25 @@ def run_one(name: str, obj: Objective, data: DataSet, args, fsc_from: int) -> di
     hi = obj.box // 2 - 1
 
     def evaluate(rec, vol):
-        g = obj.gap(vol)
-        f_ref = fourier_fsc(vol, obj.solution)
+        m = obj.optimum.compare(vol, (fsc_from, hi))  # as `jaxcryo demo` measures
         f_gt = fourier_fsc(vol, data.truth_f)
-        e = np.where(obj.mask, np.asarray(vol) - obj.solution, 0)
         recs.append({
-            "gap": g, "seconds": rec["seconds"],
-            "fsc_ref": [float(x) for x in f_ref[:hi + 1]],
+            "gap": m["loss_gap"], "closed": m["loss_gap_closed"], "seconds": rec["seconds"],
+            "fsc_ref": [float(x) for x in m["fsc"][:hi + 1]],
+            "min_fsc_ref": m["min_fsc"],
             "fsc_truth": [float(x) for x in f_gt[:hi + 1]],
-            "rel_error": float(np.linalg.norm(e) / np.linalg.norm(obj.solution)),
+            "rel_error": m["relative_error"],
             "loss_minibatch_mean": rec["loss"],
         })
-        print(f"  {name} epoch {rec['epoch']}: gap closed {100 * (1 - g / obj.gap0):.2f}%  "
-              f"min FSC_ref(shells {fsc_from}-{hi}) {min(f_ref[fsc_from:hi + 1]):.3f}  {rec['seconds']:.1f} s",
-              flush=True)
+        print(f"  {name} epoch {rec['epoch']}: gap closed {m['loss_gap_closed']:.2f}%  "
+              f"min FSC_ref(shells {fsc_from}-{hi}) {m['min_fsc']:.3f}  {rec['seconds']:.1f} s", flush=True)
 
     res = fit(data.source, opt, obj.projector, epochs=args.epochs, batch_size=args.batch, lam=obj.alpha,
               seed=args.seed, vol_mask=obj.vol_mask, dtype=dtype, callback=evaluate, step_fn=step,
               divergence_factor=1e12)
     del res
-    closed = [100 * (1 - r["gap"] / obj.gap0) for r in recs]
-    min_fsc = [min(r["fsc_ref"][fsc_from:hi + 1]) for r in recs]
+    closed = [r["closed"] for r in recs]
+    min_fsc = [r["min_fsc_ref"] for r in recs]
     ep09 = next((i + 1 for i, m in enumerate(min_fsc) if m >= 0.9), None)
     return {
         "name": name, "description": desc, "compile_seconds": compile_s,

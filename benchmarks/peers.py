@@ -64,13 +64,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from _common import machine_info, parse_args, run_timed, save_figure, use_agg, write_json  # noqa: E402
+from _common import (MAPS, code_state, first_below, jaxcryo_command, machine_info, parse_args,  # noqa: E402
+                     run_timed, use_agg, write_json)
 from jaxcryo import fsc, phantom, read_map, simulate, write_dataset  # noqa: E402
+from jaxcryo.plotting import save_figure  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 HELPER = BENCH / "_aspire_peer.py"
-DEFAULT_VOLUME = REPO.parent / "shared" / "data" / "aspire" / "clean70SRibosome_vol.npy"
+DEFAULT_VOLUME = MAPS["ribosome"]
 DEFAULT_ASPIRE_PYTHON = Path("/work/aspire-venv/bin/python")
 PIXEL_SIZE = 3.0
 SNR = 0.5
@@ -214,13 +215,6 @@ def simulate_set(args, box: int, n: int, aspire: dict, work: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def first_below(curve, thr: float) -> int | None:
-    for s in range(1, len(curve)):
-        if curve[s] < thr:
-            return s
-    return None
-
-
 def fsc_record(vol: np.ndarray, truth: np.ndarray, sign: int) -> dict:
     box = truth.shape[0]
     r = fsc(sign * np.asarray(vol, np.float32), truth, pixel_size=PIXEL_SIZE)
@@ -246,11 +240,6 @@ def _summary(rec: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- runs
-
-
-def jaxcryo_command() -> list[str]:
-    exe = Path(sys.executable).parent / "jaxcryo"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "jaxcryo"]
 
 
 def run_jaxcryo(sset: dict, truth: np.ndarray, d: Path) -> list[dict]:
@@ -410,6 +399,10 @@ def _fmt(x, nd=2):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
+def _met(met) -> str:
+    return "n/a" if met is None else "met" if met else "NOT met"
+
+
 def markdown_table(data: dict) -> str:
     lines = []
     for s in data["sets"]:
@@ -430,23 +423,16 @@ def markdown_table(data: dict) -> str:
     g = data.get("goals", {})
     acc, sp = g.get("accuracy", {}), g.get("speed", {})
     if acc:
-        parts = []
-        for k, a in acc.get("per_set", {}).items():
-            if a.get("met") is None:
-                parts.append(f"{k}: n/a ({a.get('reason')})")
-            else:
-                parts.append(f"{k}: {'met' if a['met'] else 'NOT met'} (FSC-0.5 shell {a['jaxcryo_fsc05_shell']} vs "
-                             f"RELION {a['relion_fsc05_shell']}; worst FSC margin {a['worst_margin']:+.3f} at shell "
-                             f"{a['worst_shell']})")
-        lines.append(f"Accuracy goal: {'met' if acc.get('met') else 'NOT met' if acc.get('met') is False else 'n/a'}"
-                     f" — {'; '.join(parts)}.")
+        parts = [f"{k}: n/a ({a.get('reason')})" if a.get("met") is None else
+                 f"{k}: {_met(a['met'])} (FSC-0.5 shell {a['jaxcryo_fsc05_shell']} vs RELION "
+                 f"{a['relion_fsc05_shell']}; worst FSC margin {a['worst_margin']:+.3f} at shell {a['worst_shell']})"
+                 for k, a in acc.get("per_set", {}).items()]
+        lines.append(f"Accuracy goal: {_met(acc.get('met'))} — {'; '.join(parts)}.")
     if sp:
-        if sp.get("met") is None:
-            lines.append(f"Speed goal: n/a ({sp.get('reason')}).")
-        else:
-            lines.append(f"Speed goal: {'met' if sp['met'] else 'NOT met'} — box 64 / 5,000: jaxcryo run 2 "
-                         f"{sp['jaxcryo_run2_wall_s']:.1f} s (run 1 {_fmt(sp['jaxcryo_run1_wall_s'], 1)} s) vs RELION "
-                         f"{sp['relion_wall_s']:.1f} s ({sp['ratio_run2_over_relion']:.1f}×).")
+        lines.append(f"Speed goal: n/a ({sp.get('reason')})." if sp.get("met") is None else
+                     f"Speed goal: {_met(sp['met'])} — box 64 / 5,000: jaxcryo run 2 {sp['jaxcryo_run2_wall_s']:.1f} s "
+                     f"(run 1 {_fmt(sp['jaxcryo_run1_wall_s'], 1)} s) vs RELION {sp['relion_wall_s']:.1f} s "
+                     f"({sp['ratio_run2_over_relion']:.1f}×).")
     return "\n".join(lines)
 
 
@@ -487,13 +473,8 @@ def plot(data: dict, path: Path) -> None:
 
 def jaxcryo_source_state() -> dict:
     """The commit of the checkout and which files under jaxcryo/ differ from it (the default measured)."""
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
-        except Exception:  # noqa: BLE001 - informational
-            return None
-    return {"commit": git("rev-parse", "HEAD"),
-            "modified_or_new_under_jaxcryo": (git("status", "--porcelain", "--", "jaxcryo") or "").splitlines()}
+    c = code_state(short=False)
+    return {"commit": c["commit"], "modified_or_new_under_jaxcryo": c["uncommitted"]}
 
 
 def parse_sets(text: str) -> list[tuple[int, int]]:

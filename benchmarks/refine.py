@@ -7,7 +7,7 @@ The set (issue 11's acceptance): box 64, 5,000 particles at 3 Å/px from the bui
 1-2.5 µm, in-plane shifts uniform in +-5 px, SNR 0.5 (signal/noise variance). Copies of its STAR: poses rotated
 by 5° about random axes and shifts moved by 1.5 px (local refinement), and no poses (global). The
 reference is the true map low-pass filtered to 30 Å. Metrics: median and mean angular error after the best
-global alignment (:func:`jaxcryo.rotations._grids.align_rotations`), median translation error, FSC-0.5 to the truth
+global alignment (:func:`jaxcryo.rotations.align_rotations`), median translation error, FSC-0.5 to the truth
 (shell and Å), wall time of each command.
 
 Usage::
@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -39,63 +38,36 @@ from matplotlib.figure import Figure
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, save_figure, write_json  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from _common import jaxcryo_command as jaxcryo_cmd, machine_info, run_timed, write_json  # noqa: E402
 import jaxcryo as jc  # noqa: E402
 from jaxcryo.cli.refine import pose_errors  # noqa: E402
-from jaxcryo.io.mrc import read_map, write_map  # noqa: E402
-from jaxcryo.io.star import write_star  # noqa: E402
-from jaxcryo.forward._projection import fourier_to_volume, volume_to_fourier  # noqa: E402
-from jaxcryo.poses._refine import lowpass  # noqa: E402
-from jaxcryo.data._simulate import perturbed_metadata, without_poses  # noqa: E402
-from jaxcryo.data._sources import read_particles  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def jaxcryo_cmd() -> list[str]:
-    exe = Path(sys.executable).parent / "jaxcryo"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "jaxcryo"]
+from jaxcryo.data import perturbed_metadata, read_particles, without_poses  # noqa: E402
+from jaxcryo.forward import fourier_to_volume, volume_to_fourier  # noqa: E402
+from jaxcryo.io import read_map, write_map, write_star  # noqa: E402
+from jaxcryo.leastsq import fourier_fsc  # noqa: E402
+from jaxcryo.ndimage import first_shell_below  # noqa: E402
+from jaxcryo.plotting import save_figure  # noqa: E402
+from jaxcryo.poses import lowpass  # noqa: E402
 
 
 def timed(cmd, log: Path, env=None, timeout=None, cwd=None) -> dict:
-    """Run ``cmd`` with its output in ``log``: wall seconds, and the CPU seconds of it and its children
-    (user + system; a fairer measure than the wall time when other work shares the machine)."""
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t = time.perf_counter()
-    with open(log, "w") as fh:
-        p = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                             start_new_session=True)  # its own process group: a timeout stops every MPI rank
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGTERM)
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-            rc = "timeout"
-    wall = time.perf_counter() - t
-    ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (ru2.ru_utime - ru.ru_utime) + (ru2.ru_stime - ru.ru_stime)
-    return {"command": " ".join(map(str, cmd)), "returncode": rc, "wall_seconds": wall, "cpu_seconds": cpu,
-            "log": str(log)}
+    """:func:`_common.run_timed` with its output in ``log``, under this benchmark's field names: wall seconds, and
+    the CPU seconds of it and its children (user + system; a fairer measure than the wall time when other work
+    shares the machine); a timeout stops its whole process group (every MPI rank), returncode ``"timeout"``."""
+    r = run_timed(cmd, cwd=cwd, env=env, log=log, timeout=timeout)
+    return {"command": r["command"], "returncode": r["returncode"], "wall_seconds": r["wall_s"],
+            "cpu_seconds": r["cpu_s"], "log": str(log)}
 
 
 def fsc05_shell(vol, truth) -> tuple[int, list]:
-    import jax.numpy as jnp
-    from jaxcryo.leastsq._priors import fourier_fsc
-
+    """The FSC of ``vol`` to ``truth`` per shell and its first shell below 0.5 (``len`` of the curve if none)."""
     f = fourier_fsc(volume_to_fourier(jnp.asarray(vol)), volume_to_fourier(jnp.asarray(truth)))
-    below = np.flatnonzero(f[1:] < 0.5)
-    return (int(below[0] + 1) if below.size else len(f)), [float(x) for x in f]
+    return first_shell_below(f, 0.5), [float(x) for x in f]
 
 
 def make_set(d: Path, box: int, n: int, snr: float, seed: int) -> dict:
-    import jax.numpy as jnp
-
     px = 3.0
     sim = jc.simulate(n_particles=n, box=box, snr=snr, seed=seed, max_shift=5 * px, defocus_range=(10000.0, 25000.0))
     star = jc.write_dataset(d, sim.metadata, sim.images)
@@ -135,8 +107,8 @@ def run_jaxcryo(d: Path, name: str, star: str, extra: list, truth, true_md, env)
 
 def run_abinitio_then_refine(d: Path, extra: list, truth, true_md, env, quick: bool) -> dict:
     """``jaxcryo abinitio`` from no poses and no reference, then ``jaxcryo refine`` (global, from its map),
-    FSC to the truth after aligning the map (rotation, hand, shift: :func:`jaxcryo.poses._abinitio.truth_metrics`)."""
-    from jaxcryo.poses._abinitio import truth_metrics
+    FSC to the truth after aligning the map (rotation, hand, shift: :func:`jaxcryo.poses.truth_metrics`)."""
+    from jaxcryo.poses import truth_metrics
 
     ab = d / "abinitio"
     a = timed(jaxcryo_cmd() + ["abinitio", d / "particles_noposes.star", "--out", ab, "--quiet", "--max-shift", "6"]

@@ -38,6 +38,7 @@ Usage: python benchmarks/scaling.py [--quick] [--out DIR] [--devices 1 2 4] [--b
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -47,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import evict  # noqa: E402
+from _common import evict, loadavg  # noqa: E402
 
 NOTE = (
     "Forced host devices (XLA_FLAGS=--xla_force_host_platform_device_count=D) are D logical devices of one "
@@ -118,7 +119,7 @@ def worker(n_devices: int, box: int, batch: int, reps: int) -> dict:
                     "padded_batch": parallel.padded_batch_size(batch, mesh), "per_device_batch": r["local_batch"],
                     "compile_s": r["compile_s"], "step_s": med, "step_min_s": float(np.min(r["times"])),
                     "images_per_s": batch / med, "max_rel_diff_vs_1_device": r["diff"],
-                    "loadavg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None})
+                    "loadavg": loadavg()})
     return {"results": out}
 
 
@@ -145,9 +146,8 @@ def prefetch_benchmark(args, workdir: Path) -> dict:
 
     import jaxcryo as jc
     from jaxcryo import ParticleMetadata
-    from jaxcryo.rotations._rotations import random_rotations
-    from jaxcryo.data._simulate import random_ctf_params
-    from jaxcryo.data._sources import ParticleDataset, write_dataset
+    from jaxcryo.data import ParticleDataset, random_ctf_params, write_dataset
+    from jaxcryo.rotations import random_rotations
 
     box, n, batch, epochs = args.prefetch_box, args.prefetch_particles, args.prefetch_batch, args.prefetch_epochs
     rng = np.random.default_rng(0)
@@ -182,7 +182,7 @@ def prefetch_benchmark(args, workdir: Path) -> dict:
         secs = np.diff([0.0] + [h["seconds"] for h in res.history]).tolist()
         return secs, np.asarray(res.volume_f)
 
-    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load0 = loadavg()
     out = {"box": box, "n_particles": n, "batch": batch, "epochs_per_run": epochs, "rounds": args.prefetch_rounds,
            "stack_mb": stack.stat().st_size / 2**20, "steps_per_epoch": steps_per_epoch, "optimizer": "psgd (k=1)",
            "device": str(jax.devices()[0])}
@@ -205,7 +205,7 @@ def prefetch_benchmark(args, workdir: Path) -> dict:
                       "median_off_s": off, "median_on_s": on, "saved_s_per_epoch": off - on,
                       "speedup": off / on, "identical_maps": bool(np.array_equal(maps["off"], maps["on"]))}
     out["loadavg_before"] = load0
-    out["loadavg_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    out["loadavg_after"] = loadavg()
     return out
 
 
@@ -213,7 +213,7 @@ def prefetch_benchmark(args, workdir: Path) -> dict:
 def plot(d: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from _common import save_figure
+    from jaxcryo.plotting import save_figure
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.4))
     res = d["results"]
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
         p.add_argument("--box", type=int, default=None)
         p.add_argument("--batch", type=int, default=None)
         p.add_argument("--reps", type=int, default=None)
-        p.add_argument("--worker", type=int, default=None, help=argparse_hidden())
+        p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
 
     args = parse_args(__doc__.splitlines()[0], argv, add)
     q = args.quick
@@ -292,12 +292,6 @@ def main(argv=None) -> int:
         print(f"prefetch ({cache}): {p['median_off_s']:.3f} s/epoch off, {p['median_on_s']:.3f} s/epoch on "
               f"(read alone {p['read_s_per_epoch']:.3f} s/epoch), identical maps: {p['identical_maps']}")
     return 0
-
-
-def argparse_hidden():
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ Writes DIR/simplecryoem_compare.json and DIR/simplecryoem_compare.png.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -257,13 +258,7 @@ def add_arguments(p) -> None:
     p.add_argument("--profile", action="store_true", default=None, help="break one jaxcryo step down (full: on)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--skip-simplecryoem", action="store_true", help="time jaxcryo only")
-    p.add_argument("--worker", nargs=2, metavar=("DATA", "OUT"), help=argparse_suppress())
-
-
-def argparse_suppress():
-    import argparse
-
-    return argparse.SUPPRESS
+    p.add_argument("--worker", nargs=2, metavar=("DATA", "OUT"), help=argparse.SUPPRESS)
 
 
 def start_simplecryoem(args, data_path: Path, tmp: Path):
@@ -301,9 +296,10 @@ def main(argv=None) -> None:
     import optax
 
     import jaxcryo as jc
-    from _common import machine_info, save_figure, time_calls, use_agg, write_json
-    from jaxcryo.solvers._optim import ArmijoState, armijo_linesearch, hutchinson_diagonal, scale_by_diagonal
-    from jaxcryo.rotations._rotations import matrix_to_euler
+    from _common import loadavg, machine_info, time_calls, use_agg, write_json
+    from jaxcryo.plotting import save_figure
+    from jaxcryo.rotations import matrix_to_euler
+    from jaxcryo.solvers import ArmijoState, armijo_linesearch, hutchinson_diagonal, scale_by_diagonal
 
     quick = args.quick
     box = args.box or (32 if quick else 64)
@@ -326,7 +322,7 @@ def main(argv=None) -> None:
     md = sim.metadata
     ds = jc.ArrayDataset(md, sim.images)
     truth_f = np.asarray(jc.volume_to_fourier(sim.volume.astype(np.float64)))
-    out_load = os.getloadavg()[0]
+    out_load = loadavg()
     print(f"simulated {n_part} images, box {box} ({sim_op}) in {t_sim:.1f} s", flush=True)
 
     def resolution(vol_f) -> float:
@@ -432,7 +428,7 @@ def main(argv=None) -> None:
             jaxcryo_epoch(name)
             print(f"epoch {ep + 1}: {name} {runs[name]['wall'][-1]:.2f} s ({runs[name]['cpu'][-1]:.2f} CPU-s)",
                   flush=True)
-        loads.append(os.getloadavg()[0])
+        loads.append(loadavg())
     out["settings"]["loadavg_1min_per_round"] = loads
 
     if w is not None:
@@ -500,7 +496,7 @@ def main(argv=None) -> None:
         key = jax.random.PRNGKey(1)
         v0 = (jax.random.normal(key, (box,) * 3) + 1j * jax.random.normal(jax.random.split(key)[0], (box,) * 3))
         v0 = v0.astype(jnp.complex128) * 1e-3
-        from jaxcryo.solvers._optim import hutchinson_samples
+        from jaxcryo.solvers import hutchinson_samples
 
         @jax.jit
         def f_val(v, raw):

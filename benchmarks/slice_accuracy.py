@@ -45,24 +45,17 @@ jax.config.update("jax_enable_x64", True)  # the reference and the NUFFT check i
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _common import machine_info, parse_args, save_figure, time_calls, use_agg, write_json  # noqa: E402
-from jaxcryo.data._batch import make_batch  # noqa: E402
-from jaxcryo.ndimage._fourier import fft3c, resample_real, shell_index  # noqa: E402
-from jaxcryo.leastsq._hessian import solve_cg  # noqa: E402
-from jaxcryo.leastsq._loss import objective, value_and_grad  # noqa: E402
-from jaxcryo.forward._operators import NUFFT, Nearest, Trilinear, describe, dft_at_points, slice_nufft  # noqa: E402
-from jaxcryo.forward._projection import Projector, slice_points  # noqa: E402
-from jaxcryo.rotations._rotations import random_rotations  # noqa: E402
-from jaxcryo.data._simulate import phantom, random_ctf_params, simulate  # noqa: E402
-from jaxcryo.data._sources import ArrayDataset  # noqa: E402
+from _common import MAPS, load_map, machine_info, parse_args, time_calls, use_agg, write_json  # noqa: E402
+from jaxcryo.data import ArrayDataset, make_batch, phantom, random_ctf_params, simulate  # noqa: E402
+from jaxcryo.forward import (NUFFT, Nearest, Projector, Trilinear, describe, dft_at_points, slice_nufft,  # noqa: E402
+                             slice_points)
+from jaxcryo.leastsq import objective, solve_cg, value_and_grad  # noqa: E402
+from jaxcryo.ndimage import fft3c, shell_index  # noqa: E402
+from jaxcryo.plotting import save_figure  # noqa: E402
+from jaxcryo.rotations import random_rotations  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-#: Default boxes per volume (``--boxes`` overrides them all).
+#: Default boxes per volume (``--boxes`` overrides them all); the maps are ``_common.MAPS``.
 BOXES = {"phantom": (32, 64), "ribosome": (32, 64), "betagal": (20,)}
-MAPS = {
-    "ribosome": SHARED / "aspire" / "clean70SRibosome_vol.npy",
-    "betagal": SHARED / "relion" / "ref_model_betagal_100.mrc",
-}
 NO_SIGNAL = 1e-12
 
 
@@ -81,17 +74,9 @@ def load_volume(name: str, box: int) -> np.ndarray | None:
     """The volume ``(box,)*3`` float64: the phantom, or a shared map Fourier-cropped to ``box`` (None if absent)."""
     if name == "phantom":
         return phantom(box).astype(np.float64)
-    path = MAPS[name]
-    if not path.exists():
+    if not MAPS[name].exists():
         return None
-    if path.suffix == ".npy":
-        v = np.load(path)
-    else:
-        from jaxcryo.io import read_map
-
-        v, _ = read_map(path)
-    v = np.asarray(v, np.float64)
-    v = np.asarray(resample_real(jnp.asarray(v), box, 3))
+    v, _ = load_map(name, box, np.float64)
     return v / np.abs(v).max()
 
 

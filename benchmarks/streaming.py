@@ -61,7 +61,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import evict  # noqa: E402
+from _common import code_state, evict, loadavg  # noqa: E402
 
 SET_VERSION = 1
 LIMIT_MB = 3000.0  # the acceptance: peak RSS under 3 GB
@@ -99,24 +99,11 @@ def read_whole(paths, block: int = 8 << 20) -> tuple[float, int]:
     return time.perf_counter() - t0, total
 
 
-def loadavg() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
-def code_state() -> dict:
+def package_state() -> dict:
     """The commit the runs' code is at, and the package files with uncommitted changes (the working tree is
     shared: each run imports jaxcryo afresh)."""
-    repo = Path(__file__).resolve().parent.parent
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True, timeout=30).stdout
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "jaxcryo")
-    return {"commit": head.strip() if head else None,  # porcelain lines are 'XY path': keep the leading blank
-            "uncommitted_package_files": [ln[3:] for ln in dirty.splitlines() if ln.strip()] if dirty else []}
+    c = code_state()  # porcelain lines are 'XY path': the path from the fourth character
+    return {"commit": c["commit"], "uncommitted_package_files": [ln[3:] for ln in c["uncommitted"]]}
 
 
 def say(*a) -> None:
@@ -135,14 +122,10 @@ def generate(work: Path, n: int, per_stack: int, box: int, pixel_size: float = 3
     import numpy as np
 
     from _common import host_peak_rss_mb
-    from jaxcryo.forward._ctf import CTFParams
-    from jaxcryo.io.mrc import stack_shape, write_stack
-    from jaxcryo.io.star import write_star
-    from jaxcryo.forward._operators import Trilinear
-    from jaxcryo.forward._particles import ParticleMetadata
-    from jaxcryo.forward._projection import Projector, volume_to_fourier
-    from jaxcryo.rotations._rotations import random_rotations
-    from jaxcryo.data._simulate import phantom, random_ctf_params
+    from jaxcryo.data import phantom, random_ctf_params
+    from jaxcryo.forward import CTFParams, ParticleMetadata, Projector, Trilinear, volume_to_fourier
+    from jaxcryo.io import stack_shape, write_stack, write_star
+    from jaxcryo.rotations import random_rotations
 
     work.mkdir(parents=True, exist_ok=True)
     n_stacks = -(-n // per_stack)
@@ -226,8 +209,9 @@ def child(spec: dict, cli_args: list) -> int:
 
     from jaxcryo.cli import main
 
-    # the private modules whose functions are instrumented
-    F, R, S = (importlib.import_module(f"jaxcryo.{m}") for m in ("solvers._fit", "solvers._reconstruct", "data._sources"))
+    # the modules whose names the counters replace (where ``fit`` and ``reconstruct`` look them up)
+    F, R, S = (importlib.import_module(f"jaxcryo.{m}") for m in ("solvers._fit", "solvers._reconstruct",
+                                                                 "data._sources"))
 
     cold, stacks = bool(spec["cold"]), list(spec["stacks"])
     st = {"scan_s": None, "read_s": 0.0, "reads": 0, "wait_s": 0.0, "batches": 0, "evicted_at": [],
@@ -361,8 +345,7 @@ def read_only_epoch(star: Path, batch: int, stacks: list, cold: bool) -> dict:
     """One epoch's batches (both halves, the epoch's random order) read by ``load_batch``, no compute."""
     import numpy as np
 
-    from jaxcryo.data._batch import epoch_batches, load_batch
-    from jaxcryo.data._sources import ParticleDataset
+    from jaxcryo.data import ParticleDataset, epoch_batches, load_batch
 
     ds = ParticleDataset.from_file(star)
     h1, h2 = ds.split_halves(0)
@@ -397,7 +380,7 @@ def summarise(runs: list) -> dict:
 def plot(d: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    from _common import save_figure
+    from jaxcryo.plotting import save_figure
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5))
     for r in d["runs"]:
@@ -487,7 +470,7 @@ def main(argv=None) -> int:
 
 
 def measure(work: Path, n: int, per: int, box: int, rounds: int, backproject: bool, quick: bool) -> dict:
-    load_start, code_start = loadavg(), code_state()
+    load_start, code_start = loadavg(), package_state()
     ds = generate(work, n, per, box)
     star, warm_star = work / ds["star"], work / "warmup.star"
     stacks = sorted(str(work / s) for s in ds["stacks"])
@@ -558,7 +541,7 @@ def measure(work: Path, n: int, per: int, box: int, rounds: int, backproject: bo
                      "work": str(work)},
         "data_set": ds, "disk": disk, "warmups": warmups, "runs": runs, "summary": summ,
         "max_peak_rss_mb": peak, "rss_limit_mb": LIMIT_MB, "rss_under_limit": peak is not None and peak < LIMIT_MB,
-        "loadavg_start": load_start, "loadavg_end": loadavg(), "code_start": code_start, "code_end": code_state(),
+        "loadavg_start": load_start, "loadavg_end": loadavg(), "code_start": code_start, "code_end": package_state(),
         "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         if shutil.which("uptime") else None,
     }

@@ -41,7 +41,6 @@ Usage: python benchmarks/throughput.py [--quick] [--out DIR] [--boxes 64 128] [-
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -53,14 +52,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _common import (device_peak_mb, host_peak_rss_mb, machine_info, parse_args, save_figure,  # noqa: E402
+from _common import (device_peak_mb, host_peak_rss_mb, loadavg, machine_info, parse_args,  # noqa: E402
                      use_agg, write_json)
 from jaxcryo import (ArrayDataset, ParticleMetadata, Projector, load_batch, make_step, objective,  # noqa: E402
                      preconditioned_sgd, sgd, to_batch, value_and_grad)
-from jaxcryo.leastsq._loss import hvp  # noqa: E402
-from jaxcryo.forward._operators import OPERATOR_NAMES  # noqa: E402
-from jaxcryo.rotations._rotations import random_rotations  # noqa: E402
-from jaxcryo.data._simulate import random_ctf_params  # noqa: E402
+from jaxcryo.data import random_ctf_params  # noqa: E402
+from jaxcryo.forward import OPERATOR_NAMES  # noqa: E402
+from jaxcryo.leastsq import hvp  # noqa: E402
+from jaxcryo.plotting import save_figure  # noqa: E402
+from jaxcryo.rotations import random_rotations  # noqa: E402
 
 INTERPS = OPERATOR_NAMES
 OPS = ("forward", "gradient", "hvp", "sgd_step", "psgd_step_k1", "psgd_step_k4", "psgd_step_k1_every4",
@@ -97,10 +97,6 @@ def hlo_counts(compiled) -> dict:
     return out
 
 
-def _loadavg():
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
 def bench_one(interp: str, box: int, batch: int, reps: int, min_seconds: float) -> list[dict]:
     proj = Projector(n=box, pixel_size=PIXEL_SIZE, operator=interp)
     raw = make_raw_batch(box, batch)
@@ -108,7 +104,7 @@ def bench_one(interp: str, box: int, batch: int, reps: int, min_seconds: float) 
     k1, k2 = jax.random.split(key)
     vol0 = (jax.random.normal(k1, (box,) * 3) + 1j * jax.random.normal(k2, (box,) * 3)).astype(jnp.complex64)
     z0 = jnp.roll(vol0, 3)
-    load0 = _loadavg()
+    load0 = loadavg()
 
     @jax.jit
     def forward(v, raw):
@@ -167,7 +163,7 @@ def bench_one(interp: str, box: int, batch: int, reps: int, min_seconds: float) 
                 jax.block_until_ready(fn())
             times[name].append((time.perf_counter() - t0) / g)
         rounds += 1
-    load1 = _loadavg()
+    load1 = loadavg()
 
     out = []
     for op in OPS:

@@ -33,7 +33,6 @@ Usage: python benchmarks/toeplitz_cg.py [--quick] [--out DIR] [--sets 32:3000,64
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -44,20 +43,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from _common import (host_peak_rss_mb, machine_info, parse_args, save_figure, time_calls,  # noqa: E402
+from _common import (host_peak_rss_mb, loadavg, machine_info, parse_args, time_calls,  # noqa: E402
                      use_agg, write_json)
-from jaxcryo.leastsq._hessian import normal_equations  # noqa: E402
-from jaxcryo.leastsq._linalg import conjugate_gradient  # noqa: E402
-from jaxcryo.forward._projection import Projector  # noqa: E402
-from jaxcryo.data._simulate import simulate  # noqa: E402
-from jaxcryo.data._sources import ArrayDataset  # noqa: E402
-from jaxcryo.leastsq._toeplitz import toeplitz_kernel, toeplitz_normal_equations  # noqa: E402
+from jaxcryo.data import ArrayDataset, simulate  # noqa: E402
+from jaxcryo.forward import Projector  # noqa: E402
+from jaxcryo.leastsq import (conjugate_gradient, normal_equations, toeplitz_kernel,  # noqa: E402
+                             toeplitz_normal_equations)
+from jaxcryo.ndimage import relative_error  # noqa: E402
+from jaxcryo.plotting import save_figure  # noqa: E402
 
 PIXEL_SIZE = 3.0
-
-
-def _rel(a, b) -> float:
-    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
 def _timed(fn):
@@ -72,7 +67,7 @@ def bench_set(box: int, n_particles: int, lam: float, tol: float, explicit_iters
     sim = simulate(n_particles, box, snr=0.5, pixel_size=PIXEL_SIZE, seed=0)
     src = ArrayDataset(sim.metadata, sim.images)
     proj = Projector(n=box, pixel_size=PIXEL_SIZE, operator="nufft")
-    load0 = os.getloadavg()[0]
+    load0 = loadavg()
 
     _, kernel_first = _timed(lambda: toeplitz_kernel(proj, src).fourier)
     _, kernel_s = _timed(lambda: toeplitz_kernel(proj, src).fourier)
@@ -85,8 +80,8 @@ def bench_set(box: int, n_particles: int, lam: float, tol: float, explicit_iters
     z = jnp.asarray(rng.standard_normal((box,) * 3) + 1j * rng.standard_normal((box,) * 3), jnp.complex64)
     t_first, t_mv = time_calls(lambda: nt.matvec(z), reps=5)
     e_first, e_mv = time_calls(lambda: ne.matvec(z), reps=1)
-    mv_err = _rel(nt.matvec(z), ne.matvec(z))
-    rhs_err = _rel(nt.rhs, ne.rhs)
+    mv_err = relative_error(nt.matvec(z), ne.matvec(z))
+    rhs_err = relative_error(nt.rhs, ne.rhs)
     print(f"  matvec toeplitz {t_mv * 1e3:.1f} ms, explicit {e_mv:.2f} s (x{e_mv / t_mv:.0f}); "
           f"rel. difference {mv_err:.1e}", flush=True)
 
@@ -108,10 +103,10 @@ def bench_set(box: int, n_particles: int, lam: float, tol: float, explicit_iters
     gap = float(np.max(np.abs(np.array(eres.residuals[:k]) - np.array(tres.residuals[:k]))
                        / np.array(tres.residuals[:k])))
     reached = eres.residuals[-1] <= tol
-    sol_diff = _rel(tres.x, eres.x) if reached else None
+    sol_diff = relative_error(tres.x, eres.x) if reached else None
     print(f"  explicit CG: {eres.iterations} iterations in {e_cg:.2f} s ({e_it:.2f} s/it); residual gap "
           f"{gap:.1e}" + (f"; solutions differ by {sol_diff:.1e}" if reached else ""), flush=True)
-    load1 = os.getloadavg()[0]
+    load1 = loadavg()
     return {
         "box": box, "n_particles": n_particles, "lam": lam, "tol": tol, "batch": batch,
         "kernel_first_s": kernel_first, "kernel_s": kernel_s, "toeplitz_setup_s": toeplitz_setup,

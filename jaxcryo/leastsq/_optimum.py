@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import InputError
 from ..ndimage._fourier import ball_mask
 from ._hessian import HessianOperator, hessian_operator, normal_equations
+from ._priors import fourier_fsc
 from ..forward._operators import describe
 from ..forward._projection import Projector
 
@@ -98,8 +99,24 @@ class Optimum:
 
     def gap_closed(self, v, start=None) -> float:
         """The share (%) of the loss gap between ``start`` (default zeros) and ``v*`` that ``v`` closes."""
-        g0 = self.gap_at_zero if start is None else self.gap(start)
-        return 100.0 * (1.0 - self.gap(v) / g0) if g0 > 0 else 100.0
+        return self._closed(self.gap(v), self.gap_at_zero if start is None else self.gap(start))
+
+    @staticmethod
+    def _closed(g: float, g0: float) -> float:
+        return 100.0 * (1.0 - g / g0) if g0 > 0 else 100.0
+
+    def compare(self, v, shells: tuple[int, int] | None = None) -> dict:
+        """How far ``v`` is from ``v*``, as the paper measures it: ``loss_gap`` (:meth:`gap`), ``loss_gap_closed``
+        (%, from zeros: :meth:`gap_closed`), ``relative_error`` (:meth:`relative_error`), ``fsc`` (per shell
+        ``0..n//2`` against ``v*``, :func:`fourier_fsc`) and, with ``shells=(lo, hi)``, ``min_fsc``: its
+        minimum over the shells ``lo..hi`` (inclusive)."""
+        g = self.gap(v)
+        f = fourier_fsc(v, self.solution)
+        out = {"loss_gap": g, "loss_gap_closed": self._closed(g, self.gap_at_zero),
+               "relative_error": self.relative_error(v), "fsc": f}
+        if shells is not None:
+            out["min_fsc"] = float(np.min(f[shells[0]:shells[1] + 1]))
+        return out
 
     def relative_error(self, v) -> float:
         """``||P v - v*|| / ||v*||``."""

@@ -83,16 +83,19 @@ def assemble(chunks: Iterable, n: int, n_images: int, diagonal: bool, lam: float
     return s
 
 
-def matvec(s: np.ndarray) -> Callable:
-    """``z -> H z`` for the stencil ``s`` (NumPy, in ``z``'s precision promoted to at least float64)."""
+def matvec(s: np.ndarray, xp=np) -> Callable:
+    """``z -> H z`` for the stencil ``s``. ``xp=numpy`` (default): on the host, in ``z``'s precision promoted to
+    at least float64; ``xp=jax.numpy``: traceable and differentiable (for jitted solvers), in the precision of
+    ``s`` and ``z``."""
     n = s.shape[-1]
+    s = xp.asarray(s)
 
     def mv(z):
-        z = np.asarray(z)
-        zp = np.pad(z, 1)
-        out = np.zeros(z.shape, np.result_type(z.dtype, np.float64))
+        z = xp.asarray(z)
+        zp = xp.pad(z, 1)
+        out = np.zeros(z.shape, np.result_type(z.dtype, np.float64)) if xp is np else xp.zeros_like(z)
         for k, (dz, dy, dx) in enumerate(OFFSETS):
-            out += s[k] * zp[1 + dz:1 + dz + n, 1 + dy:1 + dy + n, 1 + dx:1 + dx + n]
+            out += s[k] * zp[1 + dz:1 + dz + n, 1 + dy:1 + dy + n, 1 + dx:1 + dx + n]  # in place on the host
         return out
 
     return mv
