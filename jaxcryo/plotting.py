@@ -185,6 +185,51 @@ def _draw_condition(ax, report):
     ax.legend()
 
 
+def plot_postprocess(result, out_dir) -> list[Path]:
+    """``fsc.png`` (the corrected, unmasked, masked and phase-randomised masked FSC, as RELION's postprocess
+    plot) and ``guinier.png`` (ln mean amplitude against frequency²: the half-map average, FSC-weighted with
+    the fitted line, sharpened) of a :class:`jaxcryo.post.PostprocessResult` (or its ``to_dict()``) in
+    ``out_dir``. Returns the paths."""
+    d = result if isinstance(result, dict) else result.to_dict()
+    out = Path(out_dir)
+    f = d["frequency"]
+    curves = {"corrected": d["fsc_corrected"], "unmasked": d["fsc_unmasked"], "masked": d["fsc_masked"],
+              "phase-randomised masked": d["fsc_randomised"]}
+    title = (f"resolution {d['resolution_0143']:.2f} Å (corrected FSC 0.143)"
+             + ("" if d["masked"] else ", no mask"))
+    paths = [plot_fsc({k: {"frequency": f, "fsc": v} for k, v in curves.items() if v is not None},
+                      out / "fsc.png", title=title)]
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    try:
+        _draw_guinier(ax, d)
+    except BaseException:
+        plt.close(fig)
+        raise
+    paths.append(_save(plt, fig, out / "guinier.png"))
+    return paths
+
+
+def _draw_guinier(ax, d):
+    g = d["guinier"]
+    x = np.asarray(g["frequency_squared"], float)
+    for key, label in (("ln_amplitude", "average of the half maps"), ("ln_amplitude_weighted", "FSC-weighted"),
+                       ("ln_amplitude_sharpened", f"sharpened, B = {d['bfactor']:.1f} Å²")):
+        y = np.array([np.nan if v is None else v for v in g[key]], float)
+        ok = np.isfinite(y) & (x > 0)
+        ax.plot(x[ok], y[ok], marker=".", label=label)
+    if d["intercept"] is not None:
+        used = np.asarray(g["used_in_fit"], bool)
+        xs = x[used]
+        ax.plot(xs, d["intercept"] + d["bfactor"] / 4.0 * xs, color="k", lw=1.5,
+                label=f"fit {d['fit_from']:.1f}-{d['fit_to']:.1f} Å")
+    ax.set_xlabel("frequency² (1/Å²)")
+    ax.set_ylabel("ln(mean amplitude)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Guinier plot")
+
+
 def save_figure(fig, path) -> Path:
     """Save any matplotlib figure as a PNG atomically and release it (pyplot figures are closed)."""
     import matplotlib.pyplot as plt
