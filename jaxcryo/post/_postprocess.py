@@ -213,7 +213,8 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
             :func:`jaxcryo.ndimage.spherical_mask`); None: no masking, the corrected FSC is the unmasked one.
         bfactor: B-factor (Å²) to apply, negative sharpens (0: none); None fits it: ``4 x`` the slope of a line
             through ln(mean |F|) of the FSC-weighted average against frequency², over the shells from
-            ``fit_from`` Å to ``fit_to`` Å (0: every shell with signal, up to Nyquist).
+            ``fit_from`` Å to ``fit_to`` Å (0: every shell with signal, up to Nyquist). With fewer than two
+            such shells (a map worse than ``fit_from``) no B-factor is applied, with a warning.
         low_pass: filter the final map at this resolution (Å, raised-cosine edge of 2 shells); None: at the
             corrected FSC-0.143 resolution; 0: no filter.
         fsc_weighting: weight the average by ``sqrt(2 FSC / (1 + FSC))`` of the corrected FSC.
@@ -269,6 +270,10 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
     used = (res_shell <= fit_from) & (res_shell >= fit_to) & np.isfinite(g_weighted)
     fitted = bfactor is None
     slope = intercept = corr = None
+    if fitted and used.sum() < 2:
+        warnings.warn(f"fewer than two shells with signal between {fit_from:g} Å and the resolution "
+                      f"({res0143:.3g} Å) to fit a B-factor; none applied", stacklevel=2)
+        fitted, bfactor = False, 0.0
     if fitted:
         slope, intercept, corr = guinier_fit(x, g_weighted, used)
         bfactor = 4.0 * slope
