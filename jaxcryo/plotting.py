@@ -62,6 +62,18 @@ def _save(plt, fig, path) -> Path:
     return path
 
 
+def _draw_and_save(path, draw, figsize) -> Path:
+    """A one-axes figure of ``figsize`` drawn by ``draw(ax)``, saved as a PNG at ``path`` (closed on error)."""
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        draw(ax)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return _save(plt, fig, path)
+
+
 def _curve(c):
     if isinstance(c, dict):
         f, v = c["frequency"], c["fsc"]
@@ -73,14 +85,7 @@ def _curve(c):
 def plot_fsc(curves: dict, path, title: str | None = None, thresholds=(0.143, 0.5)) -> Path:
     """Plot FSC curves (``label -> FSCResult`` or a dict with ``frequency``/``fsc``) against 1/Å, with
     the threshold lines and a top axis in Å. ``None`` curves are skipped. Returns ``path``."""
-    plt = _fig()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    try:
-        _draw_fsc(ax, curves, thresholds, title)
-    except BaseException:
-        plt.close(fig)
-        raise
-    return _save(plt, fig, path)
+    return _draw_and_save(path, lambda ax: _draw_fsc(ax, curves, thresholds, title), (6.4, 4.2))
 
 
 def _draw_fsc(ax, curves, thresholds, title):
@@ -156,14 +161,7 @@ def _draw_convergence(fig, axes, histories, x_keys, ys, title):
 def plot_condition(report: dict, path) -> Path:
     """Log-log plot of ``kappa`` against box size (measured ``H``, ``D^-1 H`` and predicted) from a
     :func:`jaxcryo.leastsq.condition_report`. Returns ``path``."""
-    plt = _fig()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    try:
-        _draw_condition(ax, report)
-    except BaseException:
-        plt.close(fig)
-        raise
-    return _save(plt, fig, path)
+    return _draw_and_save(path, lambda ax: _draw_condition(ax, report), (5.5, 4.2))
 
 
 def _draw_condition(ax, report):
@@ -199,14 +197,7 @@ def plot_postprocess(result, out_dir) -> list[Path]:
              + ("" if d["masked"] else ", no mask"))
     paths = [plot_fsc({k: {"frequency": f, "fsc": v} for k, v in curves.items() if v is not None},
                       out / "fsc.png", title=title)]
-    plt = _fig()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    try:
-        _draw_guinier(ax, d)
-    except BaseException:
-        plt.close(fig)
-        raise
-    paths.append(_save(plt, fig, out / "guinier.png"))
+    paths.append(_draw_and_save(out / "guinier.png", lambda ax: _draw_guinier(ax, d), (6.4, 4.2)))
     return paths
 
 
