@@ -183,11 +183,11 @@ def _draw_condition(ax, report):
     ax.legend()
 
 
-def plot_postprocess(result, out_dir) -> list[Path]:
+def plot_postprocess(result, out_dir, prefix: str = "") -> list[Path]:
     """``fsc.png`` (the corrected, unmasked, masked and phase-randomised masked FSC, as RELION's postprocess
     plot) and ``guinier.png`` (ln mean amplitude against frequency²: the half-map average, FSC-weighted with
     the fitted line, sharpened) of a :class:`jaxcryo.post.PostprocessResult` (or its ``to_dict()``) in
-    ``out_dir``. Returns the paths."""
+    ``out_dir``, their names preceded by ``prefix``. Returns the paths."""
     d = result if isinstance(result, dict) else result.to_dict()
     out = Path(out_dir)
     f = d["frequency"]
@@ -196,8 +196,8 @@ def plot_postprocess(result, out_dir) -> list[Path]:
     title = (f"resolution {d['resolution_0143']:.2f} Å (corrected FSC 0.143)"
              + ("" if d["masked"] else ", no mask"))
     paths = [plot_fsc({k: {"frequency": f, "fsc": v} for k, v in curves.items() if v is not None},
-                      out / "fsc.png", title=title)]
-    paths.append(_draw_and_save(out / "guinier.png", lambda ax: _draw_guinier(ax, d), (6.4, 4.2)))
+                      out / f"{prefix}fsc.png", title=title)]
+    paths.append(_draw_and_save(out / f"{prefix}guinier.png", lambda ax: _draw_guinier(ax, d), (6.4, 4.2)))
     return paths
 
 

@@ -192,3 +192,18 @@ def test_postprocess_cli_bad_input_exits_2_naming_the_file(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and name in err[0] and "Traceback" not in err[0], (name, err)
     assert not (tmp_path / "bad" / "postprocess.json").exists()
+
+
+def test_writer_beside_another_commands_outputs(tmp_path):
+    """How ``refine`` can write its postprocessed map beside its half maps without touching its own fsc.png."""
+    from jaxcryo.cli.postprocess import write_outputs
+    from jaxcryo.ndimage import spherical_mask
+
+    sig, a, b = _signal_and_noise(shell=10)
+    (tmp_path / "fsc.png").write_bytes(b"refine's")
+    r = jc.postprocess(a, b, pixel_size=PX, mask=spherical_mask(N, 0.6 * N * PX, PX), fit_from=20.0)
+    paths = write_outputs(r, tmp_path, plot_prefix="postprocess_")
+    assert sorted(p.name for p in paths) == ["postprocess.json", "postprocess.mrc", "postprocess_fsc.png",
+                                             "postprocess_guinier.png", "postprocess_masked.mrc"]
+    assert (tmp_path / "fsc.png").read_bytes() == b"refine's"
+    assert json.loads((tmp_path / "postprocess.json").read_text())["resolution_0143"] == r.resolution_0143

@@ -42,14 +42,15 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def write_outputs(result, out_dir, extra: dict | None = None) -> list[Path]:
+def write_outputs(result, out_dir, extra: dict | None = None, plot_prefix: str = "") -> list[Path]:
     """Everything ``jaxcryo postprocess`` writes into ``out_dir`` for a
     :class:`jaxcryo.post.PostprocessResult`: the maps and JSON (:func:`jaxcryo.post.write_postprocess`) and
-    ``fsc.png``, ``guinier.png`` (:func:`jaxcryo.plotting.plot_postprocess`). Returns the paths."""
+    ``fsc.png``, ``guinier.png`` (:func:`jaxcryo.plotting.plot_postprocess`; ``plot_prefix`` before their
+    names, e.g. ``"postprocess_"`` beside another command's ``fsc.png``). Returns the paths."""
     from ..plotting import plot_postprocess
     from ..post import write_postprocess
 
-    return write_postprocess(result, out_dir, extra) + plot_postprocess(result, out_dir)
+    return write_postprocess(result, out_dir, extra) + plot_postprocess(result, out_dir, plot_prefix)
 
 
 def read_half_maps(path1: Path, path2: Path, apix: float | None):
