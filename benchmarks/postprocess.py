@@ -180,6 +180,25 @@ def compare(case: dict, d: Path, fit_from: float, relion: bool) -> dict:
     return rec
 
 
+def print_table(out: dict) -> None:
+    """The markdown table of benchmarks/README.md."""
+    print("| half maps | box, Å/px | fit from | corrected FSC-0.143: jaxcryo / RELION (Å; shells) | B-factor: "
+          "jaxcryo / RELION (Å²; difference) | masked FSC max difference to 0.143 | mask Dice | all goals |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in out["results"]:
+        j = r["jaxcryo"]
+        if "relion" not in r:
+            print(f"| {r['name']} | {r['box']}, {r['pixel_size']} | {r['fit_from']:g} Å | {j['resolution_0143']:.2f} "
+                  f"/ — | {j['bfactor']:.0f} / — | — | — | RELION absent |")
+            continue
+        t, c = r["relion"], r["comparison"]
+        print(f"| {r['name']} | {r['box']}, {r['pixel_size']} | {r['fit_from']:g} Å | {j['resolution_0143']:.2f} / "
+              f"{t['resolution_0143']:.2f} (shell {j['shell_0143']} / {t['shell_0143']}) | {j['bfactor']:.0f} / "
+              f"{t['bfactor']:.0f} ({100 * c['bfactor_relative_difference']:.1f}%) | "
+              f"{c['masked_fsc_max_abs_difference']:.3f} (shells 1–{c['masked_fsc_shells_compared']}) | "
+              f"{r['mask_dice']:.3f} | {'yes' if all(c['pass'].values()) else 'NO'} |")
+
+
 def plot(records: list, path: Path) -> None:
     use_agg()
     import matplotlib.pyplot as plt
@@ -212,8 +231,14 @@ def main() -> int:
     def extra(p):
         p.add_argument("--work", type=Path, default=None, help="folder for the data and runs (default: temporary)")
         p.add_argument("--no-relion", action="store_true", help="skip RELION even when installed")
+        p.add_argument("--table", type=Path, default=None, help="only print the README table of this JSON")
 
     args = parse_args(__doc__.splitlines()[0], add_arguments=extra)
+    if args.table is not None:
+        import json
+
+        print_table(json.loads(args.table.read_text()))
+        return 0
     relion = (not args.no_relion and all(shutil.which(b) for b in ("relion_postprocess", "relion_mask_create")))
     why = None if relion else ("--no-relion" if args.no_relion else "relion_postprocess / relion_mask_create "
                                "not on the PATH (Debian: apt-get install relion, 3.1)")
@@ -249,6 +274,7 @@ def main() -> int:
     write_json(args.out / "postprocess.json", out)
     plot(records, args.out / "postprocess.png")
     print(f"wrote {args.out / 'postprocess.json'} and postprocess.png")
+    print_table(out)
     return 0
 
 
