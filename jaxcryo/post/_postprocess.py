@@ -223,7 +223,9 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
         seed: seeds the random phases.
 
     The corrected FSC (Chen et al. 2013) is ``(FSC_masked - FSC_randomised) / (1 - FSC_randomised)`` from two
-    shells past the randomisation shell, the masked FSC below. Raises :class:`InputError` for maps of
+    shells past the randomisation shell, the masked FSC below. Where the unmasked FSC reaches 0.143 at a higher
+    shell than the corrected one, RELION drops the mask (unless ``--force_mask``); here the mask is kept and a
+    warning says so. Raises :class:`InputError` for maps of
     different boxes, non-finite values, a mask of another box, outside [0, 1] or empty, or an unmasked FSC
     that never falls below ``randomise_at_fsc``.
     """
