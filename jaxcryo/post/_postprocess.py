@@ -178,10 +178,11 @@ def fsc_weights(fsc_curve) -> np.ndarray:
 
 
 def _ln_mean_amplitude(f_abs, shells, nsh) -> np.ndarray:
-    """ln of the mean ``|F|`` per shell ``0..nsh-1`` (-inf where the shell is zero)."""
+    """ln of the mean ``|F|`` per shell ``0..nsh-1`` (-inf where the shell is zero), with ``F`` the Fourier
+    transform normalised by ``1 / n^3`` (RELION's, so the Guinier intercepts compare)."""
     s = shells.ravel()
     keep = s < nsh
-    total = np.bincount(s[keep], weights=f_abs.ravel()[keep], minlength=nsh)
+    total = np.bincount(s[keep], weights=f_abs.ravel()[keep], minlength=nsh) / f_abs.size
     count = np.maximum(np.bincount(s[keep], minlength=nsh), 1)
     with np.errstate(divide="ignore"):
         return np.log(total / count)
