@@ -61,9 +61,12 @@ def run(cmd, log: Path) -> dict:
 
 def make_case(d: Path, name: str, box: int, px: float, n: int, refine: bool) -> dict:
     """Simulate a set, then ``jaxcryo reconstruct`` (or ``refine --local-only``); returns the half-map paths."""
+    import json
+
     d.mkdir(parents=True, exist_ok=True)
     sim = d / "sim"
-    steps = {}
+    record = d / "steps.json"  # the steps' timings, kept when a later run reuses the data (--work)
+    steps = json.loads(record.read_text()) if record.exists() else {}
     if not (sim / "particles.star").exists():
         steps["simulate"] = run(jaxcryo_cmd() + ["simulate", "--out", sim, "--box", box, "--pixel-size", px,
                                                  "--n-particles", n, "--snr", 0.1, "--perturb-angle", 3,
@@ -79,9 +82,11 @@ def make_case(d: Path, name: str, box: int, px: float, n: int, refine: bool) -> 
         else:
             steps["reconstruct"] = run(jaxcryo_cmd() + ["reconstruct", sim / "particles.star", "--out", out,
                                                         "--quiet"], d / "reconstruct.log")
+    steps = {k: {kk: v[kk] for kk in ("command", "wall_s", "cpu_s")} for k, v in steps.items()}
+    write_json(record, steps)
+    wanted = ("simulate", "refine" if refine else "reconstruct")
     return {"name": name, "box": box, "pixel_size": px, "particles": n, "half1": out / "half1.mrc",
-            "half2": out / "half2.mrc", "steps": {k: {kk: v[kk] for kk in ("command", "wall_s", "cpu_s")}
-                                                  for k, v in steps.items()}}
+            "half2": out / "half2.mrc", "steps": {k: v for k, v in steps.items() if k in wanted}}
 
 
 def read_relion_star(path: Path) -> dict:

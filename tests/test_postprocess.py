@@ -207,3 +207,16 @@ def test_writer_beside_another_commands_outputs(tmp_path):
                                              "postprocess_guinier.png", "postprocess_masked.mrc"]
     assert (tmp_path / "fsc.png").read_bytes() == b"refine's"
     assert json.loads((tmp_path / "postprocess.json").read_text())["resolution_0143"] == r.resolution_0143
+
+
+def test_unmasked_fsc_is_used_when_it_reaches_further_as_relion():
+    sig, a, b = _signal_and_noise(shell=16)
+    corner = np.roll(jc.soft_sphere_mask(N, 5.0, 3.0), (N // 2, N // 2, N // 2), axis=(0, 1, 2))  # solvent only
+    with pytest.warns(UserWarning, match="unmasked FSC is used"):
+        r = jc.postprocess(a, b, pixel_size=PX, mask=corner, bfactor=0.0)
+    assert r.unmasked_fallback and r.to_dict()["unmasked_fallback"] is True
+    np.testing.assert_array_equal(r.fsc_corrected, r.fsc_unmasked)
+    with pytest.warns(UserWarning, match="extends beyond"):
+        forced = jc.postprocess(a, b, pixel_size=PX, mask=corner, bfactor=0.0, force_mask=True)
+    assert not forced.unmasked_fallback
+    assert first_shell_below(forced.fsc_corrected, 0.143) < first_shell_below(r.fsc_corrected, 0.143)

@@ -37,6 +37,9 @@ def register(sub) -> None:
     p.add_argument("--low-pass", type=float, default=None,
                    help="low-pass the final map at this resolution (Å); default: the corrected FSC-0.143 "
                         "resolution; 0: none")
+    p.add_argument("--force-mask", action="store_true",
+                   help="keep the mask-corrected FSC even where the unmasked FSC reaches a higher shell (by default "
+                        "the unmasked FSC is used then, as RELION)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phase randomisation")
     p.add_argument("--apix", type=float, default=None, help="pixel size (Å); overrides the half maps' headers")
     p.set_defaults(func=run)
@@ -106,7 +109,8 @@ def run(args) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = postprocess(a, b, pixel_size=px, mask=mask, bfactor=args.bfactor, fit_from=args.fit_from,
-                             fit_to=args.fit_to, low_pass=args.low_pass, seed=args.seed)
+                             fit_to=args.fit_to, low_pass=args.low_pass, force_mask=args.force_mask,
+                             seed=args.seed)
     for w in caught:
         print(f"jaxcryo postprocess: warning: {w.message}", file=sys.stderr)
     extra = {"half1": str(args.half1), "half2": str(args.half2),

@@ -40,7 +40,8 @@ class PostprocessResult:
     """What :func:`postprocess` measured and made.
 
     Curves are per shell ``0..n//2`` at ``frequency`` (1/Å); ``fsc_masked`` and ``fsc_randomised`` are None
-    without a mask (then ``fsc_corrected`` is the unmasked FSC). Resolutions (Å) are where the corrected FSC
+    without a mask (then ``fsc_corrected`` is the unmasked FSC, as it is when ``unmasked_fallback``: the
+    unmasked FSC reached further than the corrected one, see :func:`postprocess`). Resolutions (Å) are where the corrected FSC
     first falls below 0.143 / 0.5 (linear interpolation between shells). ``bfactor`` (Å², negative sharpens)
     is the one applied: fitted (``bfactor_fitted``) or given. ``fit_from``/``fit_to`` (Å) are the lowest- and
     highest-resolution shells the Guinier fit used (None without a fit). ``guinier_*`` are ln of the mean
@@ -56,6 +57,7 @@ class PostprocessResult:
     fsc_randomised: np.ndarray | None
     fsc_corrected: np.ndarray
     randomise_shell: int | None
+    unmasked_fallback: bool
     resolution_0143: float
     resolution_05: float
     bfactor: float
@@ -101,6 +103,7 @@ class PostprocessResult:
             "fit_correlation": self.fit_correlation, "low_pass": self.low_pass,
             "pixel_size": float(self.pixel_size), "box": self.box, "masked": self.mask is not None,
             "randomise_shell": self.randomise_shell, "randomise_from": self.randomise_from, "seed": self.seed,
+            "unmasked_fallback": self.unmasked_fallback,
             "shell": list(range(len(self.frequency))), "frequency": arr(self.frequency), "resolution": arr(res),
             "fsc_unmasked": arr(self.fsc_unmasked), "fsc_masked": arr(self.fsc_masked),
             "fsc_randomised": arr(self.fsc_randomised), "fsc_corrected": arr(self.fsc_corrected),
@@ -204,7 +207,7 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
                 mask: Float[ArrayLike, "n n n"] | None = None, bfactor: float | None = None,
                 fit_from: float = FIT_FROM, fit_to: float = FIT_TO, low_pass: float | None = None,
                 fsc_weighting: bool = True, randomise_at_fsc: float = RANDOMISE_AT_FSC,
-                seed: int = 0) -> PostprocessResult:
+                force_mask: bool = False, seed: int = 0) -> PostprocessResult:
     """Post-process two half maps as RELION 3.1's ``relion_postprocess --mask M --auto_bfac``.
 
     Args:
@@ -221,12 +224,13 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
         fsc_weighting: weight the average by ``sqrt(2 FSC / (1 + FSC))`` of the corrected FSC.
         randomise_at_fsc: phases are randomised from the first shell (> 0) where the *unmasked* FSC falls
             below this value (RELION's ``--randomize_at_fsc`` 0.8), in both half maps, before masking them.
+        force_mask: keep the corrected FSC even where the unmasked one reaches further.
         seed: seeds the random phases.
 
     The corrected FSC (Chen et al. 2013) is ``(FSC_masked - FSC_randomised) / (1 - FSC_randomised)`` from two
-    shells past the randomisation shell, the masked FSC below. Where the unmasked FSC reaches 0.143 at a higher
-    shell than the corrected one, RELION drops the mask (unless ``--force_mask``); here the mask is kept and a
-    warning says so. Raises :class:`InputError` for maps of
+    shells past the randomisation shell, the masked FSC below. Where the unmasked FSC stays above 0.143 to a
+    higher shell than the corrected one, the unmasked FSC is used instead, with a warning
+    (``unmasked_fallback``), as RELION 3.1 does unless ``force_mask`` (``--force_mask``). Raises :class:`InputError` for maps of
     different boxes, non-finite values, a mask of another box, outside [0, 1] or empty, or an unmasked FSC
     that never falls below ``randomise_at_fsc``.
     """
@@ -245,6 +249,7 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
     f_masked = f_random = None
     shell = None
     corrected = unmasked.fsc
+    fallback = False
     if m is not None:
         f_masked = fsc(a, b, pixel_size, mask=m).fsc
         shell = first_shell_below(unmasked.fsc, randomise_at_fsc)
@@ -255,8 +260,12 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
         f_random = fsc(ra, rb, pixel_size, mask=m).fsc
         corrected = corrected_fsc(f_masked, f_random, shell)
         if first_shell_below(unmasked.fsc, 0.143) > first_shell_below(corrected, 0.143):
-            warnings.warn("the unmasked FSC extends beyond the mask-corrected FSC; the mask may be too tight",
-                          stacklevel=2)
+            if force_mask:
+                warnings.warn("the unmasked FSC extends beyond the mask-corrected FSC", stacklevel=2)
+            else:  # RELION 3.1: skip the mask
+                warnings.warn("the unmasked FSC extends beyond the mask-corrected FSC: the unmasked FSC is used "
+                              "(as RELION; the mask may be too tight, or pass force_mask)", stacklevel=2)
+                corrected, fallback = unmasked.fsc, True
     res0143 = resolution_at(freq, corrected, 0.143, pixel_size)
     res05 = resolution_at(freq, corrected, 0.5, pixel_size)
 
@@ -290,7 +299,8 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
     out = np.fft.ifftn(f).real.astype(np.float32)
     return PostprocessResult(
         pixel_size=float(pixel_size), frequency=freq, fsc_unmasked=unmasked.fsc, fsc_masked=f_masked,
-        fsc_randomised=f_random, fsc_corrected=corrected, randomise_shell=shell, resolution_0143=res0143,
+        fsc_randomised=f_random, fsc_corrected=corrected, randomise_shell=shell, unmasked_fallback=fallback,
+        resolution_0143=res0143,
         resolution_05=res05, bfactor=float(bfactor), bfactor_fitted=fitted,
         fit_from=float(res_shell[used].max()) if fitted else None,
         fit_to=float(res_shell[used].min()) if fitted else None, intercept=intercept, fit_correlation=corr,
