@@ -44,6 +44,8 @@ from jaxcryo.ndimage import auto_threshold, first_shell_below, low_pass  # noqa:
 
 #: Mask settings given to both programs (RELION's mask-creation GUI defaults).
 MASK = {"lowpass": 15.0, "extend": 3.0, "soft_edge": 3.0}
+#: Extra seeds of the phase randomisation, both programs (the main comparison uses each one's default, 0).
+SEEDS = (1, 2, 3, 4, 5)
 GOALS = {"shells": 1.0, "bfactor_rel": 0.15, "masked_fsc": 0.03, "dice": 0.95}
 
 
@@ -109,7 +111,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
-def compare(case: dict, d: Path, fit_from: float, relion: bool) -> dict:
+def compare(case: dict, d: Path, fit_from: float, relion: bool, seeds=SEEDS) -> dict:
     h1, px = jc.read_map(case["half1"])
     h2, _ = jc.read_map(case["half2"])
     n = h1.shape[0]
@@ -140,7 +142,7 @@ def compare(case: dict, d: Path, fit_from: float, relion: bool) -> dict:
 
     ours = json.loads((jout / "postprocess.json").read_text())
     rec["jaxcryo"] = {k: ours[k] for k in ("resolution_0143", "resolution_05", "bfactor", "fit_from", "fit_to",
-                                           "intercept", "randomise_shell", "frequency", "fsc_unmasked",
+                                           "intercept", "randomise_shell", "unmasked_fallback", "frequency", "fsc_unmasked",
                                            "fsc_masked", "fsc_randomised", "fsc_corrected")}
     corr = np.array(ours["fsc_corrected"], float)
     rec["jaxcryo"]["shell_0143"] = first_shell_below(corr, 0.143) - 1  # last shell at or above, as RELION
@@ -161,6 +163,9 @@ def compare(case: dict, d: Path, fit_from: float, relion: bool) -> dict:
               "fsc_randomised": t["CorrectedFourierShellCorrelationPhaseRandomizedMaskedMaps"].tolist(),
               "fsc_corrected": t["FourierShellCorrelationCorrected"].tolist()}
     theirs["shell_0143"] = int(round(n * px / theirs["resolution_0143"]))
+    # RELION 3.1 reports the unmasked FSC as the corrected one when that reaches further (no flag in its STAR)
+    theirs["unmasked_fallback"] = bool(np.array_equal(t["FourierShellCorrelationCorrected"],
+                                                      t["FourierShellCorrelationUnmaskedMaps"]))
     rec["relion"] = theirs
     ours_masked = np.array(ours["fsc_masked"], float)
     last = max(rec["jaxcryo"]["shell_0143"], theirs["shell_0143"])
@@ -177,6 +182,23 @@ def compare(case: dict, d: Path, fit_from: float, relion: bool) -> dict:
                                                         - np.array(theirs["fsc_unmasked"]))[1:].max()),
         "postprocessed_map_correlation": float(np.corrcoef(jmap.ravel(), rmap.ravel())[0, 1]),
     }
+    # the phase randomisation is random: the B-factor's spread over seeds, for both programs
+    m, _ = jc.read_map(mask_path)
+    spread = {"seeds": list(seeds), "jaxcryo_bfactor": [], "relion_bfactor": [], "jaxcryo_resolution": [],
+              "relion_resolution": []}
+    for seed in seeds:
+        r = jc.postprocess(h1, h2, pixel_size=px, mask=m, fit_from=fit_from, seed=seed)
+        spread["jaxcryo_bfactor"].append(r.bfactor)
+        spread["jaxcryo_resolution"].append(r.resolution_0143)
+        so = rout / f"seed{seed}"
+        run(["relion_postprocess", "--i", case["half1"], "--i2", case["half2"], "--mask", mask_path, "--auto_bfac",
+             "--autob_lowres", fit_from, "--low_pass", -1, "--angpix", px, "--random_seed", seed, "--o", so],
+            d / f"relion_postprocess_seed{seed}.log")
+        g = read_relion_star(so.with_suffix(".star"))["general"]
+        spread["relion_bfactor"].append(float(g["BfactorUsedForSharpening"]))
+        spread["relion_resolution"].append(float(g["FinalResolution"]))
+    if seeds:
+        rec["seed_spread"] = spread
     c = rec["comparison"]
     c["pass"] = {"resolution_within_one_shell": c["shell_difference"] <= GOALS["shells"],
                  "bfactor_within_15pc": c["bfactor_relative_difference"] <= GOALS["bfactor_rel"],
@@ -186,22 +208,36 @@ def compare(case: dict, d: Path, fit_from: float, relion: bool) -> dict:
 
 
 def print_table(out: dict) -> None:
-    """The markdown table of benchmarks/README.md."""
+    """The markdown tables of benchmarks/README.md."""
+
+    def yn(x):
+        return "yes" if x else "no"
+
     print("| half maps | box, Å/px | fit from | corrected FSC-0.143: jaxcryo / RELION (Å; shells) | B-factor: "
-          "jaxcryo / RELION (Å²; difference) | masked FSC max difference to 0.143 | mask Dice | all goals |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "jaxcryo / RELION (Å²; difference) | masked FSC max difference to 0.143 | mask Dice | unmasked FSC "
+          "used instead: jaxcryo / RELION | all goals |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in out["results"]:
         j = r["jaxcryo"]
         if "relion" not in r:
             print(f"| {r['name']} | {r['box']}, {r['pixel_size']} | {r['fit_from']:g} Å | {j['resolution_0143']:.2f} "
-                  f"/ — | {j['bfactor']:.0f} / — | — | — | RELION absent |")
+                  f"/ — | {j['bfactor']:.0f} / — | — | — | — | RELION absent |")
             continue
         t, c = r["relion"], r["comparison"]
         print(f"| {r['name']} | {r['box']}, {r['pixel_size']} | {r['fit_from']:g} Å | {j['resolution_0143']:.2f} / "
               f"{t['resolution_0143']:.2f} (shell {j['shell_0143']} / {t['shell_0143']}) | {j['bfactor']:.0f} / "
               f"{t['bfactor']:.0f} ({100 * c['bfactor_relative_difference']:.1f}%) | "
               f"{c['masked_fsc_max_abs_difference']:.3f} (shells 1–{c['masked_fsc_shells_compared']}) | "
-              f"{r['mask_dice']:.3f} | {'yes' if all(c['pass'].values()) else 'NO'} |")
+              f"{r['mask_dice']:.3f} | {yn(j['unmasked_fallback'])} / {yn(t['unmasked_fallback'])} | "
+              f"{'yes' if all(c['pass'].values()) else 'NO'} |")
+    print()
+    print("| half maps | B-factor over phase-randomisation seeds 1–5: jaxcryo | RELION |")
+    print("| --- | --- | --- |")
+    for r in out["results"]:
+        sp = r.get("seed_spread")
+        if sp:
+            print(f"| {r['name']} | " + " | ".join(", ".join(f"{b:.0f}" for b in sp[k])
+                                                 for k in ("jaxcryo_bfactor", "relion_bfactor")) + " |")
 
 
 def plot(records: list, path: Path) -> None:
@@ -260,7 +296,7 @@ def main() -> int:
         case = make_case(data, name, box, px, n, refine)
         d = work / name
         d.mkdir(parents=True, exist_ok=True)
-        rec = compare(case, d, fit_from, relion)
+        rec = compare(case, d, fit_from, relion, seeds=() if args.quick else SEEDS)
         records.append(rec)
         c = rec.get("comparison")
         print(f"{name}: jaxcryo {rec['jaxcryo']['resolution_0143']:.2f} Å B {rec['jaxcryo']['bfactor']:.1f}"
