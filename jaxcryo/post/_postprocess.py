@@ -230,9 +230,9 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
     The corrected FSC (Chen et al. 2013) is ``(FSC_masked - FSC_randomised) / (1 - FSC_randomised)`` from two
     shells past the randomisation shell, the masked FSC below. Where the unmasked FSC stays above 0.143 to a
     higher shell than the corrected one, the unmasked FSC is used instead, with a warning
-    (``unmasked_fallback``), as RELION 3.1 does unless ``force_mask`` (``--force_mask``). Raises :class:`InputError` for maps of
-    different boxes, non-finite values, a mask of another box, outside [0, 1] or empty, or an unmasked FSC
-    that never falls below ``randomise_at_fsc``.
+    (``unmasked_fallback``), as RELION 3.1 does unless ``force_mask`` (``--force_mask``). Raises
+    :class:`InputError` for maps of different boxes, non-finite values, a mask of another box, outside [0, 1]
+    or empty, or an unmasked FSC that never falls below ``randomise_at_fsc``.
     """
     if not pixel_size or not pixel_size > 0:
         raise InputError(f"pixel_size must be > 0 Å, got {pixel_size}")
@@ -300,8 +300,7 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
     return PostprocessResult(
         pixel_size=float(pixel_size), frequency=freq, fsc_unmasked=unmasked.fsc, fsc_masked=f_masked,
         fsc_randomised=f_random, fsc_corrected=corrected, randomise_shell=shell, unmasked_fallback=fallback,
-        resolution_0143=res0143,
-        resolution_05=res05, bfactor=float(bfactor), bfactor_fitted=fitted,
+        resolution_0143=res0143, resolution_05=res05, bfactor=float(bfactor), bfactor_fitted=fitted,
         fit_from=float(res_shell[used].max()) if fitted else None,
         fit_to=float(res_shell[used].min()) if fitted else None, intercept=intercept, fit_correlation=corr,
         low_pass=lp, guinier_x=x, guinier_in=g_in, guinier_weighted=g_weighted, guinier_sharpened=g_sharp,
