@@ -141,9 +141,9 @@ def compare(case: dict, d: Path, fit_from: float, relion: bool, seeds=SEEDS) -> 
     import json
 
     ours = json.loads((jout / "postprocess.json").read_text())
-    rec["jaxcryo"] = {k: ours[k] for k in ("resolution_0143", "resolution_05", "bfactor", "fit_from", "fit_to",
-                                           "intercept", "randomise_shell", "unmasked_fallback", "frequency", "fsc_unmasked",
-                                           "fsc_masked", "fsc_randomised", "fsc_corrected")}
+    keys = ("resolution_0143", "resolution_05", "bfactor", "fit_from", "fit_to", "intercept", "randomise_shell",
+            "unmasked_fallback", "frequency", "fsc_unmasked", "fsc_masked", "fsc_randomised", "fsc_corrected")
+    rec["jaxcryo"] = {k: ours[k] for k in keys}
     corr = np.array(ours["fsc_corrected"], float)
     rec["jaxcryo"]["shell_0143"] = first_shell_below(corr, 0.143) - 1  # last shell at or above, as RELION
     rec["jaxcryo"]["shell_0143_interpolated"] = n * px / ours["resolution_0143"]

@@ -41,13 +41,14 @@ class PostprocessResult:
 
     Curves are per shell ``0..n//2`` at ``frequency`` (1/Å); ``fsc_masked`` and ``fsc_randomised`` are None
     without a mask (then ``fsc_corrected`` is the unmasked FSC, as it is when ``unmasked_fallback``: the
-    unmasked FSC reached further than the corrected one, see :func:`postprocess`). Resolutions (Å) are where the corrected FSC
-    first falls below 0.143 / 0.5 (linear interpolation between shells). ``bfactor`` (Å², negative sharpens)
-    is the one applied: fitted (``bfactor_fitted``) or given. ``fit_from``/``fit_to`` (Å) are the lowest- and
-    highest-resolution shells the Guinier fit used (None without a fit). ``guinier_*`` are ln of the mean
-    amplitude per shell of the half-map average (``_in``), after FSC weighting (``_weighted``, the fitted
-    curve) and after sharpening (``_sharpened``), at ``guinier_x`` = frequency² (1/Å²); ``-inf`` where a shell
-    is empty. ``map`` is the sharpened, weighted, low-passed average; ``masked_map`` that times the mask.
+    unmasked FSC reached further than the corrected one, see :func:`postprocess`). Resolutions (Å) are where
+    the corrected FSC first falls below 0.143 / 0.5 (linear interpolation between shells). ``bfactor`` (Å²,
+    negative sharpens) is the one applied: fitted (``bfactor_fitted``) or given. ``fit_from``/``fit_to`` (Å)
+    are the lowest- and highest-resolution shells the Guinier fit used (None without a fit). ``guinier_*`` are
+    ln of the mean amplitude per shell (Fourier transform normalised by ``1/n^3``, as RELION's) of the half-map
+    average (``_in``), after FSC weighting (``_weighted``, the fitted curve) and after sharpening
+    (``_sharpened``), at ``guinier_x`` = frequency² (1/Å²); ``-inf`` where a shell is empty. ``map`` is the
+    sharpened, weighted, low-passed average; ``masked_map`` that times the mask.
     """
 
     pixel_size: float
