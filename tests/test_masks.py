@@ -106,7 +106,8 @@ def test_mask_cli_round_trip_and_bad_input(tmp_path, capsys):
     ref = auto_mask(vol, px, lowpass=10, extend=2, soft_edge=3)
     np.testing.assert_allclose(m, ref, atol=1e-6)
     vol[3, 3, 3] = np.nan
-    write_map(tmp_path / "nan.mrc", vol, px)
+    with pytest.warns(RuntimeWarning, match="NaN"):  # mrcfile's, on writing
+        write_map(tmp_path / "nan.mrc", vol, px)
     capsys.readouterr()
     assert main(["mask", str(tmp_path / "nan.mrc"), "--out", str(tmp_path / "m2.mrc")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
