@@ -220,3 +220,10 @@ def test_unmasked_fsc_is_used_when_it_reaches_further_as_relion():
         forced = jc.postprocess(a, b, pixel_size=PX, mask=corner, bfactor=0.0, force_mask=True)
     assert not forced.unmasked_fallback
     assert first_shell_below(forced.fsc_corrected, 0.143) < first_shell_below(r.fsc_corrected, 0.143)
+
+
+def test_no_bfactor_fit_for_a_map_worse_than_fit_from():
+    sig, a, b = _signal_and_noise(shell=5)  # about 19 Å: no shell with signal from 10 Å on
+    with pytest.warns(UserWarning, match="fewer than two shells"):
+        r = jc.postprocess(a, b, pixel_size=PX)
+    assert r.bfactor == 0.0 and not r.bfactor_fitted and r.fit_from is None

@@ -284,8 +284,9 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
     fitted = bfactor is None
     slope = intercept = corr = None
     if fitted and used.sum() < 2:
-        warnings.warn(f"fewer than two shells with signal between {fit_from:g} Å and the resolution "
-                      f"({res0143:.3g} Å) to fit a B-factor; none applied", stacklevel=2)
+        upper = f"{fit_to:g} Å" if fit_to else "the last shell with signal"
+        warnings.warn(f"fewer than two shells with signal between {fit_from:g} Å and {upper} to fit a B-factor "
+                      f"(corrected FSC-0.143 resolution {res0143:.3g} Å); none applied", stacklevel=2)
         fitted, bfactor = False, 0.0
     if fitted:
         slope, intercept, corr = guinier_fit(x, g_weighted, used)
