@@ -19,7 +19,7 @@ Acceptance (issue 18): corrected FSC-0.143 resolution within one Fourier shell o
 
 Usage::
 
-    python benchmarks/postprocess.py --out benchmarks/results     # ~10 min on 2 busy CPU cores
+    python benchmarks/postprocess.py --out benchmarks/results     # ~12 min on 2 busy CPU cores
     python benchmarks/postprocess.py --quick --out DIR             # CI: box 32, reconstruct only
 
 RELION is skipped (recorded as such) when ``relion_postprocess`` is not on the PATH. Writes
