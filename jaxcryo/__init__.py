@@ -10,8 +10,8 @@ The public API, for notebooks and scripts (``import jaxcryo as jc``)::
     out = jc.fit(ds, opt, proj, epochs=5, batch_size=250)
 
 Subpackages hold the layers (see the README's layout): ``ndimage``, ``rotations``, ``forward``, ``io``, ``data``,
-``parallel``, ``leastsq``, ``solvers``, ``poses``, ``cli``; everything here is re-exported from them, and no name
-here hides a subpackage.
+``parallel``, ``leastsq``, ``solvers``, ``post``, ``poses``, ``cli``; everything here is re-exported from them, and
+no name here hides a subpackage.
 """
 
 from .data import Batch, RawBatch, epoch_batches, iterate_batches, load_batch, make_batch, to_batch
@@ -28,6 +28,8 @@ from .io import read_map, write_map
 from .leastsq import conjugate_gradient, power_iteration, preconditioned_max_eigenvalue, relative_error_in_ball
 from .leastsq import gradient, hvp, loss, objective, value_and_grad
 from .ndimage import FSCResult, fsc
+from .ndimage import auto_mask, soft_sphere_mask, spherical_mask
+from .post import PostprocessResult, postprocess, write_postprocess
 from .forward import NUFFT, OPERATORS, Nearest, SliceOperator, Trilinear, make_operator
 from .solvers import (armijo_linesearch, batch_diagonal, fixed_diagonal, harmonic_schedule, hutchinson_diagonal,
                     paper_psgd, paper_sgd, preconditioned_sgd, scale_by_diagonal, sgd)
@@ -66,6 +68,8 @@ __all__ = [
     "fit", "make_step", "FitState", "FitResult", "reconstruct", "ReconstructResult",
     # maps and metrics
     "read_map", "write_map", "fsc", "FSCResult", "relative_error_in_ball", "shell_index",
+    # masks and post-processing
+    "auto_mask", "spherical_mask", "soft_sphere_mask", "postprocess", "PostprocessResult", "write_postprocess",
     # poses (unknown-pose refinement)
     "so3_grid", "local_grid", "shift_grid", "geodesic_distance_deg", "align_rotations", "RotationAlignment",
     "score_poses", "score_local", "best_poses", "soft_weights", "BestPoses", "PoseWeights",

@@ -62,6 +62,18 @@ def _save(plt, fig, path) -> Path:
     return path
 
 
+def _draw_and_save(path, draw, figsize) -> Path:
+    """A one-axes figure of ``figsize`` drawn by ``draw(ax)``, saved as a PNG at ``path`` (closed on error)."""
+    plt = _fig()
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        draw(ax)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return _save(plt, fig, path)
+
+
 def _curve(c):
     if isinstance(c, dict):
         f, v = c["frequency"], c["fsc"]
@@ -73,14 +85,7 @@ def _curve(c):
 def plot_fsc(curves: dict, path, title: str | None = None, thresholds=(0.143, 0.5)) -> Path:
     """Plot FSC curves (``label -> FSCResult`` or a dict with ``frequency``/``fsc``) against 1/Å, with
     the threshold lines and a top axis in Å. ``None`` curves are skipped. Returns ``path``."""
-    plt = _fig()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    try:
-        _draw_fsc(ax, curves, thresholds, title)
-    except BaseException:
-        plt.close(fig)
-        raise
-    return _save(plt, fig, path)
+    return _draw_and_save(path, lambda ax: _draw_fsc(ax, curves, thresholds, title), (6.4, 4.2))
 
 
 def _draw_fsc(ax, curves, thresholds, title):
@@ -156,14 +161,7 @@ def _draw_convergence(fig, axes, histories, x_keys, ys, title):
 def plot_condition(report: dict, path) -> Path:
     """Log-log plot of ``kappa`` against box size (measured ``H``, ``D^-1 H`` and predicted) from a
     :func:`jaxcryo.leastsq.condition_report`. Returns ``path``."""
-    plt = _fig()
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    try:
-        _draw_condition(ax, report)
-    except BaseException:
-        plt.close(fig)
-        raise
-    return _save(plt, fig, path)
+    return _draw_and_save(path, lambda ax: _draw_condition(ax, report), (5.5, 4.2))
 
 
 def _draw_condition(ax, report):
@@ -183,6 +181,44 @@ def _draw_condition(ax, report):
                  + (", CTF" if s.get("ctf") else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+
+
+def plot_postprocess(result, out_dir, prefix: str = "") -> list[Path]:
+    """``fsc.png`` (the corrected, unmasked, masked and phase-randomised masked FSC, as RELION's postprocess
+    plot) and ``guinier.png`` (ln mean amplitude against frequency²: the half-map average, FSC-weighted with
+    the fitted line, sharpened) of a :class:`jaxcryo.post.PostprocessResult` (or its ``to_dict()``) in
+    ``out_dir``, their names preceded by ``prefix``. Returns the paths."""
+    d = result if isinstance(result, dict) else result.to_dict()
+    out = Path(out_dir)
+    f = d["frequency"]
+    curves = {"corrected": d["fsc_corrected"], "unmasked": d["fsc_unmasked"], "masked": d["fsc_masked"],
+              "phase-randomised masked": d["fsc_randomised"]}
+    title = (f"resolution {d['resolution_0143']:.2f} Å (corrected FSC 0.143)"
+             + ("" if d["masked"] else ", no mask"))
+    paths = [plot_fsc({k: {"frequency": f, "fsc": v} for k, v in curves.items() if v is not None},
+                      out / f"{prefix}fsc.png", title=title)]
+    paths.append(_draw_and_save(out / f"{prefix}guinier.png", lambda ax: _draw_guinier(ax, d), (6.4, 4.2)))
+    return paths
+
+
+def _draw_guinier(ax, d):
+    g = d["guinier"]
+    x = np.asarray(g["frequency_squared"], float)
+    for key, label in (("ln_amplitude", "average of the half maps"), ("ln_amplitude_weighted", "FSC-weighted"),
+                       ("ln_amplitude_sharpened", f"sharpened, B = {d['bfactor']:.1f} Å²")):
+        y = np.array([np.nan if v is None else v for v in g[key]], float)
+        ok = np.isfinite(y) & (x > 0)
+        ax.plot(x[ok], y[ok], marker=".", label=label)
+    if d["intercept"] is not None:
+        used = np.asarray(g["used_in_fit"], bool)
+        xs = x[used]
+        ax.plot(xs, d["intercept"] + d["bfactor"] / 4.0 * xs, color="k", lw=1.5,
+                label=f"fit {d['fit_from']:.1f}-{d['fit_to']:.1f} Å")
+    ax.set_xlabel("frequency² (1/Å²)")
+    ax.set_ylabel("ln(mean amplitude)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Guinier plot")
 
 
 def save_figure(fig, path) -> Path:

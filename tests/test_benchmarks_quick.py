@@ -272,3 +272,20 @@ def test_streaming_quick(tmp_path):
     for key in ("cold_prefetch_on", "cold_prefetch_off", "warm_prefetch_on", "warm_prefetch_off"):
         assert d["summary"][key]["epoch_s"] > 0, key
     assert d["loadavg_start"] is None or d["loadavg_start"] >= 0
+
+
+def test_postprocess_quick(tmp_path):
+    d = run_quick("postprocess", tmp_path)
+    check_machine(d["machine"])
+    assert d["settings"]["quick"] is True
+    (r,) = d["results"]
+    assert r["name"] == "reconstruct_box32"
+    for k in ("resolution_0143", "bfactor", "fsc_masked", "fsc_corrected", "shell_0143"):
+        assert k in r["jaxcryo"], k
+    if d["relion"]["available"]:  # RELION 3.1 installed: the side-by-side numbers are there
+        c = r["comparison"]
+        for k in ("shell_difference", "bfactor_relative_difference", "masked_fsc_max_abs_difference"):
+            assert k in c, k
+        assert 0.0 <= r["mask_dice"] <= 1.0
+    else:
+        assert d["relion"]["reason"]

@@ -25,7 +25,8 @@ from ..errors import JaxcryoError
 #: Disables the persistent compilation cache (``jaxcryo.compilation_cache``) for this run.
 NO_CACHE_FLAG = "--no-compilation-cache"
 
-SUBCOMMANDS = ("simulate", "project", "fsc", "reconstruct", "refine", "abinitio", "condition", "demo")
+SUBCOMMANDS = ("simulate", "project", "fsc", "reconstruct", "refine", "abinitio", "condition", "demo", "mask",
+               "postprocess")
 
 #: Subcommands that join a multi-process run (``--coordinator``, ``--num-processes``, ``--process-id`` or
 #: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; :mod:`jaxcryo.parallel`).

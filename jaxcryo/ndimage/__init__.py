@@ -1,4 +1,4 @@
-"""Arrays on the voxel and pixel grid: centred FFTs, frequency grids and shells (:mod:`._fourier`), FSC and resolution (:mod:`._metrics`)."""
+"""Arrays on the voxel and pixel grid: centred FFTs, frequency grids and shells (:mod:`._fourier`), FSC and resolution (:mod:`._metrics`), soft edges and masks (:mod:`._masks`)."""
 
 from ._fourier import (
     fftc as fftc, ifftc as ifftc, fft2c as fft2c, ifft2c as ifft2c, fft3c as fft3c, ifft3c as ifft3c,
@@ -9,6 +9,10 @@ from ._fourier import (
 )
 from ._masks import (
     raised_cosine as raised_cosine, frequency_edge as frequency_edge, soft_sphere_mask as soft_sphere_mask,
+    spherical_mask as spherical_mask, auto_mask as auto_mask, auto_threshold as auto_threshold,
+    low_pass as low_pass, shell_of as shell_of, MASK_LOWPASS_A as MASK_LOWPASS_A,
+    MASK_EXTEND_PX as MASK_EXTEND_PX, MASK_SOFT_EDGE_PX as MASK_SOFT_EDGE_PX,
+    SPHERE_SOFT_EDGE_PX as SPHERE_SOFT_EDGE_PX,
 )
 from ._metrics import (
     EMPTY_SHELL_POWER as EMPTY_SHELL_POWER, FSCResult as FSCResult, first_shell_below as first_shell_below,
