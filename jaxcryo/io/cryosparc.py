@@ -25,12 +25,25 @@ from ..forward._particles import ParticleMetadata
 from ..rotations._rotations import cryosparc_pose_to_relion
 
 
-def _field(path, data, name, required=True):
-    if name in data.dtype.names:
-        return np.asarray(data[name])
-    if required:
-        raise InputError(f"{path}: field {name} missing")
-    return None
+#: ``dtype.kind`` letters a field may have: numbers, integers, text.
+NUMBER, INTEGER, TEXT = "iuf", "iu", "SU"
+_KIND_WORDS = {NUMBER: "numbers", INTEGER: "integers", TEXT: "text (stack paths)"}
+
+
+def _field(path, data, name, required=True, kinds=NUMBER, shape=(), default=None):
+    """Field ``name`` of the record array ``data``: its values (``dtype.kind`` in ``kinds``, per-record shape
+    ``shape``), ``default`` broadcast to the records when absent and not ``required``; otherwise an
+    :class:`InputError` naming the field."""
+    if name not in data.dtype.names:
+        if required:
+            raise InputError(f"{path}: field {name} missing")
+        return None if default is None else np.full(len(data), default, np.float64)
+    ft = data.dtype[name]
+    if ft.base.kind not in kinds or ft.shape != shape:
+        got = f"{ft.base.str.lstrip('<>|=')}" + (f" of shape {ft.shape}" if ft.shape else "")
+        want = _KIND_WORDS[kinds] + (f" of shape {shape}" if shape else "")
+        raise InputError(f"{path}: field {name} holds {got}; expected {want}")
+    return np.asarray(data[name])
 
 
 def read_cs(path, datadir=None, apix: float | None = None) -> ParticleMetadata:
@@ -61,9 +74,9 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
     n = len(data)
     if n == 0:
         raise InputError(f"{path}: no particles")
-    bpath = _field(path, data, "blob/path")
-    bidx = _field(path, data, "blob/idx").astype(np.int64)
-    shape = _field(path, data, "blob/shape", required=False)
+    bpath = _field(path, data, "blob/path", kinds=TEXT)
+    bidx = _field(path, data, "blob/idx", kinds=INTEGER).astype(np.int64)
+    shape = _field(path, data, "blob/shape", required=False, kinds=INTEGER, shape=(2,))
     psize = _field(path, data, "blob/psize_A", required=False)
     sign = _field(path, data, "blob/sign", required=False)
     if apix is not None:
@@ -99,21 +112,22 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
     random_subset, missing_poses = None, None
     rotations, shifts = None, np.zeros((n, 2))
     if "alignments3D/pose" in data.dtype.names:
-        rotations = cryosparc_pose_to_relion(np.asarray(data["alignments3D/pose"], np.float64))
+        rotations = cryosparc_pose_to_relion(np.asarray(_field(path, data, "alignments3D/pose", shape=(3,)),
+                                                        np.float64))
         if "alignments3D/shift" in data.dtype.names:
             # Shifts are in pixels of the alignment (alignments3D/psize_A), normally the blob's pixel size.
             apx = np.full(n, px)
             if apix is None and "alignments3D/psize_A" in data.dtype.names:
-                a = np.asarray(data["alignments3D/psize_A"], np.float64)
+                a = np.asarray(_field(path, data, "alignments3D/psize_A"), np.float64)
                 apx = np.where(a > 0, a, px)
-            shifts = np.asarray(data["alignments3D/shift"], np.float64).reshape(n, 2) * apx[:, None]
+            shifts = np.asarray(_field(path, data, "alignments3D/shift", shape=(2,)), np.float64) * apx[:, None]
         if "alignments3D/split" in data.dtype.names:
-            random_subset = np.asarray(data["alignments3D/split"], np.int64) + 1
+            random_subset = np.asarray(_field(path, data, "alignments3D/split", kinds=INTEGER), np.int64) + 1
     else:
         missing_poses = "alignments3D"
     ctf = None
     if "ctf/df1_A" in data.dtype.names:
-        g = lambda k, d: np.asarray(data[k], np.float64) if k in data.dtype.names else np.full(n, d)  # noqa: E731
+        g = lambda k, d: np.asarray(_field(path, data, k, required=False, default=d), np.float64)  # noqa: E731
         ctf = CTFParams.create(
             defocus_u=g("ctf/df1_A", 0), defocus_v=g("ctf/df2_A", 0),
             astig_angle=np.rad2deg(g("ctf/df_angle_rad", 0.0)), voltage=g("ctf/accel_kv", 300.0),

@@ -209,6 +209,11 @@ def _read_blocks(path: Path) -> dict:
 def _find_tables(path: Path, blocks: dict):
     # Loops: _Table (fast reader) or pandas.DataFrame (starfile); key-value blocks are dicts.
     tables = {k: v for k, v in blocks.items() if hasattr(v, "columns")}
+    for name, t in tables.items():  # the fast reader leaves a file with a repeated column to starfile, which keeps both
+        cols = list(t.columns)
+        dup = next((c for c in cols if cols.count(c) > 1), None)
+        if dup is not None:
+            raise InputError(f"{path}: column {dup} appears {cols.count(dup)} times in data_{name}")
     optics = tables.get("optics")
     parts = None
     for name in ("particles", "images", "", "data_", "model_class_1"):
