@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, why
 from .mrc import read_map
 
 #: Slack on mask values outside [0, 1] (interpolated or low-passed masks overshoot a little).
@@ -80,7 +80,7 @@ def _read_npy(path: Path) -> np.ndarray:
     try:
         vol = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - numpy raises ValueError, OSError, EOFError, ... for a bad file
-        raise InputError(f"{path}: not a readable .npy array ({type(e).__name__}: {' '.join(str(e).split())[:120]})")
+        raise InputError(f"{path}: not a readable .npy array ({why(e)})")
     if not isinstance(vol, np.ndarray) or vol.dtype.kind not in "iuf":
         raise InputError(f"{path}: expected a real-valued array, got {getattr(vol, 'dtype', type(vol))}")
     if vol.ndim != 3:

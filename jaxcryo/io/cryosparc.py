@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..forward._ctf import CRYOSPARC_FIELDS, CTFParams, validate_ctf, validate_pixel_size
-from ..errors import InputError
+from ..errors import InputError, why
 from ..forward._particles import ParticleMetadata
 from ..rotations._rotations import cryosparc_pose_to_relion
 
@@ -58,7 +58,7 @@ def read_cs(path, datadir=None, apix: float | None = None) -> ParticleMetadata:
     except InputError:
         raise
     except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-        raise InputError(f"{path}: cannot interpret the cryoSPARC file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: cannot interpret the cryoSPARC file ({why(e)})") from None
 
 
 def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMetadata:
@@ -68,7 +68,7 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise InputError(f"{path}: not a cryoSPARC .cs file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a cryoSPARC .cs file ({why(e)})") from None
     if data.dtype.names is None:
         raise InputError(f"{path}: not a cryoSPARC .cs file (no named fields)")
     n = len(data)

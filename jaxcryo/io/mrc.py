@@ -12,7 +12,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, why
 from .atomic import atomic_path
 
 
@@ -36,7 +36,7 @@ def _open(path, mmap: bool = False):
             warnings.simplefilter("ignore")
             m = opener(path, mode="r", permissive=True)
     except Exception as e:
-        raise InputError(f"{path}: not a readable MRC file ({e})") from None
+        raise InputError(f"{path}: not a readable MRC file ({why(e)})") from None
     if m.data is None:
         raise InputError(f"{path}: not a readable MRC file (no data)")
     if (str(path), opener.__name__) not in _WARNED:  # once per file and mode, not at every reopen
@@ -123,7 +123,7 @@ def open_stack(path) -> np.ndarray:
     try:
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
     except (ValueError, OSError) as e:
-        raise InputError(f"{path}: cannot memory-map the image data ({e}); the file may be truncated") from None
+        raise InputError(f"{path}: cannot memory-map the image data ({why(e)}); the file may be truncated") from None
 
 
 class StackReader:
