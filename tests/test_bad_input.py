@@ -267,6 +267,19 @@ def test_reconstruct_star_columns(sim, tmp_path, capsys):
     refused(_reconstruct(f, tmp_path / "f"), capsys, "cut.star", out=tmp_path / "f")
 
 
+def test_reconstruct_image_size_zero(sim, tmp_path, capsys):
+    """Found by the fuzzer (test_fuzz_readers.py): a box of 0 px was read as is."""
+    f = _star(sim, "box0", _set_column((sim / "particles.star").read_text(), "optics", "rlnImageSize", "0"))
+    refused(_reconstruct(f, tmp_path / "a"), capsys, "box0.star", "rlnImageSize 0 in optics group 1",
+            out=tmp_path / "a")
+    f = _write_cs(sim, "shape0")
+    a = np.load(f)
+    a["blob/shape"] = 0
+    with open(f, "wb") as fh:
+        np.save(fh, a)
+    refused(_reconstruct(f, tmp_path / "b"), capsys, "shape0.cs", "blob/shape", out=tmp_path / "b")
+
+
 def test_reconstruct_cs_fields(sim, tmp_path, capsys):
     # a field of the wrong type: text where the defocus belongs
     f = _write_cs(sim, "textdf")

@@ -76,6 +76,9 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
         raise InputError(f"{path}: no particles")
     bpath = _field(path, data, "blob/path", kinds=TEXT)
     bidx = _field(path, data, "blob/idx", kinds=INTEGER).astype(np.int64)
+    if (bidx < 0).any():
+        i = int(np.flatnonzero(bidx < 0)[0])
+        raise InputError(f"{path}: field blob/idx {int(bidx[i])} in particle {i + 1}; expected an index >= 0")
     shape = _field(path, data, "blob/shape", required=False, kinds=INTEGER, shape=(2,))
     psize = _field(path, data, "blob/psize_A", required=False)
     sign = _field(path, data, "blob/sign", required=False)
@@ -89,6 +92,8 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
         validate_pixel_size(psize, str(path), "blob/psize_A", hint="give {param}", param="apix")
         px = float(psize[0])
     box = int(np.asarray(shape[0]).ravel()[-1]) if shape is not None else None
+    if box is not None and box < 2:
+        raise InputError(f"{path}: field blob/shape {np.asarray(shape[0]).tolist()} in particle 1; expected >= 2 px")
     if psize is not None and apix is None and np.ptp(np.asarray(psize, np.float64)) > 1e-4 * px:
         raise InputError(f"{path}: field blob/psize_A: particles have different pixel sizes "
                          f"({float(np.min(psize)):.4g} to {float(np.max(psize)):.4g} Å); not supported")

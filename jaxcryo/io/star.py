@@ -194,6 +194,9 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
             box_per = np.full(n, stack_shape(first)[-1], np.int64)
     if px_field is not None:
         validate_pixel_size(px_per, str(path), px_field, lambda i: where(px_field, i))
+    if (box_per < 2).any():
+        i = int(np.flatnonzero(box_per < 2)[0])
+        raise InputError(f"{path}: rlnImageSize {int(box_per[i])} in {where('rlnImageSize', i)}; expected >= 2 px")
 
     # Poses and shifts.
     ang = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
