@@ -1,5 +1,8 @@
 """File formats: MRC/MRCS (:mod:`.mrc`), RELION STAR (:mod:`.star`), cryoSPARC .cs (:mod:`.cryosparc`),
-cryoDRGN pickles (:mod:`.cryodrgn`). Conventions are converted to RELION's here and only here."""
+cryoDRGN pickles (:mod:`.cryodrgn`). Conventions are converted to RELION's here and only here.
+
+Every map a command reads goes through :func:`read_volume` (:mod:`._validate`): checked once, at the input
+boundary, and named by its role in every message ("reference x.mrc: 32768 of 32768 voxels are NaN")."""
 
 from .cryodrgn import apply_poses, read_ctf_pickle, read_pose_pickle
 from .cryosparc import read_cs
