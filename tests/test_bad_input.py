@@ -14,7 +14,6 @@ Commands run in-process (``jaxcryo.cli.main``) with ``capsys``. Cases already in
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 import mrcfile
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 
 from jaxcryo.cli import build_parser, main
-from jaxcryo.io import write_map, write_stack
+from jaxcryo.io import write_map
 
 from test_input_validation import _set_column, _write_cs
 
@@ -206,7 +205,8 @@ def test_simulate_bad_volume(maps, tmp_path, capsys, key, words):
             capsys, *words, out=out)
 
 
-@pytest.mark.parametrize("flags,flag", [(["--pixel-size", "-1"], "--pixel-size"), (["--max-shift", "-2"], "--max-shift"),
+@pytest.mark.parametrize("flags,flag", [(["--pixel-size", "-1"], "--pixel-size"),
+                                        (["--max-shift", "-2"], "--max-shift"),
                                         (["--n-particles", "0"], "--n-particles"), (["--snr", "-1"], "--snr")])
 def test_simulate_impossible_parameters(tmp_path, capsys, flags, flag):
     out = tmp_path / "s"
@@ -359,8 +359,8 @@ def test_abinitio_bad_truth_and_parameters(sim, maps, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- condition
-@pytest.mark.parametrize("flags,flag", [(["--n-poses", "0"], "--n-poses"), (["--lanczos-iters", "1"], "--lanczos-iters"),
-                                        (["--lam", "-1"], "--lam")])
+@pytest.mark.parametrize("flags,flag", [(["--n-poses", "0"], "--n-poses"),
+                                        (["--lanczos-iters", "1"], "--lanczos-iters"), (["--lam", "-1"], "--lam")])
 def test_condition_impossible_parameters(tmp_path, capsys, flags, flag):
     out = tmp_path / "c.json"
     refused(["condition", "--box", "8", "--json", out, *flags], capsys, flag, out=out)
