@@ -11,6 +11,13 @@ from __future__ import annotations
 PLACEHOLDER = "{param}"
 
 
+def why(e: BaseException, limit: int = 200) -> str:
+    """``"TypeName: message"`` of a caught exception on one line, at most ``limit`` characters of message:
+    for an :class:`InputError` that wraps a library's failure to parse a file."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
+
+
 class JaxcryoError(Exception):
     """Base of jaxcryo's user-facing errors. ``param``: the library parameter at fault, if any."""
 

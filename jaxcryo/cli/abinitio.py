@@ -17,7 +17,8 @@ from ..poses._abinitio import HANDEDNESS, AbinitioSettings, abinitio, check_sett
 from ..errors import InputError
 from ..rotations._grids import align_rotations
 from ..io.atomic import atomic_write_text
-from ..io.mrc import read_map, write_map
+from ..io._validate import TRUTH, read_volume
+from ..io.mrc import write_map
 from ..io.star import write_star
 from ..plotting import plot_convergence
 from ..data._sources import ParticleDataset
@@ -114,7 +115,7 @@ def run(args) -> int:
     if args.truth is not None:
         from ..poses._refine import prepare_reference
 
-        vol, tpx = read_map(args.truth)
+        vol, tpx = read_volume(args.truth, TRUTH)[:2]  # checked: finite, cubic, pixel size
         truth = prepare_reference(vol, tpx, md.box, px)
     out.mkdir(parents=True, exist_ok=True)
     try:

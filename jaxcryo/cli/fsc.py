@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -15,21 +14,21 @@ def register(sub) -> None:
                                    "first falls below 0.143 and 0.5.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("map1", type=Path, help="first map (MRC); its pixel size is used")
-    p.add_argument("map2", type=Path, help="second map (MRC), same box as map1")
+    p.add_argument("map2", type=Path, help="second map (MRC), same box and pixel size as map1")
     p.add_argument("--json", type=Path, default=None,
                    help="write {resolution_0143, resolution_05, frequency, fsc} as JSON")
     p.add_argument("--plot", type=Path, default=None, help="write the curve as a PNG")
     p.add_argument("--mask", action="store_true", help="apply a soft spherical mask (radius 0.4 box)")
     p.add_argument("--mask-radius", type=float, default=None, help="mask radius in pixels (implies --mask)")
     p.add_argument("--apix", type=float, default=None,
-                   help="pixel size (Å); overrides the header of map1 (required if it has none)")
+                   help="pixel size (Å) of both maps; overrides their headers (required if map1 has none)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..errors import InputError
     from ..io.atomic import atomic_write_text
-    from ..io.mrc import read_map
+    from ..io._validate import COMPARED, read_volume, require_same_grid
     from ..ndimage._metrics import fsc, soft_sphere_mask
     from ..plotting import plot_fsc
 
@@ -37,17 +36,12 @@ def run(args) -> int:
         raise InputError(f"--apix must be > 0, got {args.apix}")
     if args.mask_radius is not None and not args.mask_radius > 0:
         raise InputError(f"--mask-radius must be > 0 pixels, got {args.mask_radius}")
-    a, pa = read_map(args.map1)
-    b, pb = read_map(args.map2)
-    if a.shape != b.shape:
-        raise InputError(f"{args.map1} has shape {a.shape} but {args.map2} has shape {b.shape}; "
-                         "the maps must have the same box")
+    first, second = read_volume(args.map1, COMPARED), read_volume(args.map2, COMPARED)
+    require_same_grid(first, second, pixel_size=args.apix is None)  # --apix: the user's pixel size for both
+    a, b, pa = first.data, second.data, first.pixel_size
     px = args.apix if args.apix is not None else pa
     if not px:
         raise InputError(f"{args.map1}: no pixel size in the header; give --apix")
-    if args.apix is None and pb and abs(pb - pa) > 1e-3 * pa:
-        print(f"jaxcryo fsc: warning: pixel sizes differ ({args.map1}: {pa:.4g} Å, {args.map2}: {pb:.4g} Å); "
-              f"using {pa:.4g} Å", file=sys.stderr)
     use_mask = args.mask or args.mask_radius is not None
     mask = soft_sphere_mask(a.shape[0], args.mask_radius) if use_mask else None
     r = fsc(a, b, pixel_size=px, mask=mask)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
 from ..ndimage._fourier import resample_real
-from ..io.mrc import read_map, write_stack
+from ..io._validate import PROJECTED, read_volume, require_extent
+from ..io.mrc import write_stack
 from ..forward._operators import NUFFT, OPERATOR_NAMES, make_operator, operator_name
 from ..data._simulate import project_metadata
 from ..data._sources import read_particles
@@ -22,7 +22,8 @@ def register(sub) -> None:
         description=(
             "Project MAP (MRC, or a .npy volume [z,y,x]) with the poses, origins and CTF of PARTICLES and "
             "write an MRC stack. Uses the particle file's pixel size; the map is Fourier-cropped or "
-            "zero-padded to the image box if needed."
+            "zero-padded to the image box if needed (a map whose header pixel size gives another physical "
+            "extent than the particles' box is refused)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -40,22 +41,11 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def load_map_any(path: Path):
-    """Read an MRC map or a ``.npy`` volume -> (float32 volume [z,y,x], pixel size or None)."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: no such file")
-    if path.suffix == ".npy":
-        vol = np.load(path)
-        if vol.ndim != 3 or len(set(vol.shape)) != 1:
-            raise InputError(f"{path}: expected a cubic 3D array, got shape {vol.shape}")
-        return vol.astype(np.float32), None
-    return read_map(path)
-
-
 def run(args) -> int:
     md = read_particles(args.particles, datadir=args.datadir, apix=args.apix)
-    vol, _ = load_map_any(args.map)
+    vol = read_volume(args.map, PROJECTED)
+    require_extent(vol, md.box, md.pixel_size, f"the particles in {args.particles}")
+    vol = vol.data
     vol = np.asarray(resample_real(vol, md.box, 3), np.float32)
     opts = {"oversample": args.oversample} if args.oversample != 1 else {}
     if args.gridding != "auto":

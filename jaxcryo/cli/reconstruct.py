@@ -15,7 +15,8 @@ import numpy as np
 from ..parallel import _distributed as distributed
 from ..errors import InputError
 from ..io.atomic import atomic_write_text
-from ..io.mrc import read_map, write_map
+from ..io._validate import REFERENCE, read_volume, require_extent
+from ..io.mrc import write_map
 from ..forward._operators import OPERATOR_NAMES, operator_name
 from ..plotting import plot_convergence, plot_fsc, preload
 from ..solvers._reconstruct import DEFAULTS, OPTIMIZERS, reconstruct
@@ -142,25 +143,18 @@ def run(args) -> int:
                          "rescaling each group to a common pixel size is not implemented yet, "
                          "select one pixel size (one optics group) per run")
     ds.validate(check_images=True)
-    indices = np.arange(len(md))
-    bad = ds.find_bad_images()
-    if bad.any():
-        if not args.skip_bad:
-            first = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{md.image_files[first]}: {int(bad.sum())} image(s) contain NaN/inf "
-                             f"(first: image {int(md.image_indices[first]) + 1}); use --skip-bad to skip them")
-        indices = np.flatnonzero(~bad)
-        if not args.quiet:
-            print(f"skipping {int(bad.sum())} image(s) with NaN/inf", file=sys.stderr)
+    indices = ds.finite_indices(skip_bad=args.skip_bad)
+    if len(indices) < len(md) and not args.quiet:
+        print(f"skipping {len(md) - len(indices)} image(s) with NaN/inf", file=sys.stderr)
     if len(indices) == 0:
         raise InputError(f"{args.particles}: the selection is empty")
     if args.box is not None and args.box > md.box:
         raise InputError(f"--box {args.box} is larger than the images ({md.box} px)")
     reference = None
     if args.reference is not None:
-        if not args.reference.exists():
-            raise InputError(f"{args.reference}: no such file")
-        reference, _ = read_map(args.reference)
+        reference = read_volume(args.reference, REFERENCE)
+        require_extent(reference, md.box, md.pixel_size, f"the particles in {args.particles}")
+        reference = reference.data
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     if rank > 0:  # process 0 writes the outputs; each other process checkpoints into its own folder (--resume)

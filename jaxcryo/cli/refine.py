@@ -17,6 +17,7 @@ from ..errors import InputError
 from ..rotations._grids import align_rotations
 from ..io.atomic import atomic_write_text
 from ..io.checkpoint import load_checkpoint, save_checkpoint
+from ..io._validate import REFERENCE, read_volume
 from ..io.mrc import read_map, write_map
 from ..io.star import write_star
 from ..plotting import plot_convergence, plot_fsc
@@ -118,7 +119,7 @@ def run(args) -> int:
     if len(md) == 0:
         raise InputError(f"{args.particles}: no particles")
     ds.validate(check_images=True)
-    ref, ref_px = read_map(args.reference)
+    ref, ref_px = read_volume(args.reference, REFERENCE)[:2]  # checked: finite, cubic, pixel size
     truth = read_map(args.truth)[0] if args.truth is not None else None
     settings = RefineSettings(init_resolution=args.init_resolution, global_step=args.global_step,
                               local_step=args.local_step, min_step=args.min_step, max_shift_px=args.max_shift,

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..errors import InputError
 from ..ndimage._fourier import resample_real
-from ..io.mrc import read_map, write_map
+from ..io._validate import VOLUME, read_volume
+from ..io.mrc import write_map
 from ..io.star import write_star
 from ..rotations._rotations import preferred_orientations
 from ..data._simulate import perturbed_metadata, simulate, without_poses
@@ -61,10 +62,14 @@ def run(args) -> int:
         raise InputError(f"--n-particles {args.n_particles}: expected at least 1")
     if not args.snr > 0:
         raise InputError(f"--snr {args.snr}: expected a positive number")
+    if args.pixel_size is not None and not (np.isfinite(args.pixel_size) and args.pixel_size > 0):
+        raise InputError(f"--pixel-size {args.pixel_size}: expected a pixel size > 0 Å")
+    if args.max_shift is not None and not (np.isfinite(args.max_shift) and args.max_shift >= 0):
+        raise InputError(f"--max-shift {args.max_shift}: expected Å >= 0")
     volume = None
     pixel_size = args.pixel_size
     if args.volume is not None:
-        vol, px = read_map(args.volume)
+        vol, px = read_volume(args.volume, VOLUME)[:2]
         if pixel_size is None:
             if not px:
                 raise InputError(f"{args.volume}: no pixel size in the header; give --pixel-size")

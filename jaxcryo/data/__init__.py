@@ -3,7 +3,7 @@
 from ._batch import (
     complex_dtype as complex_dtype, Batch as Batch, RawBatch as RawBatch, make_batch as make_batch,
     to_batch as to_batch, epoch_batches as epoch_batches, prefetch as prefetch, load_batch as load_batch,
-    iterate_batches as iterate_batches,
+    iterate_batches as iterate_batches, check_batch_inputs as check_batch_inputs,
 )
 from ._simulate import (
     PHANTOM_ATOMS as PHANTOM_ATOMS, PHANTOM_SEED as PHANTOM_SEED, phantom as phantom,

@@ -7,7 +7,12 @@
 * :func:`epoch_batches`: the particle indices of one epoch in batches of a *static* size: the ragged last
   batch is padded (cycling its own indices) and masked, so every image is used exactly once per epoch and
   a jitted step sees one shape;
-* :func:`prefetch`: reads the next batches in a background thread (bounded queue) while a step computes.
+* :func:`prefetch`: reads the next batches in a background thread (bounded queue) while a step computes;
+* :func:`check_batch_inputs`: after a step's loss came back non-finite, which input of the step was at fault
+  (an image, a pose, an origin, a CTF field, a weight, the starting volume), named as an ``InputError``.
+
+Non-finite images cost nothing to find while a run goes well: a NaN or inf pixel makes the minibatch loss,
+which every step reduces on the device and returns, non-finite; only then are the step's inputs scanned.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float
 
+from ..errors import InputError
 from ..forward._ctf import CTFParams
 from ..ndimage._fourier import fft2c
 
@@ -199,3 +205,51 @@ def iterate_batches(source, batch_size: int, indices=None, rng=None):
         indices = np.arange(len(source.metadata))
     for idx, mask in epoch_batches(indices, batch_size, rng):
         yield load_batch(source, idx, mask)
+
+
+def _first_bad(values, n: int) -> int | None:
+    """Row of the first non-finite entry of ``values`` (leading dimension ``n``), or None; None also when the
+    values cannot be read here (e.g. a batch sharded over other processes)."""
+    try:
+        v = np.asarray(values).reshape(n, -1)
+    except Exception:  # noqa: BLE001 - not addressable from this process, or an odd shape: nothing to tell
+        return None
+    bad = ~np.isfinite(v).all(axis=1)
+    return int(np.flatnonzero(bad)[0]) if bad.any() else None
+
+
+def check_batch_inputs(raw: RawBatch, idx, metadata, volume=None) -> None:
+    """Raise :class:`InputError` naming the first non-finite input of a step whose loss was not finite: the
+    image of a particle (its index in ``metadata``, its stack and image number), its pose, origin, a CTF field
+    or weight, or ``volume`` (the starting volume). Returns (nothing found: the fault is the step size) when
+    all are finite. ``idx``: the particle indices of the batch (as :func:`epoch_batches` gives them).
+
+    Runs on the host, once, after the fact; the steps themselves check nothing.
+    """
+    idx = np.asarray(idx).reshape(-1)
+    n = len(idx)
+    src = getattr(metadata, "source", None) or "particles"
+    k = _first_bad(raw.images, n)
+    if k is not None:
+        p = int(idx[k])
+        files, where = getattr(metadata, "image_files", None), ""
+        if files is not None and len(files) > p:
+            where = f" ({files[p]}, image {int(metadata.image_indices[p]) + 1})"
+        raise InputError(f"{src}: the image of particle {p + 1}{where} contains NaN or inf; the loss of its "
+                         "batch is not finite")
+    fields = [("pose", raw.rotations), ("origin", raw.shifts), ("weight", raw.weights)]
+    if raw.ctf is not None:
+        fields += [(f"CTF {name}", v) for name, v in zip(raw.ctf._fields, raw.ctf)]
+    for what, values in fields:
+        k = _first_bad(values, n)
+        if k is not None:
+            raise InputError(f"{src}: the {what} of particle {int(idx[k]) + 1} is not finite; the loss of its "
+                             "batch is not finite")
+    if volume is not None:
+        try:
+            v = np.asarray(volume)
+        except Exception:  # noqa: BLE001 - not addressable here
+            return
+        bad = int(v.size - np.isfinite(v).sum())
+        if bad:
+            raise InputError(f"the starting volume: {bad} of {v.size} voxels are NaN or inf")

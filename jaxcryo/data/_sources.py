@@ -193,6 +193,22 @@ class ParticleDataset:
             bad[idx] = ~np.isfinite(imgs).all(axis=(1, 2))
         return bad
 
+    def finite_indices(self, skip_bad: bool = False) -> np.ndarray:
+        """The particles whose images are finite (one streamed pass, :meth:`find_bad_images`).
+
+        A NaN or inf image raises :class:`InputError` naming its stack, how many there are and the first
+        (particle number and image number in its stack), unless ``skip_bad``: then the others are returned
+        (possibly none: the caller decides what an empty selection means).
+        """
+        bad = self.find_bad_images()
+        if bad.any() and not skip_bad:
+            md = self.metadata
+            first = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{md.image_files[first]}: {int(bad.sum())} image(s) contain NaN/inf (first: image "
+                             f"{int(md.image_indices[first]) + 1}, particle {first + 1} of {md.source or 'the set'}); "
+                             "use {param} to skip them", param="skip_bad")
+        return np.flatnonzero(~bad)
+
     def split_halves(self, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """:func:`split_halves` of this set's metadata."""
         return split_halves(self.metadata, seed)

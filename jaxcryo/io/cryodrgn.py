@@ -19,8 +19,25 @@ from pathlib import Path
 import numpy as np
 
 from ..forward._ctf import CTFParams, validate_ctf
-from ..errors import InputError
+from ..errors import InputError, why
 from ..forward._particles import ParticleMetadata
+
+
+#: The only globals a cryoDRGN pickle may name: numpy's array and scalar reconstruction (all its arrays need).
+_ALLOWED = {(mod, name) for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+            for name in ("_reconstruct", "scalar")} | {
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode")}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: any other global (a class or function a pickle could
+    call) is refused, so a pickle cannot run code."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}; only numpy arrays are read")
 
 
 def _load(path):
@@ -29,9 +46,20 @@ def _load(path):
         raise InputError(f"{path}: no such file")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
-    except Exception as e:
-        raise InputError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
+            return _ArrayUnpickler(f).load()
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is the file's
+        raise InputError(f"{path}: not a readable pickle ({why(e)})") from None
+
+
+def _array(path, obj, what: str) -> np.ndarray:
+    """``obj`` as a float64 array, or :class:`InputError` naming the file and ``what`` it should hold."""
+    try:
+        a = np.asarray(obj)
+        if a.dtype.kind not in "iuf":  # bool, complex, text, objects: not numbers
+            raise TypeError(f"dtype {a.dtype}")
+        return a.astype(np.float64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise InputError(f"{path}: {what} are not an array of numbers ({' '.join(str(e).split())[:120]})") from None
 
 
 def read_pose_pickle(path, box: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -45,9 +73,9 @@ def read_pose_pickle(path, box: int | None = None) -> tuple[np.ndarray, np.ndarr
     if isinstance(obj, (tuple, list)):
         if len(obj) != 2:
             raise InputError(f"{path}: expected rotations or (rotations, translations), got {len(obj)} items")
-        rot, trans = np.asarray(obj[0], np.float64), np.asarray(obj[1], np.float64)
+        rot, trans = _array(path, obj[0], "rotations"), _array(path, obj[1], "translations")
     else:
-        rot = np.asarray(obj, np.float64)
+        rot = _array(path, obj, "rotations")
     if rot.ndim != 3 or rot.shape[1:] != (3, 3):
         raise InputError(f"{path}: rotations have shape {rot.shape}, expected (N, 3, 3)")
     if trans is not None and trans.shape != (len(rot), 2):
@@ -74,7 +102,7 @@ _CTF_COLUMNS = {
 
 def read_ctf_pickle(path) -> CTFParams:
     """Read a cryoDRGN CTF table ``(N, 9)`` into :class:`CTFParams`."""
-    t = np.asarray(_load(path), np.float64)
+    t = _array(path, _load(path), "CTF parameters")
     if t.ndim != 2 or t.shape[1] != 9:
         raise InputError(f"{path}: CTF table has shape {t.shape}, expected (N, 9)")
     ctf = CTFParams.create(defocus_u=t[:, 2], defocus_v=t[:, 3], astig_angle=t[:, 4], voltage=t[:, 5],

@@ -20,17 +20,30 @@ from pathlib import Path
 import numpy as np
 
 from ..forward._ctf import CRYOSPARC_FIELDS, CTFParams, validate_ctf, validate_pixel_size
-from ..errors import InputError
+from ..errors import InputError, why
 from ..forward._particles import ParticleMetadata
 from ..rotations._rotations import cryosparc_pose_to_relion
 
 
-def _field(path, data, name, required=True):
-    if name in data.dtype.names:
-        return np.asarray(data[name])
-    if required:
-        raise InputError(f"{path}: field {name} missing")
-    return None
+#: ``dtype.kind`` letters a field may have: numbers, integers, text.
+NUMBER, INTEGER, TEXT = "iuf", "iu", "SU"
+_KIND_WORDS = {NUMBER: "numbers", INTEGER: "integers", TEXT: "text (stack paths)"}
+
+
+def _field(path, data, name, required=True, kinds=NUMBER, shape=(), default=None):
+    """Field ``name`` of the record array ``data``: its values (``dtype.kind`` in ``kinds``, per-record shape
+    ``shape``), ``default`` broadcast to the records when absent and not ``required``; otherwise an
+    :class:`InputError` naming the field."""
+    if name not in data.dtype.names:
+        if required:
+            raise InputError(f"{path}: field {name} missing")
+        return None if default is None else np.full(len(data), default, np.float64)
+    ft = data.dtype[name]
+    if ft.base.kind not in kinds or ft.shape != shape:
+        got = f"{ft.base.str.lstrip('<>|=')}" + (f" of shape {ft.shape}" if ft.shape else "")
+        want = _KIND_WORDS[kinds] + (f" of shape {shape}" if shape else "")
+        raise InputError(f"{path}: field {name} holds {got}; expected {want}")
+    return np.asarray(data[name])
 
 
 def read_cs(path, datadir=None, apix: float | None = None) -> ParticleMetadata:
@@ -45,7 +58,7 @@ def read_cs(path, datadir=None, apix: float | None = None) -> ParticleMetadata:
     except InputError:
         raise
     except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
-        raise InputError(f"{path}: cannot interpret the cryoSPARC file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: cannot interpret the cryoSPARC file ({why(e)})") from None
 
 
 def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMetadata:
@@ -55,15 +68,18 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise InputError(f"{path}: not a cryoSPARC .cs file ({type(e).__name__}: {e})") from None
+        raise InputError(f"{path}: not a cryoSPARC .cs file ({why(e)})") from None
     if data.dtype.names is None:
         raise InputError(f"{path}: not a cryoSPARC .cs file (no named fields)")
     n = len(data)
     if n == 0:
         raise InputError(f"{path}: no particles")
-    bpath = _field(path, data, "blob/path")
-    bidx = _field(path, data, "blob/idx").astype(np.int64)
-    shape = _field(path, data, "blob/shape", required=False)
+    bpath = _field(path, data, "blob/path", kinds=TEXT)
+    bidx = _field(path, data, "blob/idx", kinds=INTEGER).astype(np.int64)
+    if (bidx < 0).any():
+        i = int(np.flatnonzero(bidx < 0)[0])
+        raise InputError(f"{path}: field blob/idx {int(bidx[i])} in particle {i + 1}; expected an index >= 0")
+    shape = _field(path, data, "blob/shape", required=False, kinds=INTEGER, shape=(2,))
     psize = _field(path, data, "blob/psize_A", required=False)
     sign = _field(path, data, "blob/sign", required=False)
     if apix is not None:
@@ -76,6 +92,8 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
         validate_pixel_size(psize, str(path), "blob/psize_A", hint="give {param}", param="apix")
         px = float(psize[0])
     box = int(np.asarray(shape[0]).ravel()[-1]) if shape is not None else None
+    if box is not None and box < 2:
+        raise InputError(f"{path}: field blob/shape {np.asarray(shape[0]).tolist()} in particle 1; expected >= 2 px")
     if psize is not None and apix is None and np.ptp(np.asarray(psize, np.float64)) > 1e-4 * px:
         raise InputError(f"{path}: field blob/psize_A: particles have different pixel sizes "
                          f"({float(np.min(psize)):.4g} to {float(np.max(psize)):.4g} Å); not supported")
@@ -99,21 +117,22 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
     random_subset, missing_poses = None, None
     rotations, shifts = None, np.zeros((n, 2))
     if "alignments3D/pose" in data.dtype.names:
-        rotations = cryosparc_pose_to_relion(np.asarray(data["alignments3D/pose"], np.float64))
+        rotations = cryosparc_pose_to_relion(np.asarray(_field(path, data, "alignments3D/pose", shape=(3,)),
+                                                        np.float64))
         if "alignments3D/shift" in data.dtype.names:
             # Shifts are in pixels of the alignment (alignments3D/psize_A), normally the blob's pixel size.
             apx = np.full(n, px)
             if apix is None and "alignments3D/psize_A" in data.dtype.names:
-                a = np.asarray(data["alignments3D/psize_A"], np.float64)
+                a = np.asarray(_field(path, data, "alignments3D/psize_A"), np.float64)
                 apx = np.where(a > 0, a, px)
-            shifts = np.asarray(data["alignments3D/shift"], np.float64).reshape(n, 2) * apx[:, None]
+            shifts = np.asarray(_field(path, data, "alignments3D/shift", shape=(2,)), np.float64) * apx[:, None]
         if "alignments3D/split" in data.dtype.names:
-            random_subset = np.asarray(data["alignments3D/split"], np.int64) + 1
+            random_subset = np.asarray(_field(path, data, "alignments3D/split", kinds=INTEGER), np.int64) + 1
     else:
         missing_poses = "alignments3D"
     ctf = None
     if "ctf/df1_A" in data.dtype.names:
-        g = lambda k, d: np.asarray(data[k], np.float64) if k in data.dtype.names else np.full(n, d)  # noqa: E731
+        g = lambda k, d: np.asarray(_field(path, data, k, required=False, default=d), np.float64)  # noqa: E731
         ctf = CTFParams.create(
             defocus_u=g("ctf/df1_A", 0), defocus_v=g("ctf/df2_A", 0),
             astig_angle=np.rad2deg(g("ctf/df_angle_rad", 0.0)), voltage=g("ctf/accel_kv", 300.0),

@@ -12,7 +12,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, why
 from .atomic import atomic_path
 
 
@@ -36,7 +36,7 @@ def _open(path, mmap: bool = False):
             warnings.simplefilter("ignore")
             m = opener(path, mode="r", permissive=True)
     except Exception as e:
-        raise InputError(f"{path}: not a readable MRC file ({e})") from None
+        raise InputError(f"{path}: not a readable MRC file ({why(e)})") from None
     if m.data is None:
         raise InputError(f"{path}: not a readable MRC file (no data)")
     if (str(path), opener.__name__) not in _WARNED:  # once per file and mode, not at every reopen
@@ -58,8 +58,9 @@ def read_map(path) -> tuple[np.ndarray, float | None]:
     """Read a cubic 3D map -> (``(n, n, n)`` float32 ``[z, y, x]``, pixel size in Å or ``None`` if unset).
 
     A non-standard axis order (``mapc, mapr, maps`` other than 1, 2, 3) is transposed to ``[z, y, x]``.
-    Raises :class:`InputError` (naming the file) for non-cubic maps, an invalid axis order, or
-    anisotropic voxels. A missing pixel size (0 in the header) gives ``None`` and a warning.
+    Raises :class:`InputError` (naming the file) for non-cubic maps, an invalid axis order, anisotropic
+    voxels, or a negative or non-finite pixel size. The values are not checked (:func:`~jaxcryo.io.read_volume`
+    does). A missing pixel size (0 in the header) gives ``None`` and a warning.
     """
     path = Path(path)
     with _open(path) as m:
@@ -74,6 +75,9 @@ def read_map(path) -> tuple[np.ndarray, float | None]:
     order_s = ",".join(map(str, order))
     if data is None:
         raise InputError(f"{path}: invalid axis order mapc/mapr/maps = {order_s}; expected a permutation of 1,2,3")
+    if not all(np.isfinite(sizes)) or min(sizes) < 0:
+        raise InputError(f"{path}: pixel size {sizes[0]:.4g} x {sizes[1]:.4g} x {sizes[2]:.4g} Å in the header; "
+                         "expected > 0 (or 0 for unset)")
     problems = []
     if len(set(data.shape)) != 1:
         nz, ny, nx = data.shape
@@ -119,7 +123,7 @@ def open_stack(path) -> np.ndarray:
     try:
         return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
     except (ValueError, OSError) as e:
-        raise InputError(f"{path}: cannot memory-map the image data ({e}); the file may be truncated") from None
+        raise InputError(f"{path}: cannot memory-map the image data ({why(e)}); the file may be truncated") from None
 
 
 class StackReader:

@@ -31,7 +31,8 @@ import optax
 from tqdm.auto import tqdm
 
 from .. import parallel
-from ..data._batch import RawBatch, complex_dtype, epoch_batches, load_batch, prefetch as prefetch_iter, to_batch
+from ..data._batch import (RawBatch, check_batch_inputs, complex_dtype, epoch_batches, load_batch,
+                           prefetch as prefetch_iter, to_batch)
 from ..errors import DivergenceError
 from ..leastsq._loss import batch_filters, objective, value_and_grad
 from ..ndimage._metrics import fsc as fsc_fn
@@ -184,12 +185,14 @@ def fit(
         batches = epoch_batches(indices, batch_size, rng, multiple)
         reads = (_read(source, idx, mask, mesh, prefetch > 0) for idx, mask in batches)
         with closing(prefetch_iter(reads, prefetch)) as raws:
-            for raw in raws:
+            for k, raw in enumerate(raws):
                 vol, opt_state, val = step(vol, opt_state, raw)
                 val = float(val)
                 if first_loss is None:
                     first_loss = abs(val) if val != 0 else 1.0
                 if not np.isfinite(val) or abs(val) > divergence_factor * first_loss:
+                    # a non-finite input (image, pose, CTF, starting volume) is named before the step size
+                    check_batch_inputs(raw, batches[k][0], source.metadata, init if epoch == 0 else None)
                     raise DivergenceError(
                         f"loss diverged at epoch {epoch + 1} ({val:.3g}, first loss {first_loss:.3g}); "
                         "lower the learning rate ({param}) or use the line search", param="lr"
