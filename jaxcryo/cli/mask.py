@@ -32,10 +32,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import numpy as np
-
     from ..errors import InputError
-    from ..io.mrc import read_map, write_map
+    from ..io import MAP, read_volume, write_map
     from ..ndimage._masks import auto_mask, auto_threshold, low_pass
 
     if args.apix is not None and not args.apix > 0:
@@ -44,12 +42,10 @@ def run(args) -> int:
         raise InputError(f"--lowpass must be >= 0 Å (0: no filter), got {args.lowpass}")
     if args.soft_edge < 0:
         raise InputError(f"--soft-edge must be >= 0 pixels, got {args.soft_edge}")
-    vol, px = read_map(args.map)
+    vol, px = read_volume(args.map, MAP)[:2]  # finite, cubic 3D, a valid pixel size: or one line naming the file
     px = args.apix if args.apix is not None else px
     if not px:
         raise InputError(f"{args.map}: no pixel size in the header; give --apix")
-    if not np.all(np.isfinite(vol)):
-        raise InputError(f"{args.map}: the map has non-finite values (NaN or inf)")
     threshold = args.threshold
     if threshold is None:
         threshold = auto_threshold(low_pass(vol, px, args.lowpass) if args.lowpass else vol)

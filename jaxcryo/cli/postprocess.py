@@ -57,29 +57,25 @@ def write_outputs(result, out_dir, extra: dict | None = None, plot_prefix: str =
 
 
 def read_half_maps(path1: Path, path2: Path, apix: float | None):
-    """(half1, half2, pixel size) from two MRC files; InputError naming the file for different boxes or
-    pixel sizes, or no pixel size."""
+    """(half1, half2, pixel size) from two MRC files, the half maps as checked :class:`jaxcryo.io.Volume`\ s;
+    InputError naming the file for non-finite or non-cubic maps, different boxes or pixel sizes, or no pixel
+    size."""
     from ..errors import InputError
-    from ..io.mrc import read_map
+    from ..io import HALF_MAP, read_volume, require_same_grid
 
-    a, pa = read_map(path1)
-    b, pb = read_map(path2)
-    if a.shape != b.shape:
-        raise InputError(f"{path2}: box {b.shape[0]} differs from {path1}'s box {a.shape[0]}; "
-                         "the half maps must have the same box")
-    if apix is None and pa and pb and abs(pa - pb) > 1e-3 * pa:
-        raise InputError(f"{path2}: pixel size {pb:.4g} Å differs from {path1}'s {pa:.4g} Å")
-    px = apix if apix is not None else pa
+    h1, h2 = read_volume(path1, HALF_MAP), read_volume(path2, HALF_MAP)
+    require_same_grid(h1, h2, pixel_size=apix is None)  # --apix states the pixel size of both
+    px = apix if apix is not None else h1.pixel_size
     if not px:
         raise InputError(f"{path1}: no pixel size in the header; give --apix")
-    return a, b, px
+    return h1._replace(pixel_size=px), h2._replace(pixel_size=px), px
 
 
 def run(args) -> int:
     import warnings
 
     from ..errors import InputError
-    from ..io.mrc import read_map, write_map
+    from ..io import MASK, read_volume, require_same_grid, write_map
     from ..ndimage._masks import auto_mask
     from ..plotting import preload
     from ..post import check_half_maps, postprocess
@@ -91,12 +87,13 @@ def run(args) -> int:
         raise InputError(f"--fit-from must be > --fit-to >= 0 Å, got {args.fit_from} and {args.fit_to}")
     if args.low_pass is not None and args.low_pass < 0:
         raise InputError(f"--low-pass must be >= 0 Å, got {args.low_pass}")
-    a, b, px = read_half_maps(args.half1, args.half2, args.apix)
+    h1, h2, px = read_half_maps(args.half1, args.half2, args.apix)
+    a, b = h1.data, h2.data
     mask = None
     if args.mask is not None:
-        mask, pm = read_map(args.mask)
-        if pm and abs(pm - px) > 1e-2 * px:
-            warnings.warn(f"{args.mask}: pixel size {pm:.4g} Å differs from the half maps' {px:.4g} Å", stacklevel=1)
+        m = read_volume(args.mask, MASK)  # in [0, 1], not empty, finite
+        require_same_grid(h1, m, pixel_size=args.apix is None)
+        mask = m.data
     names = (str(args.half1), str(args.half2), str(args.mask))
     checked = check_half_maps(a, b, mask, names=names)  # one line naming the file at fault
     if args.auto_mask:
