@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,10 +27,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..errors import InputError
-    from ..io.atomic import atomic_write_text
     from ..io.mrc import read_map
+    from ..io.outputs import OutputFiles, write_outputs
     from ..ndimage._metrics import fsc, soft_sphere_mask
-    from ..plotting import plot_fsc
 
     if args.apix is not None and not args.apix > 0:
         raise InputError(f"--apix must be > 0, got {args.apix}")
@@ -52,11 +50,9 @@ def run(args) -> int:
     mask = soft_sphere_mask(a.shape[0], args.mask_radius) if use_mask else None
     r = fsc(a, b, pixel_size=px, mask=mask)
     print(f"FSC=0.143: {r.resolution_0143:.2f} Å   FSC=0.5: {r.resolution_05:.2f} Å")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(r.to_dict(), indent=1) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot:
-        title = f"FSC, pixel {px:.4g} Å" + (", soft spherical mask" if use_mask else "")
-        plot_fsc({f"{args.map1.name} vs {args.map2.name}": r}, args.plot, title=title)
-        print(f"wrote {args.plot}")
+    title = f"FSC, pixel {px:.4g} Å" + (", soft spherical mask" if use_mask else "")
+    files = OutputFiles(fsc_json=args.json or None, fsc_png=args.plot or None, history=None, convergence=None, run=None)
+    for path in write_outputs(Path("."), fsc=r, fsc_curves={f"{args.map1.name} vs {args.map2.name}": r},
+                              fsc_title=title, files=files):
+        print(f"wrote {path}")
     return 0

@@ -38,6 +38,9 @@ class FSCResult(NamedTuple):
             "fsc": [float(x) for x in self.fsc],
         }
 
+    def shell_below(self, threshold: float) -> int:
+        """The first shell > 0 whose FSC is below ``threshold`` (:func:`first_shell_below`)."""
+        return first_shell_below(self.fsc, threshold)
 
 
 
@@ -128,6 +131,21 @@ def fsc(map1: Num[ArrayLike, "n n n"], map2: Num[ArrayLike, "n n n"], pixel_size
     freq = np.arange(nsh) / (n * pixel_size)
     return FSCResult(freq, curve, resolution_at(freq, curve, 0.143, pixel_size),
                      resolution_at(freq, curve, 0.5, pixel_size))
+
+
+def fsc_record(volume: Num[ArrayLike, "n n n"] | None, reference: Num[ArrayLike, "n n n"] | None,
+               pixel_size: float = 1.0, mask: Float[ArrayLike, "n n n"] | None = None, fourier: bool = False,
+               key: str = "ref") -> dict:
+    """The per-epoch record of the FSC of ``volume`` against ``reference`` (one definition for every loop
+    that tracks a reference: ``fit``, ``reconstruct``, refinement, ab initio).
+
+    Returns ``{"resolution_05_<key>": Å, "fsc_<key>": [per shell]}`` from :func:`fsc` (same arguments);
+    both ``None`` when ``reference`` (or ``volume``) is ``None``.
+    """
+    if volume is None or reference is None:
+        return {f"resolution_05_{key}": None, f"fsc_{key}": None}
+    r = fsc(volume, reference, pixel_size=pixel_size, mask=mask, fourier=fourier)
+    return {f"resolution_05_{key}": float(r.resolution_05), f"fsc_{key}": [float(x) for x in r.fsc]}
 
 
 def relative_error(x, ref, mask=None) -> float:

@@ -18,6 +18,7 @@ from ._reconstruct import (
     DEFAULTS as DEFAULTS, OPTIMIZERS as OPTIMIZERS, ReconstructResult as ReconstructResult,
     reconstruct as reconstruct,
 )
+from ._reconstruct_settings import ReconstructSettings as ReconstructSettings
 from ._spectral import (
     HalfMapFSC as HalfMapFSC, TikhonovChoice as TikhonovChoice, PRIORS as PRIORS,
     PriorEstimate as PriorEstimate, estimate_spectral_prior as estimate_spectral_prior,
