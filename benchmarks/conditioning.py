@@ -23,7 +23,7 @@ from jaxcryo.data._batch import epoch_batches, iterate_batches, load_batch, to_b
 from jaxcryo.leastsq._conditioning import condition_report
 from jaxcryo.leastsq._hessian import exact_diagonal
 from jaxcryo.leastsq._loss import objective
-from jaxcryo.solvers._optim import hutchinson_diagonal, hutchinson_samples
+from jaxcryo.solvers._diagonals import hutchinson_diagonal, hutchinson_samples
 from jaxcryo.plotting import save_figure
 from jaxcryo.forward._projection import Projector
 from jaxcryo.data._simulate import simulate

@@ -302,7 +302,8 @@ def main(argv=None) -> None:
 
     import jaxcryo as jc
     from _common import machine_info, save_figure, time_calls, use_agg, write_json
-    from jaxcryo.solvers._optim import ArmijoState, armijo_linesearch, hutchinson_diagonal, scale_by_diagonal
+    from jaxcryo.solvers._diagonals import hutchinson_diagonal, scale_by_diagonal
+    from jaxcryo.solvers._optim import ArmijoState, armijo_linesearch
     from jaxcryo.rotations._rotations import matrix_to_euler
 
     quick = args.quick
@@ -500,7 +501,7 @@ def main(argv=None) -> None:
         key = jax.random.PRNGKey(1)
         v0 = (jax.random.normal(key, (box,) * 3) + 1j * jax.random.normal(jax.random.split(key)[0], (box,) * 3))
         v0 = v0.astype(jnp.complex128) * 1e-3
-        from jaxcryo.solvers._optim import hutchinson_samples
+        from jaxcryo.solvers._diagonals import hutchinson_samples
 
         @jax.jit
         def f_val(v, raw):

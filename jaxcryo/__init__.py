@@ -23,7 +23,8 @@ from .solvers import FitResult, FitState, fit, make_step
 from .ndimage import shell_index
 from .rotations import (RotationAlignment, align_rotations, geodesic_distance_deg, local_grid, shift_grid,
                     so3_grid)
-from .leastsq import exact_diagonal, normal_equations, solve_cg, wiener_backprojection
+from .leastsq import exact_diagonal, normal_equations, solve_cg
+from .solvers import wiener_backprojection
 from .io import read_map, write_map
 from .leastsq import conjugate_gradient, power_iteration, preconditioned_max_eigenvalue, relative_error_in_ball
 from .leastsq import gradient, hvp, loss, objective, value_and_grad

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,7 @@ import numpy as np
 from ..errors import InputError
 from ..solvers._fit import fit
 from ..io.outputs import ConvergencePlot, OutputFiles, output_folder, write_outputs
-from ..ndimage._metrics import fsc as fsc_fn
+from ..ndimage._metrics import FSCResult, fsc as fsc_fn
 from ..forward._operators import Trilinear, make_operator, operator_name
 from ..solvers._optim import paper_psgd, paper_sgd
 from ..leastsq._optimum import Optimum
@@ -90,7 +91,9 @@ def run(args) -> int:
     vol_mask = jnp.asarray(opt.mask, jnp.float32)
     truth_f = volume_to_fourier(jnp.asarray(sim.volume))
     fsc_from, hi = args.box // 4, args.box // 2 - 1
-    summary, histories, fscs = {}, {}, {}
+    summary: dict[str, Any] = {}
+    histories: dict[str, list] = {}
+    fscs: dict[str, FSCResult] = {}
     for name, (label, make) in OPTIMIZERS.items():
         evals = []
 

@@ -43,7 +43,7 @@ def run(args) -> int:
     px = args.apix if args.apix is not None else pa
     if not px:
         raise InputError(f"{args.map1}: no pixel size in the header; give --apix")
-    if args.apix is None and pb and abs(pb - pa) > 1e-3 * pa:
+    if args.apix is None and pa and pb and abs(pb - pa) > 1e-3 * pa:
         print(f"jaxcryo fsc: warning: pixel sizes differ ({args.map1}: {pa:.4g} Å, {args.map2}: {pb:.4g} Å); "
               f"using {pa:.4g} Å", file=sys.stderr)
     use_mask = args.mask or args.mask_radius is not None

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..forward._ctf import CTFParams
 from ..errors import InputError
 from ..ndimage._fourier import freq_indices
-from ..forward._operators import NUFFT, SliceOperator
+from ..forward._operators import NUFFT, SliceOperator, make_operator
 from ..forward._particles import ParticleMetadata
 from ..forward._projection import Projector, volume_to_fourier
 from ..rotations._rotations import perturb_rotations, random_rotations
@@ -75,7 +75,7 @@ def random_ctf_params(rng: np.random.Generator, n: int, defocus_range=(10000.0, 
                       cs=2.7, amp_contrast=0.07, max_astigmatism=200.0) -> CTFParams:
     """Random per-image CTF parameters: mean defocus uniform in ``defocus_range`` (Å), astigmatism up to
     ``max_astigmatism`` Å at a uniform angle."""
-    df = rng.uniform(*defocus_range, n)
+    df = rng.uniform(defocus_range[0], defocus_range[1], n)
     ast = rng.uniform(0, max_astigmatism, n)
     return CTFParams.create(
         defocus_u=df + ast, defocus_v=df - ast, astig_angle=rng.uniform(0, 180, n), voltage=voltage, cs=cs,
@@ -91,7 +91,7 @@ def project_metadata(vol: np.ndarray, md: ParticleMetadata, operator: SliceOpera
     if md.rotations is None:
         raise InputError(f"{md.source or 'particles'}: no poses (rlnAngleRot/Tilt/Psi) to project with")
     n = md.box
-    proj = Projector(n=n, pixel_size=float(md.pixel_size), operator=operator,
+    proj = Projector(n=n, pixel_size=float(md.pixel_size), operator=make_operator(operator),
                      mask_radius=n)  # keep every frequency: images, not a least-squares model
     vf = volume_to_fourier(jnp.asarray(vol, jnp.float32))
 

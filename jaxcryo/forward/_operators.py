@@ -343,7 +343,7 @@ OPERATORS: dict[str, type[SliceOperator]] = {
 OPERATOR_NAMES: tuple[str, ...] = tuple(OPERATORS)
 
 
-def make_operator(name: str, **options) -> SliceOperator:
+def make_operator(name: str | SliceOperator, **options) -> SliceOperator:
     """The operator registered as ``name`` with ``options`` (e.g. ``oversample=2``).
 
     Raises ``ValueError`` naming the parameter ``interp`` for an unknown name.

@@ -201,9 +201,9 @@ class Projector(eqx.Module):
         w[(ky == 0) & (kx == 0)] = 0.5
         if n % 2 == 0:
             w[(kx == -(n // 2)) | (ky == -(n // 2))] = 0.5
-        w = np.where(inside, w, 0.0).reshape(-1)
-        idx = np.flatnonzero(w)
-        return idx, w[idx]
+        flat = np.where(inside, w, 0.0).reshape(-1)
+        idx = np.flatnonzero(flat)
+        return idx, flat[idx]
 
     def unlift_adjoint(self, lifted: Complex[Array, "..."]) -> Complex[Array, "n n n"]:
         """The Hermitian adjoint of the operator's lift, ``(lifted grid) -> (n, n, n)``."""

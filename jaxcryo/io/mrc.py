@@ -155,7 +155,7 @@ class StackReader:
         if len(idx):
             cut = np.flatnonzero(np.diff(sidx) != 1) + 1  # runs of consecutive indices (in sorted order)
             starts, ends = np.concatenate([[0], cut]).tolist(), np.concatenate([cut, [len(sidx)]]).tolist()
-            raw = memoryview(buf.reshape(-1).view(np.uint8))
+            raw = memoryview(buf.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy's stub: no Buffer
             ib = self._image_bytes
             with open(self.path, "rb", buffering=0) as f:  # unbuffered: each read lands in ``buf`` directly
                 for a, b in zip(starts, ends):

@@ -142,7 +142,7 @@ def scaled_operator(matvec: Callable, scale) -> Callable:
     def mv(z):
         return s * np.asarray(matvec(s * np.asarray(z)))
 
-    mv.is_real = getattr(matvec, "is_real", False)
+    mv.is_real = getattr(matvec, "is_real", False)  # type: ignore[attr-defined]  # read by the eigensolvers
     return mv
 
 
@@ -188,7 +188,8 @@ def lanczos_extreme_eigs(matvec: Callable, mask, key=0, iters: int = LANCZOS_ITE
     q = _random_vector(_rng(key), (k,), not real).astype(dt)
     q /= np.linalg.norm(q)
     Q = np.empty((iters, k), dt)
-    alpha, beta = [], []
+    alpha: list[float] = []
+    beta: list[float] = []
     res = (np.inf, np.inf)
     for j in range(iters):
         Q[j] = q
@@ -199,7 +200,7 @@ def lanczos_extreme_eigs(matvec: Callable, mask, key=0, iters: int = LANCZOS_ITE
         if j:
             w -= beta[-1] * Q[j - 1]
         Qj = Q[: j + 1]
-        nw = np.linalg.norm(w)
+        nw = float(np.linalg.norm(w))
         for _ in range(2):  # full reorthogonalisation w -= Q Q^H w (no copy of Q); a 2nd pass if needed
             h = Qj @ w if real else np.conj(Qj @ np.conj(w))
             w -= h @ Qj

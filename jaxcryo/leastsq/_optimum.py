@@ -104,7 +104,7 @@ class Optimum:
     def relative_error(self, v) -> float:
         """``||P v - v*|| / ||v*||``."""
         e = self._restrict(np.asarray(v, np.complex128)) - self.solution
-        return float(np.linalg.norm(e) / max(np.linalg.norm(self.solution), 1e-300))
+        return float(np.linalg.norm(e) / max(float(np.linalg.norm(self.solution)), 1e-300))
 
     def diagonal(self) -> np.ndarray:
         """The exact full-data Hessian diagonal (float64, ``lam`` included)."""

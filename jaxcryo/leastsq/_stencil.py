@@ -43,7 +43,7 @@ def assemble(chunks: Iterable, n: int, n_images: int, diagonal: bool, lam: float
     """
     nvox = n ** 3
     acc = np.zeros(27 * nvox, np.float64)
-    buf_i = buf_v = None
+    buf_i = buf_v = np.empty(0, np.int64)  # grown to the largest chunk, reused
     for pts, wp in chunks:
         if diagonal:
             c = np.rint(pts).astype(np.int64) + n // 2
@@ -63,7 +63,7 @@ def assemble(chunks: Iterable, n: int, n_images: int, diagonal: bool, lam: float
             cw.append(np.where(ok, (f[:, 2] if dz else 1 - f[:, 2]) * (f[:, 1] if dy else 1 - f[:, 1])
                                * (f[:, 0] if dx else 1 - f[:, 0]), 0.0))  # zero weight: off the grid
         m = wp.size
-        if buf_i is None or buf_i.size < len(_PAIRS) * m:  # reused: page faults once
+        if buf_i.size < len(_PAIRS) * m:  # reused: page faults once
             buf_i = np.empty(len(_PAIRS) * m, np.int64)
             buf_v = np.empty(len(_PAIRS) * m, np.float64)
         idx = buf_i[: len(_PAIRS) * m].reshape(len(_PAIRS), m)

@@ -47,7 +47,7 @@ from ..ndimage._fourier import fft3c, ifft3c
 from ._hessian import NormalEquations
 from ._linalg import CGResult, conjugate_gradient
 from ..forward._operators import NUFFT, describe, finufft
-from ._priors import prior_diagonal
+from ._priors import Prior, prior_diagonal
 from ..forward._projection import Projector
 
 
@@ -217,7 +217,7 @@ def _apply(kf, z, scale, lam):
 _apply_jit = jax.jit(_apply)
 
 
-def toeplitz_matvec(kernel: ToeplitzKernel, lam: float = 0.0):
+def toeplitz_matvec(kernel: ToeplitzKernel, lam: float | Prior = 0.0):
     """The matvec ``z -> H z`` (complex centred Fourier volumes ``(N, N, N)``) of the kernel: one jitted
     function of four FFTs; ``H = (1/n) sum_i w_i S_i^H M S_i + lam I``."""
     n = kernel.n
@@ -252,7 +252,7 @@ def _rhs(projector: Projector, source, batch_size: int, indices, rdt, weights):
     return rhs, count
 
 
-def toeplitz_normal_equations(projector: Projector, source, batch_size: int = 256, lam: float = 0.0,
+def toeplitz_normal_equations(projector: Projector, source, batch_size: int = 256, lam: float | Prior = 0.0,
                               indices=None, dtype=jnp.float32, weights=None,
                               kernel_batch_size: int | None = None) -> NormalEquations:
     """The normal equations ``H v = b`` of :func:`jaxcryo.leastsq.normal_equations` for the NUFFT model,
@@ -266,7 +266,7 @@ def toeplitz_normal_equations(projector: Projector, source, batch_size: int = 25
     return NormalEquations(toeplitz_matvec(kernel, lam), rhs / count, kernel.n_images)
 
 
-def solve_cg_toeplitz(projector: Projector, source, lam: float = 0.0, tol: float = 1e-4, maxiter: int = 500,
+def solve_cg_toeplitz(projector: Projector, source, lam: float | Prior = 0.0, tol: float = 1e-4, maxiter: int = 500,
                       batch_size: int = 256, indices=None, dtype=jnp.float32, x0=None, callback=None,
                       exact_residual: bool = True, weights=None, kernel_batch_size: int | None = None) -> CGResult:
     """:func:`jaxcryo.leastsq.solve_cg` with the Toeplitz normal operator (NUFFT model): CG iterations cost

@@ -37,14 +37,14 @@ from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..io.mrc import read_map
 from ..ndimage._metrics import fsc as fsc_fn
 from ..ndimage._metrics import fsc_record, soft_sphere_mask
-from ..forward._operators import describe
+from ..forward._operators import describe, make_operator
 from ..forward._projection import Projector, fourier_to_volume, volume_to_fourier
 from ..leastsq._priors import Prior, Tikhonov, as_prior, prior_diagonal
 from ..data._checks import usable_particles
 from ..data._sources import CroppedSource, split_halves
 from ._spectral import HalfMapFSC, estimate_spectral_prior, resolve_prior
 from ._reconstruct_settings import ReconstructSettings, settings_from
-from ._strategies import STRATEGY_NAMES, MinibatchStrategy, Plan, Problem, Strategy
+from ._strategies import STRATEGY_NAMES, MinibatchStrategy, OnePassStrategy, Plan, Problem, Strategy
 
 #: Default settings of :func:`reconstruct` (and ``jaxcryo reconstruct``).
 #: Chosen by measurement (issue 9, ``benchmarks/peers.py``): on ASPIRE-simulated sets the one-pass Wiener
@@ -85,6 +85,12 @@ class _Run:
     plan: Plan | None = None
     state: FitState | None = None
 
+    def started(self) -> tuple[Plan, FitState]:
+        """The plan and the state (set by the preparation or read from a checkpoint)."""
+        if self.plan is None or self.state is None:
+            raise RuntimeError(f"run {self.name}: not started")
+        return self.plan, self.state
+
 
 def _checkpoint_stem(path) -> Path | None:
     if path is None:
@@ -96,12 +102,13 @@ def _checkpoint_stem(path) -> Path | None:
 def _save(stem: Path, config: dict, epoch: int, history: list, runs: list[_Run]) -> None:
     trees, meta_runs = {}, []
     for r in runs:
-        trees[f"{r.name}/volume_f"] = r.state.volume_f
-        trees[f"{r.name}/opt_state"] = r.state.opt_state
-        if r.plan.diag is not None:
-            trees[f"{r.name}/diag"] = r.plan.diag
-        meta_runs.append({"name": r.name, "eta": r.plan.eta, "has_diag": r.plan.diag is not None,
-                          "epoch": r.state.epoch, "rng_state": r.state.rng_state, "history": r.state.history})
+        plan, state = r.started()
+        trees[f"{r.name}/volume_f"] = state.volume_f
+        trees[f"{r.name}/opt_state"] = state.opt_state
+        if plan.diag is not None:
+            trees[f"{r.name}/diag"] = plan.diag
+        meta_runs.append({"name": r.name, "eta": plan.eta, "has_diag": plan.diag is not None,
+                          "epoch": state.epoch, "rng_state": state.rng_state, "history": state.history})
     save_checkpoint(stem, trees, {"config": config, "epoch": epoch, "history": history, "runs": meta_runs})
 
 
@@ -183,7 +190,7 @@ def reconstruct(
         st.epochs, st.batch_size, st.lr, st.interp, st.probes, st.lam, st.prior, st.box, st.halfmaps,
         st.mask, st.seed)
     processes = parallel.process_count()
-    if processes > 1 and not strategy.minibatch and not strategy.sharded:
+    if processes > 1 and isinstance(strategy, OnePassStrategy) and not strategy.sharded:
         raise InputError(f"{{param}} {strategy.name} with {processes} processes: CG is not split across devices "
                          "or processes; use backproject, psgd, sgd or adam, or run it in one process",
                          param="optimizer")
@@ -206,7 +213,7 @@ def reconstruct(
     md = source.metadata
     n, px = md.box, float(md.pixel_size)
     batch_size = int(min(batch_size, len(indices) if not halfmaps else max(1, len(indices) // 2)))
-    projector = Projector(n=n, pixel_size=px, operator=interp)
+    projector = Projector(n=n, pixel_size=px, operator=make_operator(interp))
     ref_f = None
     if reference is not None:
         reference = np.asarray(reference, np.float32)
@@ -231,7 +238,7 @@ def reconstruct(
     t_prior = time.perf_counter()
     objective_prior = resolve_prior(prior, lam, estimate)
     t_prior = time.perf_counter() - t_prior
-    one_pass_mesh = mesh if not strategy.minibatch and strategy.sharded else None
+    one_pass_mesh = mesh if isinstance(strategy, OnePassStrategy) and strategy.sharded else None
     runs = [_Run(name, Problem(source, projector, idx, objective_prior, batch_size, seed, one_pass_mesh))
             for name, idx in parts]
     config = dict(optimizer=strategy.name, epochs=epochs, batch_size=batch_size, lr=lr, interp=describe(projector.operator),
@@ -246,7 +253,7 @@ def reconstruct(
     stem = _checkpoint_stem(checkpoint_path)
     fin = _Finisher(ref_f, px, smask, selection.skipped)
 
-    if not strategy.minibatch:
+    if isinstance(strategy, OnePassStrategy):
         t0 = time.perf_counter()
         reuse = estimates[-1].wiener if estimates and halfmaps else [None] * len(runs)
         sols = [strategy.solve(r.problem, epochs, None if w is None else (*w, lam)) for r, w in zip(runs, reuse)]
@@ -262,9 +269,11 @@ def reconstruct(
         return fin.result([s.volume_f for s in sols], vol_f, [rec], config, prior_record,
                           devices=parallel.mesh_size(mesh) if strategy.sharded else 1)
 
+    if not isinstance(strategy, MinibatchStrategy):
+        raise TypeError(f"optimizer: {type(strategy).__name__} is neither a minibatch nor a one-pass strategy")
     history: list = []
     start_epoch = 0
-    if resume:
+    if resume and stem is not None:
         start_epoch, history = _load(stem, config, runs, strategy)
     for i, r in enumerate(runs):
         if r.state is None:
@@ -272,8 +281,8 @@ def reconstruct(
             v0 = r.problem.zeros()
             rng = np.random.default_rng([seed, 1 + i])
             r.state = FitState(v0, strategy.transformation(r.problem, r.plan).init(v0), 0,
-                               rng.bit_generator.state, [])
-    opts = [strategy.transformation(r.problem, r.plan) for r in runs]
+                               dict(rng.bit_generator.state), [])
+    opts = [strategy.transformation(r.problem, r.started()[0]) for r in runs]
     steps = [make_step(opt, projector, lam, mesh=mesh) for opt in opts]
 
     t_start = time.perf_counter()
@@ -290,7 +299,7 @@ def reconstruct(
                 r.state = res.state
                 losses.append(res.history[-1]["loss"])
             dt = time.perf_counter() - t0
-            vol_f = _combine([r.state.volume_f for r in runs], [r.plan.diag for r in runs], spectral)
+            vol_f = _combine([r.started()[1].volume_f for r in runs], [r.started()[0].diag for r in runs], spectral)
             rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
                    "seconds": seconds0 + time.perf_counter() - t_start, "images_per_s": len(indices) / dt,
                    "resolution_05_ref": None, "fsc_ref": None}
@@ -309,8 +318,8 @@ def reconstruct(
                 volume_callback(vol_f)
     finally:
         bar.close()
-    vols = [r.state.volume_f for r in runs]
-    return fin.result(vols, _combine(vols, [r.plan.diag for r in runs], spectral), history, config, prior_record,
+    vols = [r.started()[1].volume_f for r in runs]
+    return fin.result(vols, _combine(vols, [r.started()[0].diag for r in runs], spectral), history, config, prior_record,
                       devices=parallel.mesh_size(mesh))
 
 
