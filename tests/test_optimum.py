@@ -29,7 +29,7 @@ def test_optimum_is_the_minimiser_and_the_gap_is_exact(problem, radius):
     lam = 1e-3
     opt = Optimum(proj, ds, lam, radius=radius, tol=1e-10)
     assert opt.residual < 1e-8
-    m = None if radius is None else jc.fourier.ball_mask(10, radius)
+    m = None if radius is None else jc.ndimage.ball_mask(10, radius)
     # the CG solution of the data-pass normal equations (no mask) agrees
     if radius is None:
         cg = jc.solve_cg(proj, ds, lam=lam, tol=1e-7, maxiter=500, batch_size=150)
@@ -50,6 +50,6 @@ def test_optimum_is_the_minimiser_and_the_gap_is_exact(problem, radius):
 
 def test_optimum_needs_a_local_operator(problem):
     ds, _ = problem
-    proj = jc.Projector(n=10, pixel_size=3.0, operator=jc.operators.Trilinear(oversample=2))
+    proj = jc.Projector(n=10, pixel_size=3.0, operator=jc.forward.Trilinear(oversample=2))
     with pytest.raises(InputError, match="local stencil"):
         Optimum(proj, ds, 1e-3)

@@ -37,7 +37,7 @@ from ..data._batch import Batch, complex_dtype, iterate_batches, make_batch, to_
 from ..forward._ctf import CTFParams
 from ._linalg import CGResult, conjugate_gradient
 from ._loss import batch_filters, hvp, loss
-from ..forward._operators import describe
+from ..forward._operators import describe, local_stencil_operator
 from ._priors import Prior, prior_diagonal
 from ..forward._projection import Projector, slice_points
 
@@ -78,7 +78,7 @@ def weight_backprojection(projector: Projector, batch: Batch, squared: bool = Tr
     n = projector.n
     rdt = jnp.real(batch.images_f).dtype
     op = projector.operator
-    fwd = op.squared_weight_slice if squared else op.weight_kernel().slice
+    fwd = local_stencil_operator(op).squared_weight_slice if squared else op.weight_kernel().slice
     pts = slice_points(batch.rotations, n, rdt)
     b = batch.images_f.shape[0]
     w = weight_image(projector, b, batch.ctf, batch.weights * batch.mask, rdt)
@@ -322,9 +322,7 @@ def minibatch_diagonal(projector, batch, lam=0.0, filters=None, axis_name=None):
     (``|exp(i phi)|^2 = 1``). ``axis_name``: ``batch`` is one device's shard of a data-parallel step
     (:mod:`jaxcryo.parallel`); the backprojection and the image count are ``psum``-reduced over that axis.
     """
-    op = projector.operator
-    if not op.has_local_stencil:
-        op.squared_weight_slice(None, None)  # raises NotImplementedError naming the operator
+    op = local_stencil_operator(projector.operator)  # NotImplementedError naming the operator
     n = projector.n
     rdt = jnp.real(batch.images_f).dtype
     f = batch_filters(batch, projector) if filters is None else filters

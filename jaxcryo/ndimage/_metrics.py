@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-from jaxtyping import ArrayLike, Float, Num
+from jaxtyping import ArrayLike, Bool, Float, Num
 
 from ..errors import InputError
 from ._fourier import radius_grid, shell_index
@@ -61,14 +61,15 @@ def _check_maps(a, b):
     return a, b
 
 
-def first_shell_below(fsc, threshold: float) -> int:
+def first_shell_below(fsc: Float[ArrayLike, " s"], threshold: float) -> int:
     """Index of the first shell > 0 whose FSC is below ``threshold`` (``len(fsc)`` if none)."""
     f = np.asarray(fsc)
     below = np.flatnonzero(f[1:] < threshold)
     return int(below[0] + 1) if below.size else len(f)
 
 
-def resolution_at(frequency, fsc, threshold: float, pixel_size: float | None = None) -> float:
+def resolution_at(frequency: Float[ArrayLike, " s"], fsc: Float[ArrayLike, " s"], threshold: float,
+                  pixel_size: float | None = None) -> float:
     """Resolution (Å) where the FSC first falls below ``threshold`` (shell 0 skipped), interpolating
     linearly between the last shell above and the first below. A curve that never falls below reports
     Nyquist, ``2 * pixel_size`` (``pixel_size`` defaults to ``1 / (2 * frequency[-1])``, exact for even
@@ -148,7 +149,8 @@ def fsc_record(volume: Num[ArrayLike, "n n n"] | None, reference: Num[ArrayLike,
     return {f"resolution_05_{key}": float(r.resolution_05), f"fsc_{key}": [float(x) for x in r.fsc]}
 
 
-def relative_error(x, ref, mask=None) -> float:
+def relative_error(x: Num[ArrayLike, "*d"], ref: Num[ArrayLike, "*d"],
+                   mask: Bool[ArrayLike, "*d"] | None = None) -> float:
     """``||x - ref|| / ||ref||`` (over the ``mask`` entries if given); works for complex arrays."""
     x, ref = np.asarray(x), np.asarray(ref)
     if x.shape != ref.shape:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..forward._operators import local_stencil_operator
 from ..ndimage._fourier import shell_index
 from ..leastsq._hessian import minibatch_diagonal
 from ..leastsq._loss import gradient
@@ -199,8 +200,7 @@ def batch_diagonal(projector, lam=0.0, beta: float = 0.0, update_every: int = 1
         raise ValueError(f"beta must be in [0, 1), got {beta}")
     if update_every < 1:
         raise ValueError("update_every must be positive")
-    if not projector.operator.has_local_stencil:
-        projector.operator.squared_weight_slice(None, None)  # NotImplementedError naming the operator
+    local_stencil_operator(projector.operator)  # NotImplementedError naming the operator
 
     def init_fn(params):
         rdt = jnp.real(params).dtype
