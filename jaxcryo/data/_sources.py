@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike, Bool, Float, Int
 
 from ..errors import InputError
 from ..ndimage._fourier import resample_real
@@ -43,7 +44,7 @@ class ParticleSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def images(self, idx) -> np.ndarray: ...
+    def images(self, idx: Int[ArrayLike, " k"]) -> Float[np.ndarray, "k n n"]: ...
 
 
 def read_particles(path, datadir=None, apix: float | None = None, poses=None) -> ParticleMetadata:
@@ -112,7 +113,7 @@ class ParticleDataset:
             self._stacks.popitem(last=False)
         return s
 
-    def images(self, idx) -> np.ndarray:
+    def images(self, idx: Int[ArrayLike, " k"]) -> Float[np.ndarray, "k n n"]:
         """Real-space images ``(k, box, box)`` float32 for particle indices ``idx`` (contrast sign applied).
         Thread-safe."""
         with self._lock:
@@ -180,7 +181,7 @@ class ParticleDataset:
             if j.size and j.max() >= count:
                 raise InputError(f"{f}: image index {int(j.max()) + 1} out of range (stack has {count} images)")
 
-    def find_bad_images(self, chunk: int = 1024) -> np.ndarray:
+    def find_bad_images(self, chunk: int = 1024) -> Bool[np.ndarray, " n"]:
         """Boolean mask of the particles whose image contains NaN or inf.
 
         Streams through the data ``chunk`` images at a time (in file order), so memory stays bounded.
@@ -201,7 +202,7 @@ class ParticleDataset:
 class ArrayDataset:
     """Particles whose images are already in memory (``(n, box, box)`` float32)."""
 
-    def __init__(self, metadata: ParticleMetadata, images: np.ndarray):
+    def __init__(self, metadata: ParticleMetadata, images: Float[ArrayLike, "n box box"]):
         if len(images) != len(metadata):
             raise ValueError(f"{len(images)} images for {len(metadata)} particles")
         self.metadata = metadata
@@ -210,7 +211,7 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.metadata)
 
-    def images(self, idx) -> np.ndarray:
+    def images(self, idx: Int[ArrayLike, " k"]) -> Float[np.ndarray, "k n n"]:
         idx = np.asarray(idx)
         imgs = self._images[idx]
         if self.metadata.contrast_sign is not None:
@@ -232,7 +233,7 @@ class CroppedSource:
     def __len__(self) -> int:
         return len(self.metadata)
 
-    def images(self, idx) -> np.ndarray:
+    def images(self, idx: Int[ArrayLike, " k"]) -> Float[np.ndarray, "k n n"]:
         imgs = self.source.images(idx)
         return np.asarray(resample_real(jnp.asarray(imgs), self.box, 2), np.float32)
 
@@ -248,7 +249,8 @@ def split_halves(md: ParticleMetadata, seed: int = 0) -> tuple[np.ndarray, np.nd
     return np.sort(perm[:h]), np.sort(perm[h:])
 
 
-def write_dataset(out_dir, metadata: ParticleMetadata, images, stack_name: str = "particles.mrcs",
+def write_dataset(out_dir, metadata: ParticleMetadata, images: Float[ArrayLike, "k n n"],
+                  stack_name: str = "particles.mrcs",
                   star_name: str = "particles.star") -> Path:
     """Write images as ``out_dir/stack_name`` and metadata as a RELION 3.1 ``out_dir/star_name``.
 

@@ -67,7 +67,8 @@ _WINDOW_DIMS = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2, 3), collapsed_s
                                               start_index_map=(0, 1, 2))
 
 
-def slice_trilinear(vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], weight_power: int = 1) -> Complex[Array, "*p"]:
+def slice_trilinear(vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], weight_power: int = 1
+                    ) -> Complex[Array, "*p"]:
     """Trilinear interpolation of the centred Fourier volume at ``points`` ``(..., 3)`` (voxel units, xyz).
 
     Zeros outside the grid. ``weight_power=2`` sums the 8 neighbours with squared weights: its transpose
@@ -107,7 +108,8 @@ def finufft():
     return jax_finufft
 
 
-def slice_nufft(vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], eps: float | None = None) -> Complex[Array, "*p"]:
+def slice_nufft(vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], eps: float | None = None
+                ) -> Complex[Array, "*p"]:
     """Exact (trigonometric) interpolation of the DFT ``vol_f`` at ``points`` by a type-2 NUFFT.
 
     ``V(q) = sum_r v(r) exp(-2 pi i q . r / N)`` with ``v = ifft3c(vol_f)`` on the centred grid.
@@ -325,7 +327,8 @@ class Nearest(AbstractGridOperator):
     kernel_order: ClassVar[int] = 1
     diagonal_when_local: ClassVar[bool] = True
 
-    def kernel(self, vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], weight_power: int = 1) -> Complex[Array, "*p"]:
+    def kernel(self, vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], weight_power: int = 1
+               ) -> Complex[Array, "*p"]:
         return slice_nearest(vol_f, points)  # weights are 0/1: squaring changes nothing
 
 
@@ -337,7 +340,8 @@ class Trilinear(AbstractGridOperator):
     kernel_order: ClassVar[int] = 2
     diagonal_when_local: ClassVar[bool] = False
 
-    def kernel(self, vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], weight_power: int = 1) -> Complex[Array, "*p"]:
+    def kernel(self, vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], weight_power: int = 1
+               ) -> Complex[Array, "*p"]:
         return slice_trilinear(vol_f, points, weight_power)
 
 

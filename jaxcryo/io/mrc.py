@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
+from jaxtyping import ArrayLike, Real
 
 from ..errors import InputError
 from .atomic import atomic_path
@@ -201,7 +202,7 @@ def _write(path, data, pixel_size, stack: bool):
             m.update_header_stats()
 
 
-def write_map(path, vol, pixel_size: float | None) -> None:
+def write_map(path, vol: Real[ArrayLike, "n n n"], pixel_size: float | None) -> None:
     """Write a volume ``[z, y, x]`` as float32 MRC with the voxel size set, atomically."""
     vol = np.asarray(vol)
     if vol.ndim != 3:
@@ -209,7 +210,7 @@ def write_map(path, vol, pixel_size: float | None) -> None:
     _write(path, vol, pixel_size, stack=False)
 
 
-def write_stack(path, images, pixel_size: float | None) -> None:
+def write_stack(path, images: Real[ArrayLike, "k n n"], pixel_size: float | None) -> None:
     """Write images ``(N, H, W)`` as a float32 MRCS stack with the pixel size set, atomically."""
     images = np.asarray(images)
     if images.ndim != 3:

@@ -29,6 +29,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Complex, Float, Int
 
 from ..errors import InputError
 from ..jax_util import primal_like, psum
@@ -45,8 +46,9 @@ from ..forward._projection import Projector, slice_points
 # --------------------------------------------------------------------------------------------------
 # Pixel weights and their backprojection
 # --------------------------------------------------------------------------------------------------
-def weight_image(projector: Projector, n_images: int, ctf: CTFParams | None = None, scale=None,
-                 dtype=jnp.float32, host: bool = False):
+def weight_image(projector: Projector, n_images: int, ctf: CTFParams | None = None,
+                 scale: Float[ArrayLike, " b"] | None = None, dtype=jnp.float32, host: bool = False
+                 ) -> Float[ArrayLike, "b n n"]:
     """The per-pixel Hessian weights ``M CTF_i^2 scale_i`` ``(n_images, n, n)``.
 
     ``M`` is the projector's image-frequency mask, ``CTF_i`` the CTF of ``ctf`` (omitted if ``None``) and
@@ -67,7 +69,9 @@ def weight_image(projector: Projector, n_images: int, ctf: CTFParams | None = No
     return w
 
 
-def weight_backprojection(projector: Projector, batch: Batch, squared: bool = True, pixels=None):
+def weight_backprojection(projector: Projector, batch: Batch, squared: bool = True,
+                          pixels: tuple[Int[ArrayLike, " p"], Float[ArrayLike, " p"]] | None = None
+                          ) -> Float[Array, "n n n"]:
     """``sum_i P_i^T (M CTF_i^2 w_i mask_i)`` over one batch, real ``(n, n, n)`` in the batch's precision.
 
     ``squared=True``: ``P_i`` is the projector operator's slice with squared interpolation weights, so this is
@@ -93,13 +97,14 @@ def weight_backprojection(projector: Projector, batch: Batch, squared: bool = Tr
 # --------------------------------------------------------------------------------------------------
 # Exact diagonal
 # --------------------------------------------------------------------------------------------------
-def batch_diagonal_sum(projector: Projector, batch: Batch):
+def batch_diagonal_sum(projector: Projector, batch: Batch) -> Float[Array, "n n n"]:
     """``sum_i w_i mask_i diag(S_i^H M S_i)`` over one batch (real ``(n, n, n)``), exact for operators with a
     local stencil: the backprojection of ``w CTF^2 M`` through the hit counts / squared interpolation weights."""
     return weight_backprojection(projector, batch, squared=True)
 
 
-def exact_diagonal(projector: Projector, batches, lam: float | Prior = 0.0, n_images: int | None = None):
+def exact_diagonal(projector: Projector, batches, lam: float | Prior = 0.0, n_images: int | None = None
+                   ) -> Float[Array, "n n n"]:
     """The exact diagonal of the full-data Hessian ``(1/n) sum_i w_i S_i^H M S_i + lam``, in one data pass.
 
     Args:
@@ -126,8 +131,8 @@ def exact_diagonal(projector: Projector, batches, lam: float | Prior = 0.0, n_im
 # --------------------------------------------------------------------------------------------------
 # The Hessian as an operator
 # --------------------------------------------------------------------------------------------------
-def hessian_stencil(projector: Projector, rotations, ctf: CTFParams | None = None, lam: float = 0.0,
-                    chunk: int | None = None) -> np.ndarray:
+def hessian_stencil(projector: Projector, rotations: Float[ArrayLike, "b 3 3"], ctf: CTFParams | None = None,
+                    lam: float = 0.0, chunk: int | None = None) -> Float[np.ndarray, "27 n n n"]:
     """The exact Hessian of a local slice operator as a 27-point stencil ``(27, N, N, N)`` float64.
 
     See :mod:`jaxcryo.leastsq` for the layout (``S[13]`` is the diagonal). ``H = (1/B) sum_i T_i^T
@@ -181,7 +186,8 @@ class HessianOperator:
         return self.stencil[13].copy()
 
 
-def hessian_operator(projector: Projector, rotations, shifts=None, ctf: CTFParams | None = None,
+def hessian_operator(projector: Projector, rotations: Float[ArrayLike, "b 3 3"],
+                     shifts: Float[ArrayLike, "b 2"] | None = None, ctf: CTFParams | None = None,
                      lam: float = 0.0, mode: str = "auto", chunk: int = 250) -> HessianOperator:
     """The Hessian ``H`` of the known-pose loss (:func:`jaxcryo.leastsq.loss`, weights 1) as a matvec.
 
@@ -245,8 +251,9 @@ class NormalEquations(NamedTuple):
     n_images: int
 
 
-def normal_equations(projector: Projector, source, batch_size: int = 256, lam: float | Prior = 0.0, indices=None,
-                     dtype=jnp.float32, cache: bool = True) -> NormalEquations:
+def normal_equations(projector: Projector, source, batch_size: int = 256, lam: float | Prior = 0.0,
+                     indices: Int[ArrayLike, " k"] | None = None, dtype=jnp.float32, cache: bool = True
+                     ) -> NormalEquations:
     """Build the normal equations of the least-squares loss over ``indices`` of ``source``.
 
     One jitted function per batch, so they stream over data sets of any size (one pass over the data per
@@ -293,7 +300,8 @@ def normal_equations(projector: Projector, source, batch_size: int = 256, lam: f
 
 
 def solve_cg(projector: Projector, source, lam: float | Prior = 0.0, tol: float = 1e-4, maxiter: int = 500,
-             batch_size: int = 256, indices=None, dtype=jnp.float32, x0=None, callback=None,
+             batch_size: int = 256, indices: Int[ArrayLike, " k"] | None = None, dtype=jnp.float32,
+             x0: Complex[ArrayLike, "n n n"] | None = None, callback: Callable | None = None,
              exact_residual: bool = True) -> CGResult:
     """Solve the normal equations of the least-squares objective by CG (full batch).
 
@@ -310,7 +318,9 @@ def solve_cg(projector: Projector, source, lam: float | Prior = 0.0, tol: float 
 # --------------------------------------------------------------------------------------------------
 # Exact diagonal of the minibatch Hessian (operators with a local stencil)
 # --------------------------------------------------------------------------------------------------
-def minibatch_diagonal(projector, batch, lam=0.0, filters=None, axis_name=None):
+def minibatch_diagonal(projector: Projector, batch: Batch, lam: float | Prior = 0.0,
+                       filters: Complex[Array, "b n n"] | None = None, axis_name: str | None = None
+                       ) -> Float[Array, "n n n"]:
     """The exact diagonal of the minibatch Hessian ``(1/|B|) sum_i w_i diag(S_i^H M S_i) + lambda`` (real
     ``(n, n, n)``), for a slice operator with a local stencil (nearest, trilinear without oversampling).
 

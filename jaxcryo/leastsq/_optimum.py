@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from jaxtyping import ArrayLike, Complex
 
 from ..errors import InputError
 from ..ndimage._fourier import ball_mask
@@ -68,7 +69,7 @@ class Optimum:
     def _restrict(self, z):
         return z if self.mask is None else np.where(self.mask, z, 0)
 
-    def matvec(self, z):
+    def matvec(self, z: Complex[ArrayLike, "n n n"]) -> Complex[np.ndarray, "n n n"]:
         """``H z`` restricted to the mask (``P H P``)."""
         return self._restrict(self.hessian(self._restrict(np.asarray(z, np.complex128))))
 
@@ -91,17 +92,17 @@ class Optimum:
             rs, it = rs_new, it + 1
         return x, it, float(np.linalg.norm(b - self.matvec(x)) / bn)
 
-    def gap(self, v) -> float:
+    def gap(self, v: Complex[ArrayLike, "n n n"]) -> float:
         """``F(v) - F(v*)`` (exact for the quadratic objective; ``v`` restricted to the mask)."""
         e = self._restrict(np.asarray(v, np.complex128)) - self.solution
         return 0.5 * float(np.vdot(e, self.matvec(e)).real)
 
-    def gap_closed(self, v, start=None) -> float:
+    def gap_closed(self, v: Complex[ArrayLike, "n n n"], start: Complex[ArrayLike, "n n n"] | None = None) -> float:
         """The share (%) of the loss gap between ``start`` (default zeros) and ``v*`` that ``v`` closes."""
         g0 = self.gap_at_zero if start is None else self.gap(start)
         return 100.0 * (1.0 - self.gap(v) / g0) if g0 > 0 else 100.0
 
-    def relative_error(self, v) -> float:
+    def relative_error(self, v: Complex[ArrayLike, "n n n"]) -> float:
         """``||P v - v*|| / ||v*||``."""
         e = self._restrict(np.asarray(v, np.complex128)) - self.solution
         return float(np.linalg.norm(e) / max(float(np.linalg.norm(self.solution)), 1e-300))

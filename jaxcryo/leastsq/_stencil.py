@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import numpy as np
+from jaxtyping import Float
 
 #: The 27 offsets (dz, dy, dx) in {-1, 0, 1}^3 of the stencil, index (dz+1)*9 + (dy+1)*3 + (dx+1).
 OFFSETS = [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
@@ -30,7 +31,8 @@ _PAIRS = [(a, b, (cb[0] - ca[0] + 1) * 9 + (cb[1] - ca[1] + 1) * 3 + (cb[2] - ca
 TERMS_PER_POINT = len(_PAIRS)
 
 
-def assemble(chunks: Iterable, n: int, n_images: int, diagonal: bool, lam: float = 0.0) -> np.ndarray:
+def assemble(chunks: Iterable, n: int, n_images: int, diagonal: bool, lam: float = 0.0
+             ) -> Float[np.ndarray, "27 n n n"]:
     """The stencil ``S`` ``(27, n, n, n)`` float64 of ``(1/n_images) sum T^T W T + lam I``.
 
     Args:
@@ -83,7 +85,7 @@ def assemble(chunks: Iterable, n: int, n_images: int, diagonal: bool, lam: float
     return s
 
 
-def matvec(s: np.ndarray) -> Callable:
+def matvec(s: Float[np.ndarray, "27 n n n"]) -> Callable:
     """``z -> H z`` for the stencil ``s`` (NumPy, in ``z``'s precision promoted to at least float64)."""
     n = s.shape[-1]
 
