@@ -47,7 +47,7 @@ from jaxcryo.data._batch import RawBatch, to_batch  # noqa: E402
 from jaxcryo.forward._ctf import CTFParams  # noqa: E402
 from jaxcryo.solvers._fit import make_step  # noqa: E402
 from jaxcryo.rotations._grids import local_grid  # noqa: E402
-from jaxcryo.leastsq._hessian import _wiener_steps  # noqa: E402
+from jaxcryo.solvers._wiener import _wiener_steps  # noqa: E402
 from jaxcryo.poses._scoring import score_local  # noqa: E402
 
 GB = 1024 ** 3
