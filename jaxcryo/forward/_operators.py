@@ -408,8 +408,10 @@ def operator_name(op: SliceOperator) -> str:
 def describe(op: SliceOperator) -> str:
     """``name``, or ``name (oversample s[, gridding])`` for messages and records (``gridding`` when the
     gridding correction is applied)."""
-    s = getattr(op, "oversample", 1)
-    parts = [f"oversample {s}"] if s != 1 else []
-    if getattr(op, "gridding_on", False):
-        parts.append("gridding")
+    parts = []
+    if isinstance(op, AbstractGridOperator):
+        if op.oversample != 1:
+            parts.append(f"oversample {op.oversample}")
+        if op.gridding_on:
+            parts.append("gridding")
     return operator_name(op) + (f" ({', '.join(parts)})" if parts else "")
