@@ -26,6 +26,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Complex, Float, Num
 
 from ..ndimage._fourier import shell_index
+from ..ndimage._metrics import fsc
 
 #: Floor on the FSC used to estimate the SNR (RELION uses 0.001): shells without signal get a strong prior.
 FSC_FLOOR = 1e-3
@@ -123,13 +124,5 @@ def shell_means(vol: Float[ArrayLike, "n n n"], n_shells: int | None = None) -> 
 
 
 def fourier_fsc(a_f: Num[ArrayLike, "n n n"], b_f: Num[ArrayLike, "n n n"]) -> Float[np.ndarray, " s"]:
-    """Per-shell FSC ``0..n//2`` of two centred Fourier volumes."""
-    a, b = np.asarray(a_f).ravel(), np.asarray(b_f).ravel()
-    n = np.asarray(a_f).shape[-1]
-    k = n // 2 + 1
-    sh = shell_index(n, 3).ravel()
-    keep = sh < k
-    sh, a, b = sh[keep], a[keep], b[keep]
-    num = np.bincount(sh, np.real(a * np.conj(b)), k)
-    den = np.sqrt(np.bincount(sh, np.abs(a) ** 2, k) * np.bincount(sh, np.abs(b) ** 2, k))
-    return np.where(den > 0, num / np.where(den > 0, den, 1), 0.0)
+    """Per-shell FSC ``0..n//2`` of two centred Fourier volumes (:func:`jaxcryo.ndimage.fsc`'s curve)."""
+    return fsc(np.asarray(a_f), np.asarray(b_f), fourier=True).fsc

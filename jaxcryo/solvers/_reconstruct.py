@@ -194,10 +194,9 @@ def reconstruct(
         raise InputError(f"{{param}} {strategy.name} with {processes} processes: CG is not split across devices "
                          "or processes; use backproject, psgd, sgd or adam, or run it in one process",
                          param="optimizer")
-    if resume:
-        stem0 = _checkpoint_stem(checkpoint_path)
-        if stem0 is None or not Path(f"{stem0}.npz").exists():
-            raise InputError(f"{stem0}.npz: no checkpoint to {{param}} from", param="resume")
+    stem = _checkpoint_stem(checkpoint_path)
+    if resume and (stem is None or not Path(f"{stem}.npz").exists()):
+        raise InputError(f"{stem}.npz: no checkpoint to {{param}} from", param="resume")
     if isinstance(reference, (str, Path)):
         if not Path(reference).exists():
             raise InputError(f"{reference}: no such file ({{param}})", param="reference")
@@ -250,7 +249,6 @@ def reconstruct(
     if estimates:
         prior_record.update(fsc_half_one_pass=[float(x) for x in estimates[-1].fsc],
                             snr=[float(x) for x in estimates[-1].snr], seconds=t_prior)
-    stem = _checkpoint_stem(checkpoint_path)
     fin = _Finisher(ref_f, px, smask, selection.skipped)
 
     if isinstance(strategy, OnePassStrategy):
