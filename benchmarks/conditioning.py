@@ -22,8 +22,8 @@ from _common import machine_info, write_json
 from jaxcryo.data import ArrayDataset, epoch_batches, iterate_batches, load_batch, simulate, to_batch
 from jaxcryo.forward import Projector
 from jaxcryo.leastsq import condition_report, exact_diagonal, objective
-from jaxcryo.plotting import save_figure
 from jaxcryo.solvers import hutchinson_diagonal, hutchinson_samples
+from jaxcryo.plotting import save_figure
 
 LAM = 1e-3
 

@@ -48,7 +48,7 @@ from jaxcryo.data import RawBatch, to_batch  # noqa: E402
 from jaxcryo.forward import CTFParams  # noqa: E402
 from jaxcryo.rotations import local_grid  # noqa: E402
 from jaxcryo.solvers import make_step  # noqa: E402
-from jaxcryo.leastsq._hessian import _wiener_steps  # noqa: E402
+from jaxcryo.solvers._wiener import _wiener_steps  # noqa: E402
 from jaxcryo.poses import score_local  # noqa: E402
 
 GB = 1024 ** 3

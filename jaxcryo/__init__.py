@@ -23,7 +23,8 @@ from .solvers import FitResult, FitState, fit, make_step
 from .ndimage import shell_index
 from .rotations import (RotationAlignment, align_rotations, geodesic_distance_deg, local_grid, shift_grid,
                     so3_grid)
-from .leastsq import exact_diagonal, normal_equations, solve_cg, wiener_backprojection
+from .leastsq import exact_diagonal, normal_equations, solve_cg
+from .solvers import wiener_backprojection
 from .io import read_map, write_map
 from .leastsq import conjugate_gradient, power_iteration, preconditioned_max_eigenvalue, relative_error_in_ball
 from .leastsq import gradient, hvp, loss, objective, value_and_grad
@@ -36,7 +37,7 @@ from .solvers import (armijo_linesearch, batch_diagonal, fixed_diagonal, harmoni
 from .leastsq import Optimum
 from .forward import ParticleMetadata
 from .forward import Projector, fourier_to_volume, volume_to_fourier
-from .solvers import ReconstructResult, reconstruct
+from .solvers import ReconstructResult, ReconstructSettings, reconstruct
 from .rotations import preferred_orientations
 from .poses import BestPoses, PoseWeights, best_poses, score_local, score_poses, soft_weights
 from .data import SimulatedData, phantom, project_metadata, simulate
@@ -65,7 +66,7 @@ __all__ = [
     "sgd", "harmonic_schedule", "batch_diagonal", "paper_sgd", "paper_psgd", "Strategy", "PSGD", "SGD", "Adam", "CG", "Backproject", "STRATEGIES",
     "make_strategy", "Problem", "Plan", "initial_step_size",
     # running
-    "fit", "make_step", "FitState", "FitResult", "reconstruct", "ReconstructResult",
+    "fit", "make_step", "FitState", "FitResult", "reconstruct", "ReconstructSettings", "ReconstructResult",
     # maps and metrics
     "read_map", "write_map", "fsc", "FSCResult", "relative_error_in_ball", "shell_index",
     # masks and post-processing

@@ -16,7 +16,7 @@ and a local one from perturbed poses) on 4 devices and on 1, and ``jaxcryo refin
 ``--devices 1`` for one iteration: the maps' and poses' differences, ``run.json``'s devices.
 
 ``python tests/parallel_check.py wiener OUT_DIR``: the one-pass estimate
-(:func:`jaxcryo.leastsq._hessian.wiener_backprojection`) on 4 devices and on 1, and the all-reduces of its compiled
+(:func:`jaxcryo.solvers._wiener.wiener_backprojection`) on 4 devices and on 1, and the all-reduces of its compiled
 programs.
 
 ``all`` runs them all in one process (one JAX start-up); the JSON has one key per mode.
@@ -122,7 +122,7 @@ def wiener(out: Path) -> dict:
     compiled programs: no all-reduce per batch (each device sums its own images), one in the finish."""
     import jaxcryo as jc
     from jaxcryo import parallel
-    from jaxcryo.leastsq._hessian import _wiener_steps, wiener_backprojection
+    from jaxcryo.solvers._wiener import _wiener_steps, wiener_backprojection
     from jaxcryo.data._simulate import simulate
 
     sim = simulate(n_particles=150, box=16, snr=1.0, seed=0, operator="trilinear")

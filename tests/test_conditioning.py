@@ -16,7 +16,7 @@ from jaxcryo.leastsq._conditioning import condition_report, predicted_condition_
 from jaxcryo.ndimage._fourier import ball_mask
 from jaxcryo.leastsq._hessian import exact_diagonal, hessian_operator
 from jaxcryo.leastsq._linalg import condition_number, lanczos_extreme_eigs, power_iteration
-from jaxcryo.solvers._optim import default_threshold
+from jaxcryo.leastsq._linalg import default_threshold
 from jaxcryo.forward._projection import Projector
 from jaxcryo.rotations._rotations import random_rotations
 from jaxcryo.data._simulate import random_ctf_params

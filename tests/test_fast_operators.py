@@ -17,7 +17,9 @@ from jaxcryo.leastsq._hessian import batch_diagonal_sum, solve_cg
 from jaxcryo.leastsq._linalg import relative_error_in_ball
 from jaxcryo.leastsq._loss import batch_filters, hvp, loss, objective, value_and_grad
 from jaxcryo.forward._operators import Nearest, Trilinear, slice_trilinear
-from jaxcryo.solvers._optim import batch_diagonal, harmonic_schedule, minibatch_diagonal, preconditioned_sgd
+from jaxcryo.leastsq._hessian import minibatch_diagonal
+from jaxcryo.solvers._diagonals import batch_diagonal
+from jaxcryo.solvers._optim import harmonic_schedule, preconditioned_sgd
 from jaxcryo.forward._projection import Projector, shift_phase, slice_points
 from jaxcryo.rotations._rotations import random_rotations
 from jaxcryo.data._simulate import simulate

@@ -13,8 +13,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "jaxcryo"
 
 #: Bottom to top: a module may import from its own layer and the ones before it, never from a later one.
-LAYERS = ["errors", "jax_util", "ndimage", "rotations", "forward", "io", "data", "parallel", "leastsq",
-          "solvers", "post", "poses", "plotting", "compilation_cache", "__init__", "cli", "__main__"]
+LAYERS = ["errors", "plotting", "jax_util", "ndimage", "rotations", "forward", "io", "data", "parallel", "leastsq",
+          "solvers", "post", "poses", "compilation_cache", "__init__", "cli", "__main__"]
 
 
 def _modules():

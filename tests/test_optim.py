@@ -7,10 +7,12 @@ import pytest
 
 from jaxcryo.data._batch import iterate_batches, load_batch, make_batch, to_batch
 from jaxcryo.solvers._fit import fit, make_step
-from jaxcryo.leastsq._hessian import exact_diagonal, normal_equations, solve_cg, wiener_backprojection
+from jaxcryo.leastsq._hessian import exact_diagonal, normal_equations, solve_cg
+from jaxcryo.solvers._wiener import wiener_backprojection
 from jaxcryo.leastsq._linalg import largest_eigenvalue, preconditioned_max_eigenvalue, relative_error_in_ball
 from jaxcryo.leastsq._loss import gradient, hvp, objective, value_and_grad
-from jaxcryo.solvers._optim import harmonic_schedule, hutchinson_estimate, hutchinson_samples, preconditioned_sgd, sgd
+from jaxcryo.solvers._diagonals import hutchinson_estimate, hutchinson_samples
+from jaxcryo.solvers._optim import harmonic_schedule, preconditioned_sgd, sgd
 from jaxcryo.forward._projection import Projector, volume_to_fourier
 from jaxcryo.data._simulate import phantom, simulate
 from jaxcryo.data._sources import ArrayDataset

@@ -13,22 +13,20 @@ relative error to it, and the FSC to the ground truth. The printed verdict state
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InputError
 from ..solvers._fit import fit
-from ..io.atomic import atomic_write_text
-from ..io.mrc import write_map
-from ..ndimage._metrics import fsc as fsc_fn
+from ..io.outputs import ConvergencePlot, OutputFiles, output_folder, write_outputs
+from ..ndimage._metrics import FSCResult, fsc as fsc_fn
 from ..forward._operators import Trilinear, make_operator, operator_name
 from ..solvers._optim import paper_psgd, paper_sgd
 from ..leastsq._optimum import Optimum
-from ..plotting import plot_convergence, plot_fsc
 from ..forward._projection import Projector, fourier_to_volume, volume_to_fourier
 from ..rotations._rotations import preferred_orientations
 from ..data._simulate import simulate
@@ -74,14 +72,13 @@ def run(args) -> int:
         raise InputError(f"--n-particles {args.n_particles}: expected at least 8")
     if args.box < 8:
         raise InputError(f"--box {args.box}: expected at least 8")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     t0 = time.perf_counter()
     rots = preferred_orientations(args.seed, args.n_particles) if args.poses == "preferred" else None
     sim = simulate(n_particles=args.n_particles, box=args.box, snr=args.snr, seed=args.seed, rotations=rots,
                    progress=not args.quiet)
     px = sim.metadata.pixel_size
-    write_map(out / "ground_truth.mrc", sim.volume, px)
+    write_outputs(out, pixel_size=px, maps={"ground_truth.mrc": sim.volume})
     ds = ArrayDataset(sim.metadata, sim.images)
     bs = args.batch_size or max(1, args.n_particles // 30)
     spe = int(np.ceil(args.n_particles / bs))
@@ -93,7 +90,9 @@ def run(args) -> int:
     vol_mask = jnp.asarray(opt.mask, jnp.float32)
     truth_f = volume_to_fourier(jnp.asarray(sim.volume))
     fsc_from, hi = args.box // 4, args.box // 2 - 1
-    summary, histories, fscs = {}, {}, {}
+    summary: dict[str, Any] = {}
+    histories: dict[str, list] = {}
+    fscs: dict[str, FSCResult] = {}
     for name, (label, make) in OPTIMIZERS.items():
         evals = []
 
@@ -111,10 +110,10 @@ def run(args) -> int:
                   divergence_factor=1e12, desc=name)
         secs = time.perf_counter() - t
         vol = np.asarray(fourier_to_volume(res.volume_f * vol_mask))
-        write_map(out / f"map_{name}.mrc", vol, px)
         fr = fsc_fn(vol, sim.volume, pixel_size=px)
         fscs[name] = fr
-        atomic_write_text(out / f"fsc_{name}.json", json.dumps(fr.to_dict(), indent=1))
+        write_outputs(out, pixel_size=px, maps={f"map_{name}.mrc": vol}, fsc=fr,
+                      files=OutputFiles(fsc_json=f"fsc_{name}.json"))
         histories[label] = res.history
         h = res.history
         summary[name] = {
@@ -140,15 +139,15 @@ def run(args) -> int:
         "optimum": {"method": "CG on the assembled stencil Hessian (jaxcryo.Optimum)", "iterations": opt.iterations,
                     "relative_residual": opt.residual, "seconds": opt_seconds},
     }
-    plot_fsc({f"{k.upper()} vs ground truth": fscs[k] for k in OPTIMIZERS}, out / "fsc.png",
-             title=f"FSC to ground truth after {args.epochs} epochs")
-    plot_convergence(histories, out / "convergence.png",
-                     y_keys=("loss_gap_remaining", "min_fsc_vs_optimum", "relative_error_to_optimum"),
-                     title=f"box {args.box}, {args.n_particles} particles, batch {bs}, {args.interp}, "
-                           f"{args.poses} poses")
     verdict = _verdict(summary, args.epochs)
     summary["verdict"] = verdict
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    write_outputs(out, fsc_curves={f"{k.upper()} vs ground truth": fscs[k] for k in OPTIMIZERS},
+                  fsc_title=f"FSC to ground truth after {args.epochs} epochs",
+                  convergence=ConvergencePlot(
+                      histories, y_keys=("loss_gap_remaining", "min_fsc_vs_optimum", "relative_error_to_optimum"),
+                      title=f"box {args.box}, {args.n_particles} particles, batch {bs}, {args.interp}, "
+                            f"{args.poses} poses"),
+                  run=summary, files=OutputFiles(run="summary.json"))
     print(f"\njaxcryo demo: box {args.box}, {args.n_particles} particles ({args.poses} poses), SNR {args.snr}, "
           f"batch {bs} ({spe} steps/epoch), {args.epochs} epochs, {args.interp} slices, alpha {ALPHA:g} "
           f"(Nyquist {2 * px:.1f} A)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -27,17 +26,18 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..errors import InputError
-    from ..io.atomic import atomic_write_text
-    from ..io._validate import COMPARED, read_volume, require_same_grid
+    from ..io._validate import COMPARED, check_values, read_volume, require_same_grid
+    from ..io.outputs import OutputFiles, write_outputs
     from ..ndimage._metrics import fsc, soft_sphere_mask
-    from ..plotting import plot_fsc
 
     if args.apix is not None and not args.apix > 0:
         raise InputError(f"--apix must be > 0, got {args.apix}")
     if args.mask_radius is not None and not args.mask_radius > 0:
         raise InputError(f"--mask-radius must be > 0 pixels, got {args.mask_radius}")
-    first, second = read_volume(args.map1, COMPARED), read_volume(args.map2, COMPARED)
+    first, second = read_volume(args.map1, COMPARED, values=False), read_volume(args.map2, COMPARED, values=False)
     require_same_grid(first, second, pixel_size=args.apix is None)  # --apix: the user's pixel size for both
+    for vol in (first, second):  # then the values (finite, not constant), once the grids are known to match
+        check_values(vol.data, vol.label, vol.role)
     a, b, pa = first.data, second.data, first.pixel_size
     px = args.apix if args.apix is not None else pa
     if not px:
@@ -46,11 +46,9 @@ def run(args) -> int:
     mask = soft_sphere_mask(a.shape[0], args.mask_radius) if use_mask else None
     r = fsc(a, b, pixel_size=px, mask=mask)
     print(f"FSC=0.143: {r.resolution_0143:.2f} Å   FSC=0.5: {r.resolution_05:.2f} Å")
-    if args.json:
-        atomic_write_text(args.json, json.dumps(r.to_dict(), indent=1) + "\n")
-        print(f"wrote {args.json}")
-    if args.plot:
-        title = f"FSC, pixel {px:.4g} Å" + (", soft spherical mask" if use_mask else "")
-        plot_fsc({f"{args.map1.name} vs {args.map2.name}": r}, args.plot, title=title)
-        print(f"wrote {args.plot}")
+    title = f"FSC, pixel {px:.4g} Å" + (", soft spherical mask" if use_mask else "")
+    files = OutputFiles(fsc_json=args.json or None, fsc_png=args.plot or None, history=None, convergence=None, run=None)
+    for path in write_outputs(Path("."), fsc=r, fsc_curves={f"{args.map1.name} vs {args.map2.name}": r},
+                              fsc_title=title, files=files):
+        print(f"wrote {path}")
     return 0

@@ -43,10 +43,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     md = read_particles(args.particles, datadir=args.datadir, apix=args.apix)
-    vol = read_volume(args.map, PROJECTED)
-    require_extent(vol, md.box, md.pixel_size, f"the particles in {args.particles}")
-    vol = vol.data
-    vol = np.asarray(resample_real(vol, md.box, 3), np.float32)
+    checked = read_volume(args.map, PROJECTED)
+    require_extent(checked, md.box, md.pixel_size, f"the particles in {args.particles}")
+    vol = np.asarray(resample_real(checked.data, md.box, 3), np.float32)
     opts = {"oversample": args.oversample} if args.oversample != 1 else {}
     if args.gridding != "auto":
         opts["gridding"] = args.gridding == "on"

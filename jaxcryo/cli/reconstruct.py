@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from ..parallel import _distributed as distributed
-from ..errors import InputError
-from ..io.atomic import atomic_write_text
-from ..io._validate import REFERENCE, read_volume, require_extent
-from ..io.mrc import write_map
+from ..io.outputs import ConvergencePlot, fsc_json, output_folder, versions, write_outputs
 from ..forward._operators import OPERATOR_NAMES, operator_name
-from ..plotting import plot_convergence, plot_fsc, preload
+from ..plotting import preload
 from ..solvers._reconstruct import DEFAULTS, OPTIMIZERS, reconstruct
+from ..solvers._reconstruct_settings import ReconstructSettings
 from ..data._sources import ParticleDataset
 from ..solvers._spectral import PRIORS
 
@@ -100,76 +95,30 @@ def add_distributed_flags(p) -> None:
                    help="this process's id, 0 to num-processes - 1 (default: $JAX_PROCESS_ID)")
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("jaxcryo", "jax", "jaxlib", "optax", "equinox", "jax-finufft", "mrcfile", "starfile", "numpy"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1))
+def settings_from_args(args) -> ReconstructSettings:
+    """The :class:`ReconstructSettings` of the parsed flags (each setting's flag has its name as ``dest``)."""
+    return ReconstructSettings(**{name: getattr(args, name) for name in ReconstructSettings.names()})
 
 
 def run(args) -> int:
     t0 = time.perf_counter()
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before JAX starts: no-op alone
     processes, rank = distributed.process_count(), distributed.process_index()
-    if processes > 1 and args.optimizer == "cg":
-        raise InputError(f"--optimizer cg with {processes} processes: CG is not split across devices or processes; "
-                         "use --optimizer backproject, psgd, sgd or adam, or run it in one process")
+    settings = settings_from_args(args)
     preload()  # matplotlib's import overlaps with the reconstruction
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder; --out needs a folder (new or existing)")
+    out = output_folder(args.out, create=False)
     ds = ParticleDataset.from_file(args.particles, datadir=args.datadir, apix=args.apix, poses=args.poses)
-    md = ds.metadata
-    if md.rotations is None:
-        why = md.missing_poses or "rlnAngleRot/rlnAngleTilt/rlnAnglePsi"
-        raise InputError(f"{args.particles}: no poses ({why}); known-pose reconstruction needs them "
-                         "(or give --poses POSES.pkl)")
-    if md.mixed_optics and args.box is None:
-        raise InputError(f"{args.particles}: optics groups have different pixel sizes or boxes; "
-                         "give --box to bring them to one box")
-    px_all = md.pixel_size_per_particle
-    if args.box is not None and px_all is not None and len(set(np.round(np.asarray(px_all), 6))) > 1:
-        raise InputError(f"{args.particles}: optics groups have different pixel sizes "
-                         f"({', '.join(f'{p:g}' for p in sorted(set(np.round(np.asarray(px_all), 4))))} A); "
-                         "rescaling each group to a common pixel size is not implemented yet, "
-                         "select one pixel size (one optics group) per run")
-    ds.validate(check_images=True)
-    indices = ds.finite_indices(skip_bad=args.skip_bad)
-    if len(indices) < len(md) and not args.quiet:
-        print(f"skipping {len(md) - len(indices)} image(s) with NaN/inf", file=sys.stderr)
-    if len(indices) == 0:
-        raise InputError(f"{args.particles}: the selection is empty")
-    if args.box is not None and args.box > md.box:
-        raise InputError(f"--box {args.box} is larger than the images ({md.box} px)")
-    reference = None
-    if args.reference is not None:
-        reference = read_volume(args.reference, REFERENCE)
-        require_extent(reference, md.box, md.pixel_size, f"the particles in {args.particles}")
-        reference = reference.data
-    out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint"
     if rank > 0:  # process 0 writes the outputs; each other process checkpoints into its own folder (--resume)
-        (out / f"process{rank}").mkdir(exist_ok=True)
         ckpt = out / f"process{rank}" / "checkpoint"
-    if args.resume and not ckpt.with_suffix(".npz").exists():
-        raise InputError(f"{ckpt}.npz: no checkpoint to resume from (--resume)")
+
+    def warn(msg: str) -> None:
+        if not args.quiet:
+            print(msg, file=sys.stderr)
+
     try:
-        res = reconstruct(
-            ds, optimizer=args.optimizer, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            interp=args.interp, probes=args.probes, lam=args.lam, prior=args.prior, box=args.box, halfmaps=args.halfmaps,
-            reference=reference, mask=args.mask, seed=args.seed, progress=not args.quiet,
-            checkpoint_path=ckpt, resume=args.resume, indices=indices, devices=args.devices,
-            prefetch=args.prefetch,
-        )
+        res = reconstruct(ds, settings, reference=args.reference, progress=not args.quiet, checkpoint_path=ckpt,
+                          resume=args.resume, warn=warn)
     except KeyboardInterrupt:
         done = ckpt.with_suffix(".npz").exists()
         msg = f"interrupted; continue with --resume ({ckpt}.npz)" if done else "interrupted"
@@ -177,45 +126,31 @@ def run(args) -> int:
         return 130
     if rank > 0:
         return 0
-    px = res.pixel_size
-    write_map(out / "map.mrc", res.volume, px)
-    if res.half1 is not None:
-        write_map(out / "half1.mrc", res.half1, px)
-        write_map(out / "half2.mrc", res.half2, px)
-    fsc = res.fsc_half.to_dict() if res.fsc_half is not None else {
-        "resolution_0143": None, "resolution_05": None, "frequency": [], "fsc": []}
-    if res.fsc_ref is not None:
-        fsc["reference"] = res.fsc_ref.to_dict()
-    _write_json(out / "fsc.json", fsc)
-    curves = {}
-    if res.fsc_half is not None:
-        curves["half maps"] = res.fsc_half
-    if res.fsc_ref is not None:
-        curves["map vs reference"] = res.fsc_ref
-    if curves:
-        plot_fsc(curves, out / "fsc.png", title=f"FSC ({args.optimizer})")
-    _write_json(out / "history.json", res.history)
-    plot_convergence({args.optimizer: res.history}, out / "convergence.png")
+    used = res.config["n_particles"]
+    curves = {"half maps": res.fsc_half, "map vs reference": res.fsc_ref}
     devices = [str(d) for d in jax.devices()]
-    _write_json(out / "run.json", {
+    run_record = {
         "command": "reconstruct", "argv": sys.argv, "particles": str(args.particles),
         "config": res.config, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                        if k != "func"},
-        "n_particles_used": int(len(indices)), "prior": res.prior, "versions": _versions(), "device": devices,
+        "n_particles_used": int(used), "prior": res.prior, "versions": versions(), "device": devices,
         "devices": res.devices, "processes": processes,
         "devices_requested": args.devices if args.devices is not None else len(devices),
         **({} if res.devices > 1 or args.optimizer != "cg" or args.devices in (None, 1) else {
             "devices_note": "cg is not sharded: it ran on one device"}),
-        "wall_seconds": time.perf_counter() - t0,
-    })
+    }
+    write_outputs(out, pixel_size=res.pixel_size,
+                  maps={"map.mrc": res.volume, "half1.mrc": res.half1, "half2.mrc": res.half2},
+                  fsc=fsc_json(res.fsc_half, res.fsc_ref), fsc_curves=curves, fsc_title=f"FSC ({args.optimizer})",
+                  history=res.history, convergence=ConvergencePlot({args.optimizer: res.history}),
+                  run=dict(run_record, wall_seconds=time.perf_counter() - t0))
     wall = time.perf_counter() - t0
     parts = []
     if res.fsc_half is not None:
         parts.append(f"half-map FSC 0.143: {res.fsc_half.resolution_0143:.2f} A, 0.5: {res.fsc_half.resolution_05:.2f} A")
     if res.fsc_ref is not None:
         parts.append(f"vs reference 0.5: {res.fsc_ref.resolution_05:.2f} A")
-    skipped = len(md) - len(indices)
-    print(f"jaxcryo reconstruct: {len(indices)} particles"
-          + (f" ({skipped} skipped: NaN/inf)" if skipped else "") + f", {args.optimizer}, {wall:.1f} s; "
+    print(f"jaxcryo reconstruct: {used} particles"
+          + (f" ({res.skipped} skipped: NaN/inf)" if res.skipped else "") + f", {args.optimizer}, {wall:.1f} s; "
           + ("; ".join(parts) if parts else "no FSC") + f" -> {out}/map.mrc")
     return 0

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import InputError
 from ..ndimage._fourier import resample_real
 from ..io._validate import VOLUME, read_volume
-from ..io.mrc import write_map
+from ..io.outputs import output_folder, write_outputs
 from ..io.star import write_star
 from ..rotations._rotations import preferred_orientations
 from ..data._simulate import perturbed_metadata, simulate, without_poses
@@ -86,10 +86,9 @@ def run(args) -> int:
         n_particles=args.n_particles, box=args.box, snr=args.snr, pixel_size=pixel_size, ctf=args.ctf,
         max_shift=args.max_shift, volume=volume, seed=args.seed, progress=not args.quiet, rotations=rots,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(args.out)
     star = write_dataset(out, sim.metadata, sim.images)
-    write_map(out / "ground_truth.mrc", sim.volume, pixel_size)
+    write_outputs(out, pixel_size=pixel_size, maps={"ground_truth.mrc": sim.volume})
     written = read_particles(star)  # the STAR as written (image paths, contrast), to derive the copies from
     if args.perturb_angle is not None:
         write_star(out / "particles_perturbed.star",

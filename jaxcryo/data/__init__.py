@@ -5,6 +5,9 @@ from ._batch import (
     to_batch as to_batch, epoch_batches as epoch_batches, prefetch as prefetch, load_batch as load_batch,
     iterate_batches as iterate_batches, check_batch_inputs as check_batch_inputs,
 )
+from ._checks import (
+    Selection as Selection, find_bad_images as find_bad_images, usable_particles as usable_particles,
+)
 from ._simulate import (
     PHANTOM_ATOMS as PHANTOM_ATOMS, PHANTOM_SEED as PHANTOM_SEED, phantom as phantom,
     SimulatedData as SimulatedData, random_ctf_params as random_ctf_params,

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import ArrayLike, Float
+from jaxtyping import ArrayLike, Float, Int
 
 from ..errors import InputError
 from ..forward._ctf import CTFParams
@@ -92,7 +92,8 @@ def to_batch(raw: RawBatch, dtype=jnp.float32) -> Batch:
     return make_batch(raw.images, raw.rotations, raw.shifts, raw.ctf, raw.weights, raw.mask, dtype)
 
 
-def epoch_batches(indices, batch_size: int, rng: np.random.Generator | None = None, multiple: int = 1) -> list:
+def epoch_batches(indices: Int[ArrayLike, " k"], batch_size: int, rng: np.random.Generator | None = None,
+                  multiple: int = 1) -> list:
     """Split ``indices`` (shuffled with ``rng`` if given) into batches of ``batch_size`` particles.
 
     The ragged last batch is padded by cycling its own indices, with ``mask = 0`` on the padding.
@@ -175,7 +176,8 @@ def prefetch(items: Iterable, depth: int = 1) -> Iterator:
         thread.join()
 
 
-def load_batch(source, idx, mask=None, weights=None) -> RawBatch:
+def load_batch(source, idx: Int[ArrayLike, " k"], mask: Float[ArrayLike, " k"] | None = None,
+               weights: Float[ArrayLike, " n"] | None = None) -> RawBatch:
     """Read the images and metadata of particles ``idx`` from ``source`` into a :class:`RawBatch`.
 
     Each distinct image is read once (padding repeats indices). ``weights`` are per particle of the source
@@ -199,7 +201,8 @@ def load_batch(source, idx, mask=None, weights=None) -> RawBatch:
     )
 
 
-def iterate_batches(source, batch_size: int, indices=None, rng=None):
+def iterate_batches(source, batch_size: int, indices: Int[ArrayLike, " k"] | None = None, rng: np.random.Generator | None = None
+                    ) -> Iterator[RawBatch]:
     """Yield :class:`RawBatch` es covering ``indices`` (default all) once, padded to ``batch_size``."""
     if indices is None:
         indices = np.arange(len(source.metadata))

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike, Float
 from tqdm.auto import tqdm
 
 from ..forward._ctf import CTFParams
 from ..errors import InputError
 from ..ndimage._fourier import freq_indices
-from ..forward._operators import NUFFT, SliceOperator
+from ..forward._operators import NUFFT, SliceOperator, make_operator
 from ..forward._particles import ParticleMetadata
 from ..forward._projection import Projector, volume_to_fourier
 from ..rotations._rotations import perturb_rotations, random_rotations
@@ -25,7 +26,8 @@ PHANTOM_ATOMS = 64
 PHANTOM_SEED = 20250101
 
 
-def phantom(n: int, n_atoms: int | None = None, seed: int = PHANTOM_SEED, sigma: float = 1.5) -> np.ndarray:
+def phantom(n: int, n_atoms: int | None = None, seed: int = PHANTOM_SEED, sigma: float = 1.5
+            ) -> Float[np.ndarray, "n n n"]:
     """A deterministic, asymmetric, protein-like volume ``(n, n, n)`` float32 ``[z, y, x]``.
 
     Gaussian "atoms" of standard deviation ``sigma`` voxels (1.5: detail down to about 4 pixels at every box,
@@ -75,7 +77,7 @@ def random_ctf_params(rng: np.random.Generator, n: int, defocus_range=(10000.0, 
                       cs=2.7, amp_contrast=0.07, max_astigmatism=200.0) -> CTFParams:
     """Random per-image CTF parameters: mean defocus uniform in ``defocus_range`` (Å), astigmatism up to
     ``max_astigmatism`` Å at a uniform angle."""
-    df = rng.uniform(*defocus_range, n)
+    df = rng.uniform(defocus_range[0], defocus_range[1], n)
     ast = rng.uniform(0, max_astigmatism, n)
     return CTFParams.create(
         defocus_u=df + ast, defocus_v=df - ast, astig_angle=rng.uniform(0, 180, n), voltage=voltage, cs=cs,
@@ -83,7 +85,7 @@ def random_ctf_params(rng: np.random.Generator, n: int, defocus_range=(10000.0, 
     )
 
 
-def project_metadata(vol: np.ndarray, md: ParticleMetadata, operator: SliceOperator | str = NUFFT(),
+def project_metadata(vol: Float[ArrayLike, "n n n"], md: ParticleMetadata, operator: SliceOperator | str = NUFFT(),
                      batch_size: int = 256, progress: bool = False) -> np.ndarray:
     """Noise-free real-space images ``(n, box, box)`` float32 of ``vol`` for the poses, shifts and CTF of
     ``md`` (the volume must already have the images' box and pixel size), made with the slice ``operator``
@@ -91,7 +93,7 @@ def project_metadata(vol: np.ndarray, md: ParticleMetadata, operator: SliceOpera
     if md.rotations is None:
         raise InputError(f"{md.source or 'particles'}: no poses (rlnAngleRot/Tilt/Psi) to project with")
     n = md.box
-    proj = Projector(n=n, pixel_size=float(md.pixel_size), operator=operator,
+    proj = Projector(n=n, pixel_size=float(md.pixel_size), operator=make_operator(operator),
                      mask_radius=n)  # keep every frequency: images, not a least-squares model
     vf = volume_to_fourier(jnp.asarray(vol, jnp.float32))
 
@@ -118,7 +120,7 @@ def simulate(
     pixel_size: float = 3.0,
     ctf: bool = True,
     max_shift: float | None = None,
-    volume: np.ndarray | None = None,
+    volume: Float[ArrayLike, "n n n"] | None = None,
     seed: int = 0,
     defocus_range=(10000.0, 25000.0),
     voltage: float = 300.0,
@@ -126,7 +128,7 @@ def simulate(
     amp_contrast: float = 0.07,
     operator: SliceOperator | str = NUFFT(),
     progress: bool = False,
-    rotations: np.ndarray | None = None,
+    rotations: Float[ArrayLike, "k 3 3"] | None = None,
 ) -> SimulatedData:
     """Simulate a particle set with uniform random poses, random shifts, RELION CTF and white noise.
 

@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike, Bool, Float, Int
 
 from ..errors import InputError
 from ..ndimage._fourier import resample_real
@@ -43,7 +44,7 @@ class ParticleSource(Protocol):
 
     def __len__(self) -> int: ...
 
-    def images(self, idx) -> np.ndarray: ...
+    def images(self, idx: Int[ArrayLike, " k"]) -> Float[np.ndarray, "k n n"]: ...
 
 
 def read_particles(path, datadir=None, apix: float | None = None, poses=None) -> ParticleMetadata:
@@ -112,7 +113,7 @@ class ParticleDataset:
             self._stacks.popitem(last=False)
         return s
 
-    def images(self, idx) -> np.ndarray:
+    def images(self, idx: Int[ArrayLike, " k"]) -> Float[np.ndarray, "k n n"]:
         """Real-space images ``(k, box, box)`` float32 for particle indices ``idx`` (contrast sign applied).
         Thread-safe."""
         with self._lock:
@@ -180,7 +181,7 @@ class ParticleDataset:
             if j.size and j.max() >= count:
                 raise InputError(f"{f}: image index {int(j.max()) + 1} out of range (stack has {count} images)")
 
-    def find_bad_images(self, chunk: int = 1024) -> np.ndarray:
+    def find_bad_images(self, chunk: int = 1024) -> Bool[np.ndarray, " n"]:
         """Boolean mask of the particles whose image contains NaN or inf.
 
         Streams through the data ``chunk`` images at a time (in file order), so memory stays bounded.
@@ -193,21 +194,6 @@ class ParticleDataset:
             bad[idx] = ~np.isfinite(imgs).all(axis=(1, 2))
         return bad
 
-    def finite_indices(self, skip_bad: bool = False) -> np.ndarray:
-        """The particles whose images are finite (one streamed pass, :meth:`find_bad_images`).
-
-        A NaN or inf image raises :class:`InputError` naming its stack, how many there are and the first
-        (particle number and image number in its stack), unless ``skip_bad``: then the others are returned
-        (possibly none: the caller decides what an empty selection means).
-        """
-        bad = self.find_bad_images()
-        if bad.any() and not skip_bad:
-            md = self.metadata
-            first = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{md.image_files[first]}: {int(bad.sum())} image(s) contain NaN/inf (first: image "
-                             f"{int(md.image_indices[first]) + 1}, particle {first + 1} of {md.source or 'the set'}); "
-                             "use {param} to skip them", param="skip_bad")
-        return np.flatnonzero(~bad)
 
     def split_halves(self, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """:func:`split_halves` of this set's metadata."""
@@ -217,7 +203,7 @@ class ParticleDataset:
 class ArrayDataset:
     """Particles whose images are already in memory (``(n, box, box)`` float32)."""
 
-    def __init__(self, metadata: ParticleMetadata, images: np.ndarray):
+    def __init__(self, metadata: ParticleMetadata, images: Float[ArrayLike, "n box box"]):
         if len(images) != len(metadata):
             raise ValueError(f"{len(images)} images for {len(metadata)} particles")
         self.metadata = metadata
@@ -226,7 +212,7 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.metadata)
 
-    def images(self, idx) -> np.ndarray:
+    def images(self, idx: Int[ArrayLike, " k"]) -> Float[np.ndarray, "k n n"]:
         idx = np.asarray(idx)
         imgs = self._images[idx]
         if self.metadata.contrast_sign is not None:
@@ -248,7 +234,7 @@ class CroppedSource:
     def __len__(self) -> int:
         return len(self.metadata)
 
-    def images(self, idx) -> np.ndarray:
+    def images(self, idx: Int[ArrayLike, " k"]) -> Float[np.ndarray, "k n n"]:
         imgs = self.source.images(idx)
         return np.asarray(resample_real(jnp.asarray(imgs), self.box, 2), np.float32)
 
@@ -264,7 +250,8 @@ def split_halves(md: ParticleMetadata, seed: int = 0) -> tuple[np.ndarray, np.nd
     return np.sort(perm[:h]), np.sort(perm[h:])
 
 
-def write_dataset(out_dir, metadata: ParticleMetadata, images, stack_name: str = "particles.mrcs",
+def write_dataset(out_dir, metadata: ParticleMetadata, images: Float[ArrayLike, "k n n"],
+                  stack_name: str = "particles.mrcs",
                   star_name: str = "particles.star") -> Path:
     """Write images as ``out_dir/stack_name`` and metadata as a RELION 3.1 ``out_dir/star_name``.
 

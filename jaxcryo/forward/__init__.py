@@ -9,6 +9,7 @@ from ._operators import (
     slice_nearest as slice_nearest, slice_trilinear as slice_trilinear, finufft as finufft,
     slice_nufft as slice_nufft, dft_at_points as dft_at_points, GRIDDING_FLOOR as GRIDDING_FLOOR,
     gridding_profile as gridding_profile, oversampled as oversampled, SliceOperator as SliceOperator,
+    AbstractGridOperator as AbstractGridOperator, local_stencil_operator as local_stencil_operator,
     Nearest as Nearest, Trilinear as Trilinear, NUFFT as NUFFT, OPERATORS as OPERATORS,
     OPERATOR_NAMES as OPERATOR_NAMES, make_operator as make_operator, as_operator as as_operator,
     operator_name as operator_name, describe as describe,

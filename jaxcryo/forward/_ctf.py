@@ -14,11 +14,12 @@ from typing import Callable, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Float, Int, Shaped
 
 from ..errors import InputError
 
 
-def electron_wavelength(voltage_kv):
+def electron_wavelength(voltage_kv: Float[ArrayLike, "*b"]) -> Float[Array, "*b"]:
     """Relativistic electron wavelength in Å for an accelerating voltage in kV (RELION's formula)."""
     v = voltage_kv * 1e3
     return 12.2643247 / jnp.sqrt(v * (1.0 + v * 0.978466e-6))
@@ -44,8 +45,8 @@ class CTFParams(NamedTuple):
     @classmethod
     def create(
         cls,
-        defocus_u,
-        defocus_v=None,
+        defocus_u: Float[ArrayLike, "*b"],
+        defocus_v: Float[ArrayLike, "*b"] | None = None,
         astig_angle=0.0,
         voltage=300.0,
         cs=2.7,
@@ -61,12 +62,12 @@ class CTFParams(NamedTuple):
         vals = [du, dv, astig_angle, voltage, cs, amp_contrast, phase_shift, bfactor, scale]
         return cls(*(np.broadcast_to(np.asarray(v, dtype=dtype), du.shape).copy() for v in vals))
 
-    def take(self, idx) -> "CTFParams":
+    def take(self, idx: Int[ArrayLike, " k"] | Shaped[ArrayLike, " k"]) -> "CTFParams":
         """Select images (NumPy or JAX fancy index) from every field."""
         return CTFParams(*(f[idx] for f in self))
 
 
-def evaluate_ctf(params: CTFParams, freqs):
+def evaluate_ctf(params: CTFParams, freqs: Float[ArrayLike, "n n 2"]) -> Float[Array, "*b n n"]:
     """Evaluate the CTF on a frequency grid.
 
     Args:
@@ -186,7 +187,7 @@ def validate_ctf(ctf: CTFParams, source: str, *, fields: dict | None = None,
                          "expected an amplitude contrast fraction in [0, 1) (typically 0.07-0.1)")
 
 
-def validate_pixel_size(pixel_size, source: str, field: str = "rlnImagePixelSize",
+def validate_pixel_size(pixel_size: Float[ArrayLike, "*k"], source: str, field: str = "rlnImagePixelSize",
                         where: Callable[[int], str] | None = None, hint: str = "",
                         param: str | None = None) -> None:
     """Raise :class:`InputError` (one line naming ``source`` and ``field``, ending in ``hint`` if given)

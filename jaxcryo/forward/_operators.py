@@ -21,7 +21,8 @@ Facts other modules need are properties of the operator, never string comparison
 
 * :attr:`SliceOperator.has_local_stencil`: each point reads only the (at most 8) voxels of its grid cube
   on the ``N``-grid, so the Hessian is a 27-point stencil and its exact diagonal is the backprojection of
-  ``M CTF^2`` through the squared weights (:meth:`SliceOperator.squared_weight_slice`);
+  ``M CTF^2`` through the squared weights (:meth:`AbstractGridOperator.squared_weight_slice`, of the operator
+  :func:`local_stencil_operator` returns);
 * :attr:`SliceOperator.has_diagonal_hessian`: the Hessian is exactly diagonal (the Wiener filter is then the
   exact least-squares solution);
 * :meth:`SliceOperator.weight_kernel`: the local operator whose (plain-weight) backprojection of ``M CTF^2``
@@ -33,12 +34,14 @@ choices. Adding an operator is one subclass and one registry line.
 
 from __future__ import annotations
 
+import abc
 from typing import ClassVar
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Complex, Float, Num
 
 from ..errors import InputError
 from ..ndimage._fourier import fft3c, ifft3c
@@ -53,7 +56,7 @@ def _gather(vol, iz, iy, ix):
     return jnp.where(valid, vol.reshape(-1)[flat], 0)
 
 
-def slice_nearest(vol_f, points):
+def slice_nearest(vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"]) -> Complex[Array, "*p"]:
     """Nearest-voxel values of the centred Fourier volume at ``points`` ``(..., 3)`` (voxel units, xyz)."""
     c = jnp.rint(points).astype(jnp.int32) + vol_f.shape[-1] // 2
     return _gather(vol_f, c[..., 2], c[..., 1], c[..., 0])
@@ -64,7 +67,8 @@ _WINDOW_DIMS = jax.lax.GatherDimensionNumbers(offset_dims=(1, 2, 3), collapsed_s
                                               start_index_map=(0, 1, 2))
 
 
-def slice_trilinear(vol_f, points, weight_power: int = 1):
+def slice_trilinear(vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], weight_power: int = 1
+                    ) -> Complex[Array, "*p"]:
     """Trilinear interpolation of the centred Fourier volume at ``points`` ``(..., 3)`` (voxel units, xyz).
 
     Zeros outside the grid. ``weight_power=2`` sums the 8 neighbours with squared weights: its transpose
@@ -104,7 +108,8 @@ def finufft():
     return jax_finufft
 
 
-def slice_nufft(vol_f, points, eps: float | None = None):
+def slice_nufft(vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], eps: float | None = None
+                ) -> Complex[Array, "*p"]:
     """Exact (trigonometric) interpolation of the DFT ``vol_f`` at ``points`` by a type-2 NUFFT.
 
     ``V(q) = sum_r v(r) exp(-2 pi i q . r / N)`` with ``v = ifft3c(vol_f)`` on the centred grid.
@@ -124,7 +129,8 @@ def slice_nufft(vol_f, points, eps: float | None = None):
     return vals.reshape(shape)
 
 
-def dft_at_points(vol, points, chunk: int = 2048) -> np.ndarray:
+def dft_at_points(vol: Num[ArrayLike, "n n n"], points: Float[ArrayLike, "*p 3"], chunk: int = 2048
+                  ) -> Complex[np.ndarray, "*p"]:
     """The exact DFT of a real-space volume at off-grid points, by direct summation in float64 (NumPy):
     ``V(p) = sum_r vol[r] exp(-2 pi i p . r / N)`` over the centred positions ``r`` (the function every slice
     operator approximates; :func:`slice_nufft` computes it to ``eps``). ``vol``: ``(N, N, N)`` ``[z, y, x]``;
@@ -150,7 +156,7 @@ def dft_at_points(vol, points, chunk: int = 2048) -> np.ndarray:
 GRIDDING_FLOOR = 1e-2
 
 
-def gridding_profile(n: int, m: int, order: int) -> np.ndarray:
+def gridding_profile(n: int, m: int, order: int) -> Float[np.ndarray, " n"]:
     """The real-space transform of the interpolation kernel along one axis, ``sinc(x / m) ** order``
     (``np.sinc(t) = sin(pi t) / (pi t)``), at the centred positions ``x = -n//2 .. (n-1)//2`` of an ``n``-box
     whose Fourier volume is interpolated on an ``m``-point grid (``m = oversample * n``); ``(n,)`` float64.
@@ -167,7 +173,7 @@ def gridding_profile(n: int, m: int, order: int) -> np.ndarray:
     return np.maximum(np.sinc(x / m) ** order, GRIDDING_FLOOR) if order else np.ones(n)
 
 
-def oversampled(vol_f, s: int, gridding_order: int = 0):
+def oversampled(vol_f: Complex[Array, "n n n"], s: int, gridding_order: int = 0) -> Complex[Array, "m m m"]:
     """The centred Fourier volume of ``vol_f`` zero-padded ``s``-fold in real space (``(sN,)*3``).
 
     With ``gridding_order`` > 0 the real-space volume is first divided by the interpolation kernel's
@@ -190,48 +196,41 @@ def oversampled(vol_f, s: int, gridding_order: int = 0):
 
 
 class SliceOperator(eqx.Module):
-    """Abstract slice operator (see the module docstring). Subclasses implement :meth:`slice`."""
+    """Abstract slice operator (see the module docstring): subclasses implement :meth:`lift`,
+    :meth:`slice_lifted` and :attr:`has_local_stencil`, and set :attr:`local_capable` and
+    :attr:`diagonal_when_local`. The concrete operators are final."""
 
     #: The class has a local stencil in some configuration (nearest/trilinear without oversampling).
-    local_capable: ClassVar[bool] = False
+    local_capable: eqx.AbstractClassVar[bool]
     #: With a local stencil, the Hessian is exactly diagonal (nearest-voxel slices on the ``N``-grid).
-    diagonal_when_local: ClassVar[bool] = False
+    diagonal_when_local: eqx.AbstractClassVar[bool]
 
-    def slice(self, vol_f, points):
-        """Values of the centred Fourier volume ``vol_f`` ``(N, N, N)`` at ``points`` ``(..., 3)``."""
-        return self.slice_lifted(self.lift(vol_f), points)
-
-    def lift(self, vol_f):
+    @abc.abstractmethod
+    def lift(self, vol_f: Complex[Array, "n n n"]) -> Complex[Array, "m m m"]:
         """The batch-independent linear first stage of :meth:`slice` (e.g. oversampling with the gridding
-        correction): ``slice(v, p) == slice_lifted(lift(v), p)``. Identity by default.
+        correction): ``slice(v, p) == slice_lifted(lift(v), p)``.
 
         A sum of adjoints over many batches can be accumulated on the lifted grid and mapped back with the
         transpose of ``lift`` once (:meth:`jaxcryo.forward.Projector.backproject_lifted`), instead of
         once per batch."""
-        return vol_f
 
-    def slice_lifted(self, lifted, points):
+    @abc.abstractmethod
+    def slice_lifted(self, lifted: Complex[Array, "m m m"], points: Float[Array, "*p 3"]) -> Complex[Array, "*p"]:
         """The point-dependent stage of :meth:`slice`, reading the output of :meth:`lift`."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def has_local_stencil(self) -> bool:
         """Each point reads only the voxels of its grid cube on the ``N``-grid (27-point Hessian stencil)."""
-        return False
+
+    def slice(self, vol_f: Complex[Array, "n n n"], points: Float[Array, "*p 3"]) -> Complex[Array, "*p"]:
+        """Values of the centred Fourier volume ``vol_f`` ``(N, N, N)`` at ``points`` ``(..., 3)``."""
+        return self.slice_lifted(self.lift(vol_f), points)
 
     @property
     def has_diagonal_hessian(self) -> bool:
         """The least-squares Hessian is exactly diagonal."""
         return self.has_local_stencil and self.diagonal_when_local
-
-    def squared_weight_slice(self, vol, points):
-        """The slice with squared interpolation weights (real ``vol``); its transpose applied to
-        ``M CTF^2`` is the exact Hessian diagonal. Only for operators with a local stencil."""
-        raise NotImplementedError(
-            f"the exact Hessian diagonal needs a slice operator with a local stencil "
-            f"({', '.join(n for n, c in OPERATORS.items() if c.local_capable)} without oversampling), "
-            f"not {describe(self)}; use the Hutchinson estimator"
-        )
 
     def weight_kernel(self) -> "SliceOperator":
         """The local operator whose backprojection of ``M CTF^2`` (plain weights) gives the ``CTF^2`` weights
@@ -239,8 +238,22 @@ class SliceOperator(eqx.Module):
         return self if self.has_local_stencil else Trilinear()
 
 
-class _GridOperator(SliceOperator):
-    """Operators that read voxels of a (possibly oversampled) grid: nearest and trilinear.
+def local_stencil_operator(op: SliceOperator) -> "AbstractGridOperator":
+    """``op`` when it has a local stencil (the exact Hessian diagonal, the stencil Hessian and
+    :meth:`AbstractGridOperator.squared_weight_slice` need one); else ``NotImplementedError`` naming it."""
+    if not (isinstance(op, AbstractGridOperator) and op.has_local_stencil):
+        raise NotImplementedError(
+            f"the exact Hessian diagonal needs a slice operator with a local stencil "
+            f"({', '.join(n for n, c in OPERATORS.items() if c.local_capable)} without oversampling), "
+            f"not {describe(op)}; use the Hutchinson estimator"
+        )
+    return op
+
+
+class AbstractGridOperator(SliceOperator):
+    """Operators that read voxels of a (possibly oversampled) grid: nearest and trilinear; subclasses declare
+    the fields ``oversample`` and ``gridding``, the class variable ``kernel_order`` and implement
+    :meth:`kernel`.
 
     ``oversample = s``: zero-pad the volume ``s``-fold in real space first (finer Fourier sampling).
     ``gridding``: divide the real-space volume by the kernel's transform before that FFT
@@ -255,18 +268,24 @@ class _GridOperator(SliceOperator):
     oversampling or gridding the operator has no local stencil on the ``N``-grid.
     """
 
-    oversample: int = eqx.field(static=True, default=1)
-    gridding: bool | None = eqx.field(static=True, default=None)
+    oversample: eqx.AbstractVar[int]
+    gridding: eqx.AbstractVar[bool | None]
     local_capable: ClassVar[bool] = True
     #: B-spline order of the interpolation kernel (1: nearest's box, 2: trilinear's tent); its real-space
     #: transform is ``sinc ** kernel_order`` per axis (:func:`gridding_profile`).
-    kernel_order: ClassVar[int] = 1
+    kernel_order: eqx.AbstractClassVar[int]
 
     def __check_init__(self):
         if self.oversample < 1 or int(self.oversample) != self.oversample:
             raise ValueError(f"oversample must be a positive integer, got {self.oversample}")
         if self.gridding not in (None, True, False):
             raise ValueError(f"gridding must be True, False or None (automatic), got {self.gridding!r}")
+
+    @abc.abstractmethod
+    def kernel(self, vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"],
+               weight_power: int = 1) -> Complex[Array, "*p"]:
+        """The interpolation on the grid of ``vol_f`` at ``points`` (grid units), with the weights raised to
+        ``weight_power``."""
 
     @property
     def gridding_on(self) -> bool:
@@ -279,10 +298,7 @@ class _GridOperator(SliceOperator):
     def has_local_stencil(self) -> bool:
         return self.oversample == 1 and not self.gridding_on
 
-    def _kernel(self, vol_f, points, weight_power: int = 1):
-        raise NotImplementedError
-
-    def lift(self, vol_f):
+    def lift(self, vol_f: Complex[Array, "n n n"]) -> Complex[Array, "m m m"]:
         if self.has_local_stencil:
             return vol_f
         fine = oversampled(vol_f, self.oversample, self.kernel_order if self.gridding_on else 0)
@@ -292,34 +308,40 @@ class _GridOperator(SliceOperator):
         # trilinear x2). The local operators keep zeros there, as their stencil Hessian assumes.
         return jnp.pad(fine, [(1, 1)] * 3, mode="wrap")
 
-    def slice_lifted(self, lifted, points):
+    def slice_lifted(self, lifted: Complex[Array, "m m m"], points: Float[Array, "*p 3"]) -> Complex[Array, "*p"]:
         if self.has_local_stencil:
-            return self._kernel(lifted, points)
-        return self._kernel(lifted, points * self.oversample)
+            return self.kernel(lifted, points)
+        return self.kernel(lifted, points * self.oversample)
 
-    def squared_weight_slice(self, vol, points):
-        if not self.has_local_stencil:
-            return super().squared_weight_slice(vol, points)
-        return self._kernel(vol, points, weight_power=2)
+    def squared_weight_slice(self, vol: Float[Array, "n n n"], points: Float[Array, "*p 3"]) -> Float[Array, "*p"]:
+        """The slice with squared interpolation weights (real ``vol``); its transpose applied to
+        ``M CTF^2`` is the exact Hessian diagonal. Only with a local stencil (else ``NotImplementedError``)."""
+        return local_stencil_operator(self).kernel(vol, points, weight_power=2)
 
 
-class Nearest(_GridOperator):
+class Nearest(AbstractGridOperator):
     """Nearest Fourier voxel."""
 
+    oversample: int = eqx.field(static=True, default=1)
+    gridding: bool | None = eqx.field(static=True, default=None)
     kernel_order: ClassVar[int] = 1
-
     diagonal_when_local: ClassVar[bool] = True
 
-    def _kernel(self, vol_f, points, weight_power: int = 1):
+    def kernel(self, vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], weight_power: int = 1
+               ) -> Complex[Array, "*p"]:
         return slice_nearest(vol_f, points)  # weights are 0/1: squaring changes nothing
 
 
-class Trilinear(_GridOperator):
+class Trilinear(AbstractGridOperator):
     """Trilinear interpolation between the 8 neighbouring Fourier voxels."""
 
+    oversample: int = eqx.field(static=True, default=1)
+    gridding: bool | None = eqx.field(static=True, default=None)
     kernel_order: ClassVar[int] = 2
+    diagonal_when_local: ClassVar[bool] = False
 
-    def _kernel(self, vol_f, points, weight_power: int = 1):
+    def kernel(self, vol_f: Complex[Array, "m m m"], points: Float[Array, "*p 3"], weight_power: int = 1
+               ) -> Complex[Array, "*p"]:
         return slice_trilinear(vol_f, points, weight_power)
 
 
@@ -328,8 +350,17 @@ class NUFFT(SliceOperator):
     single precision, 1e-12 in double)."""
 
     eps: float | None = eqx.field(static=True, default=None)
+    local_capable: ClassVar[bool] = False
+    diagonal_when_local: ClassVar[bool] = False
 
-    def slice_lifted(self, lifted, points):
+    @property
+    def has_local_stencil(self) -> bool:
+        return False
+
+    def lift(self, vol_f: Complex[Array, "n n n"]) -> Complex[Array, "n n n"]:
+        return vol_f
+
+    def slice_lifted(self, lifted: Complex[Array, "n n n"], points: Float[Array, "*p 3"]) -> Complex[Array, "*p"]:
         return slice_nufft(lifted, points, self.eps)
 
 
@@ -343,7 +374,7 @@ OPERATORS: dict[str, type[SliceOperator]] = {
 OPERATOR_NAMES: tuple[str, ...] = tuple(OPERATORS)
 
 
-def make_operator(name: str, **options) -> SliceOperator:
+def make_operator(name: str | SliceOperator, **options) -> SliceOperator:
     """The operator registered as ``name`` with ``options`` (e.g. ``oversample=2``).
 
     Raises ``ValueError`` naming the parameter ``interp`` for an unknown name.
@@ -377,8 +408,10 @@ def operator_name(op: SliceOperator) -> str:
 def describe(op: SliceOperator) -> str:
     """``name``, or ``name (oversample s[, gridding])`` for messages and records (``gridding`` when the
     gridding correction is applied)."""
-    s = getattr(op, "oversample", 1)
-    parts = [f"oversample {s}"] if s != 1 else []
-    if getattr(op, "gridding_on", False):
-        parts.append("gridding")
+    parts = []
+    if isinstance(op, AbstractGridOperator):
+        if op.oversample != 1:
+            parts.append(f"oversample {op.oversample}")
+        if op.gridding_on:
+            parts.append("gridding")
     return operator_name(op) + (f" ({', '.join(parts)})" if parts else "")

@@ -30,6 +30,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+from jaxtyping import ArrayLike, Bool, Int
 
 from ._ctf import CTFParams
 
@@ -60,7 +61,7 @@ class ParticleMetadata:
     def has_poses(self) -> bool:
         return self.rotations is not None
 
-    def subset(self, idx) -> "ParticleMetadata":
+    def subset(self, idx: Int[ArrayLike, " k"] | Bool[ArrayLike, " n"]) -> "ParticleMetadata":
         """The particles selected by ``idx`` (integer array or boolean mask)."""
         idx = np.asarray(idx)
 

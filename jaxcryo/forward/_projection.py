@@ -21,7 +21,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Complex, Float
+from jaxtyping import Array, ArrayLike, Complex, Float, Int
 
 from ._ctf import CTFParams, evaluate_ctf
 from ..ndimage._fourier import fft3c, freq_grid_2d, freq_indices, ifft2c, ifft3c
@@ -33,7 +33,7 @@ def _real_dtype(cdtype):
     return jnp.float64 if jnp.dtype(cdtype) == jnp.complex128 else jnp.float32
 
 
-def slice_points(rotations, n: int, dtype=jnp.float32):
+def slice_points(rotations: Float[ArrayLike, "b 3 3"], n: int, dtype=jnp.float32) -> Float[Array, "b n n 3"]:
     """3D Fourier coordinates (voxel units, ``(x, y, z)`` order) sampled by each image pixel.
 
     Args:
@@ -50,7 +50,7 @@ def slice_points(rotations, n: int, dtype=jnp.float32):
     return jnp.einsum("yxi,bij->byxj", k2, rotations[:, :2, :].astype(dtype))
 
 
-def shift_phase(shifts, freqs):
+def shift_phase(shifts: Float[Array, "b 2"], freqs: Float[ArrayLike, "n n 2"]) -> Complex[Array, "b n n"]:
     """Phase ramps ``exp(+2 pi i k . o)`` ``(B, n, n)`` for origins ``shifts`` ``(B, 2)`` (Å, RELION's
     rlnOriginX/YAngst) on the frequency grid ``freqs`` ``(n, n, 2)`` (1/Å)."""
     ph = 2 * jnp.pi * (freqs[..., 0] * shifts[:, 0, None, None] + freqs[..., 1] * shifts[:, 1, None, None])
@@ -78,18 +78,18 @@ class Projector(eqx.Module):
         return operator_name(self.operator)
 
     # -- grids -------------------------------------------------------------------------------------
-    def freqs(self, dtype=jnp.float32):
+    def freqs(self, dtype=jnp.float32) -> Float[Array, "n n 2"]:
         """Image frequencies ``(n, n, 2)`` in 1/Å."""
         return jnp.asarray(freq_grid_2d(self.n, self.pixel_size), dtype=dtype)
 
-    def image_mask(self, dtype=jnp.float32):
+    def image_mask(self, dtype=jnp.float32) -> Float[Array, "n n"]:
         """``(n, n)`` 0/1 mask of the image frequencies that are modelled (``|k| <= mask_radius``)."""
         r = self.n / 2 if self.mask_radius is None else self.mask_radius
         k = freq_indices(self.n)
         rr = np.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
         return jnp.asarray(rr <= r + 1e-6, dtype=dtype)
 
-    def ctf(self, ctf_params: CTFParams | None, dtype=jnp.float32):
+    def ctf(self, ctf_params: CTFParams | None, dtype=jnp.float32) -> Float[Array, "b n n"] | None:
         """CTF values ``(B, n, n)`` for a batch of parameters, or ``None`` when the CTF is off."""
         if ctf_params is None:
             return None
@@ -159,7 +159,9 @@ class Projector(eqx.Module):
         return jax.eval_shape(self.operator.lift, jax.ShapeDtypeStruct((self.n,) * 3, jnp.complex64)).shape
 
     def backproject_lifted(self, images_f: Complex[Array, "b n n"], rotations: Float[Array, "b 3 3"],
-                           filters: Complex[Array, "b n n"], pixels=None) -> Complex[Array, "..."]:
+                           filters: Complex[Array, "b n n"],
+                           pixels: tuple[Int[ArrayLike, " p"], Float[ArrayLike, " p"]] | None = None
+                           ) -> Complex[Array, "..."]:
         """The adjoint of :meth:`apply` stopped on the operator's lifted grid: sum it over many batches and
         finish with :meth:`unlift_adjoint` once (``adjoint == unlift_adjoint o backproject_lifted``). For an
         oversampled operator this saves the 3D FFTs of the lift's transpose in every batch.
@@ -201,9 +203,9 @@ class Projector(eqx.Module):
         w[(ky == 0) & (kx == 0)] = 0.5
         if n % 2 == 0:
             w[(kx == -(n // 2)) | (ky == -(n // 2))] = 0.5
-        w = np.where(inside, w, 0.0).reshape(-1)
-        idx = np.flatnonzero(w)
-        return idx, w[idx]
+        flat = np.where(inside, w, 0.0).reshape(-1)
+        idx = np.flatnonzero(flat)
+        return idx, flat[idx]
 
     def unlift_adjoint(self, lifted: Complex[Array, "..."]) -> Complex[Array, "n n n"]:
         """The Hermitian adjoint of the operator's lift, ``(lifted grid) -> (n, n, n)``."""

@@ -16,10 +16,12 @@ from ._validate import (
     read_volume as read_volume, check_values as check_values, require_same_grid as require_same_grid,
     require_extent as require_extent,
 )
+from .outputs import ConvergencePlot, OutputFiles, fsc_json, output_folder, versions, write_json, write_outputs
 
 __all__ = ["apply_poses", "read_ctf_pickle", "read_pose_pickle", "read_cs", "open_stack", "read_map",
            "stack_pixel_size", "stack_shape", "write_map", "write_stack", "read_star", "write_star",
            "MapRole", "Volume", "ROLES", "REFERENCE", "HALF_MAP", "MASK", "VOLUME", "PROJECTED", "COMPARED", "TRUTH",
            "MAP", "read_volume", "check_values", "require_same_grid", "require_extent",
            "atomic_path", "atomic_write_bytes", "atomic_write_text",
-           "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "load_checkpoint", "save_checkpoint"]
+           "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "load_checkpoint", "save_checkpoint",
+           "ConvergencePlot", "OutputFiles", "fsc_json", "output_folder", "versions", "write_json", "write_outputs"]

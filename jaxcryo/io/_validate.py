@@ -114,14 +114,15 @@ def check_values(data: np.ndarray, label: str, role: MapRole | str = MAP) -> Non
         raise InputError(f"{label}: all {data.size} voxels are {lo:g}; an empty map")
 
 
-def read_volume(path, role: MapRole | str = MAP) -> Volume:
+def read_volume(path, role: MapRole | str = MAP, values: bool = True) -> Volume:
     """Read and check a map (MRC, or a ``.npy`` array ``[z, y, x]`` without a pixel size) -> :class:`Volume`.
 
     ``role``: a :class:`MapRole` or its name (``"reference"``, ``"half map"``, ``"mask"``, ``"volume to
     simulate"``, ``"map to project"``, ``"map to compare"``, ``"ground truth"``; any other string is used as
     the name of a plain map). Raises :class:`InputError` starting ``"<role> <path>: "`` for a missing or
     unreadable file, data that is not a cubic 3D map, anisotropic voxels, a negative or non-finite pixel size
-    in the header, non-finite values, and values that do not suit the role (:func:`check_values`).
+    in the header, non-finite values, and values that do not suit the role (:func:`check_values`;
+    ``values=False`` leaves that check to the caller, e.g. to compare two maps' grids first).
     A missing pixel size (0 in the header) gives ``pixel_size=None`` and a warning, as :func:`read_map`.
     """
     role = _role(role)
@@ -136,7 +137,8 @@ def read_volume(path, role: MapRole | str = MAP) -> Volume:
     except InputError as e:  # the reader's message starts with the path: say what the map is for
         raise InputError(f"{role.name} {e}") from None
     vol = Volume(data, px, path, role)
-    check_values(data, vol.label, role)
+    if values:
+        check_values(data, vol.label, role)
     return vol
 
 

@@ -70,7 +70,7 @@ def save_checkpoint(stem: str | Path, trees: dict[str, Any], meta: dict) -> tupl
     for key, obj in (("__meta__", full), ("__trees__", counts)):
         arrays[key] = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
     with atomic_path(npz) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     atomic_write_text(js, text + "\n")
     with contextlib.suppress(OSError, AttributeError):  # make the renames durable (POSIX only)
         fd = os.open(npz.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -102,7 +102,9 @@ def _restore(arr: np.ndarray, tmpl, where: str):
         return arr
     if isinstance(tmpl, np.generic):
         return arr[()]
-    return type(tmpl)(arr.item()) if isinstance(tmpl, (numbers.Number, str)) else arr.item()
+    if isinstance(tmpl, (numbers.Number, str)):
+        return type(tmpl)(arr.item())  # type: ignore[call-arg]  # int, float, complex, bool, str
+    return arr.item()
 
 
 def _read_json(data: bytes, path: Path, check_format: bool = True):
@@ -154,8 +156,9 @@ def load_checkpoint(stem: str | Path, templates: dict[str, Any] | None = None) -
         raise InputError(f"{npz}: checkpoint has no tree {missing[0]!r} (it has {sorted(counts)})")
     trees = {}
     for name, n in counts.items():
-        leaves = [arrays.get(f"{name}/{i}") for i in range(n)]
-        if any(a is None for a in leaves):
+        got = [arrays.get(f"{name}/{i}") for i in range(n)]
+        leaves = [a for a in got if a is not None]
+        if len(leaves) != n:
             raise InputError(f"{npz}: tree '{name}' is incomplete (damaged checkpoint?)")
         if name not in templates:
             trees[name] = leaves

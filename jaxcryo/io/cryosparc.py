@@ -97,7 +97,8 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
     if psize is not None and apix is None and np.ptp(np.asarray(psize, np.float64)) > 1e-4 * px:
         raise InputError(f"{path}: field blob/psize_A: particles have different pixel sizes "
                          f"({float(np.min(psize)):.4g} to {float(np.max(psize)):.4g} Å); not supported")
-    files, cache = [], {}
+    names: list[str] = []
+    cache: dict[str, str] = {}
     base = Path(datadir) if datadir is not None else path.parent
     for b in bpath:
         s = b.decode() if isinstance(b, bytes) else str(b)
@@ -106,8 +107,8 @@ def _read_cs(path: Path, datadir=None, apix: float | None = None) -> ParticleMet
             cands = [base / s, base / Path(s).name, path.parent / s, path.parent / Path(s).name]
             hit = next((c for c in cands if c.exists()), cands[0])
             cache[s] = str(hit.resolve())
-        files.append(cache[s])
-    files = np.array(files, dtype=object)
+        names.append(cache[s])
+    files = np.array(names, dtype=object)
     if box is None:
         from .mrc import stack_shape
 

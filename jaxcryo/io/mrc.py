@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
+from jaxtyping import ArrayLike, Real
 
 from ..errors import InputError, why
 from .atomic import atomic_path
@@ -159,7 +160,7 @@ class StackReader:
         if len(idx):
             cut = np.flatnonzero(np.diff(sidx) != 1) + 1  # runs of consecutive indices (in sorted order)
             starts, ends = np.concatenate([[0], cut]).tolist(), np.concatenate([cut, [len(sidx)]]).tolist()
-            raw = memoryview(buf.reshape(-1).view(np.uint8))
+            raw = memoryview(buf.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy's stub: no Buffer
             ib = self._image_bytes
             with open(self.path, "rb", buffering=0) as f:  # unbuffered: each read lands in ``buf`` directly
                 for a, b in zip(starts, ends):
@@ -205,7 +206,7 @@ def _write(path, data, pixel_size, stack: bool):
             m.update_header_stats()
 
 
-def write_map(path, vol, pixel_size: float | None) -> None:
+def write_map(path, vol: Real[ArrayLike, "n n n"], pixel_size: float | None) -> None:
     """Write a volume ``[z, y, x]`` as float32 MRC with the voxel size set, atomically."""
     vol = np.asarray(vol)
     if vol.ndim != 3:
@@ -213,7 +214,7 @@ def write_map(path, vol, pixel_size: float | None) -> None:
     _write(path, vol, pixel_size, stack=False)
 
 
-def write_stack(path, images, pixel_size: float | None) -> None:
+def write_stack(path, images: Real[ArrayLike, "k n n"], pixel_size: float | None) -> None:
     """Write images ``(N, H, W)`` as a float32 MRCS stack with the pixel size set, atomically."""
     images = np.asarray(images)
     if images.ndim != 3:

@@ -140,7 +140,8 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
 
     # Image locations.
     names = parts["rlnImageName"].astype(str).to_numpy()
-    files, idx = [], np.empty(n, np.int64)
+    names_out: list[str] = []
+    idx = np.empty(n, np.int64)
     cache: dict = {}
     for i, s in enumerate(names):
         if "@" in s:
@@ -155,8 +156,8 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
             idx[i], b = 0, s
         if b not in cache:
             cache[b] = str(_resolve(path, b, datadir))
-        files.append(cache[b])
-    files = np.array(files, dtype=object)
+        names_out.append(cache[b])
+    files = np.array(names_out, dtype=object)
 
     # Pixel size and box.
     px_per, px_field = None, None
@@ -219,8 +220,8 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
 
     # CTF.
     ctf = None
-    missing = [c for c in CTF_REQUIRED if c not in parts.columns]
-    if not missing:
+    absent = [c for c in CTF_REQUIRED if c not in parts.columns]
+    if not absent:
         get = lambda c, d: _numeric(path, parts, c) if c in parts.columns else np.full(n, d)  # noqa: E731
         ctf = CTFParams.create(
             defocus_u=get("rlnDefocusU", 0.0), defocus_v=get("rlnDefocusV", 0.0),
@@ -233,7 +234,7 @@ def _read_star(path: Path, datadir=None, apix: float | None = None) -> ParticleM
     elif "rlnDefocusU" not in parts.columns and "rlnDefocusV" not in parts.columns:
         warnings.warn(f"{path}: no defocus columns (rlnDefocusU/V); the CTF is off", stacklevel=3)
     else:
-        warnings.warn(f"{path}: incomplete CTF parameters, missing {', '.join(missing)}; the CTF is off",
+        warnings.warn(f"{path}: incomplete CTF parameters, missing {', '.join(absent)}; the CTF is off",
                       stacklevel=3)
 
     first = int(np.flatnonzero(og == og.min())[0])  # a particle of the first optics group

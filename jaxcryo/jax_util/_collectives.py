@@ -46,7 +46,7 @@ def primal_like(shape, dtype, *others):
     Inside ``shard_map``, a transpose with respect to a replicated primal includes the ``psum`` of the
     broadcast's transpose: every call all-reduces a full grid. Typed per device, the transpose is this
     device's partial sum, which the caller reduces once (e.g. after accumulating many batches,
-    :func:`jaxcryo.leastsq.wiener_backprojection`). Per device, the primal is a zero array marked varying
+    :func:`jaxcryo.solvers.wiener_backprojection`). Per device, the primal is a zero array marked varying
     (``jax.lax.pvary``; only its type is used); outside ``shard_map``, a plain ``ShapeDtypeStruct``.
     """
     vma = frozenset().union(*(varying_axes(o) for o in others))

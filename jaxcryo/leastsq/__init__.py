@@ -8,8 +8,7 @@ from ._hessian import (
     batch_diagonal_sum as batch_diagonal_sum, exact_diagonal as exact_diagonal,
     hessian_stencil as hessian_stencil, HessianOperator as HessianOperator,
     hessian_operator as hessian_operator, NormalEquations as NormalEquations,
-    normal_equations as normal_equations, solve_cg as solve_cg,
-    wiener_backprojection as wiener_backprojection,
+    normal_equations as normal_equations, solve_cg as solve_cg, minibatch_diagonal as minibatch_diagonal,
 )
 from ._linalg import (
     LANCZOS_ITERS as LANCZOS_ITERS, LANCZOS_RTOL as LANCZOS_RTOL, default_threshold as default_threshold,

@@ -59,7 +59,7 @@ and hardly grows with the box (measured ~25-29 at boxes 16-64, 2,000 poses).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -116,7 +116,7 @@ def condition_report(boxes, n_poses: int = 2000, method: SliceOperator | str = T
     """
     operator = make_operator(method)
     rots, ctfp = _poses(n_poses, seed, ctf)
-    out = {"box": [], "kappa_H": [], "kappa_DinvH": [], "kappa_predicted": []}
+    out: dict[str, Any] = {"box": [], "kappa_H": [], "kappa_DinvH": [], "kappa_predicted": []}
     eig = []
     for n in boxes:
         n = int(n)

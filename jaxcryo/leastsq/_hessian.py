@@ -11,9 +11,12 @@ folded into per-pixel weights ``W_i = M CTF_i^2 w_i`` (:func:`weight_image`, the
   weights, exact for operators with a local stencil (:func:`batch_diagonal_sum`, :func:`exact_diagonal`);
 * **stencil**: for those operators ``H`` itself is a 27-point stencil (:func:`hessian_stencil`,
   :mod:`jaxcryo.leastsq`); :func:`hessian_operator` wraps it, or Hessian-vector products for the others;
+* **minibatch diagonal**: the exact diagonal of one minibatch's Hessian (:func:`minibatch_diagonal`, the
+  preconditioner of :func:`jaxcryo.solvers.batch_diagonal`);
 * **normal equations** ``H v = b``, ``b = (1/n) sum_i w_i S_i^H M y_i`` (:func:`normal_equations`), solved by
-  CG (:func:`solve_cg`) or approximated in one pass by the Wiener filter (:func:`wiener_backprojection`,
-  whose ``CTF^2`` weights are the same backprojection of ``W_i``, :func:`weight_backprojection`).
+  CG (:func:`solve_cg`) or approximated in one pass by the Wiener filter
+  (:func:`jaxcryo.solvers.wiener_backprojection`, whose ``CTF^2`` weights are the same backprojection of
+  ``W_i``, :func:`weight_backprojection`).
 
 Which of these apply is read from the slice operator's properties (``has_local_stencil``,
 ``has_diagonal_hessian``, ``weight_kernel()``), never from its name.
@@ -21,32 +24,31 @@ Which of these apply is read from the slice operator's properties (``has_local_s
 
 from __future__ import annotations
 
-from functools import lru_cache, partial
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Complex, Float, Int
 
-from jax.sharding import PartitionSpec as P
-
-from .. import parallel
-from ..jax_util import primal_like
+from ..errors import InputError
+from ..jax_util import primal_like, psum
 from . import _stencil as stencil
-from ..data._batch import Batch, complex_dtype, epoch_batches, iterate_batches, make_batch, to_batch
+from ..data._batch import Batch, complex_dtype, iterate_batches, make_batch, to_batch
 from ..forward._ctf import CTFParams
 from ._linalg import CGResult, conjugate_gradient
-from ._loss import hvp, loss
-from ..forward._operators import describe
-from ._priors import prior_diagonal
-from ..forward._projection import Projector, hermitian_mirror, slice_points
+from ._loss import batch_filters, hvp, loss
+from ..forward._operators import describe, local_stencil_operator
+from ._priors import Prior, prior_diagonal
+from ..forward._projection import Projector, slice_points
 
 
 # --------------------------------------------------------------------------------------------------
 # Pixel weights and their backprojection
 # --------------------------------------------------------------------------------------------------
-def weight_image(projector: Projector, n_images: int, ctf: CTFParams | None = None, scale=None,
-                 dtype=jnp.float32, host: bool = False):
+def weight_image(projector: Projector, n_images: int, ctf: CTFParams | None = None,
+                 scale: Float[ArrayLike, " b"] | None = None, dtype=jnp.float32, host: bool = False
+                 ) -> Float[ArrayLike, "b n n"]:
     """The per-pixel Hessian weights ``M CTF_i^2 scale_i`` ``(n_images, n, n)``.
 
     ``M`` is the projector's image-frequency mask, ``CTF_i`` the CTF of ``ctf`` (omitted if ``None``) and
@@ -67,7 +69,9 @@ def weight_image(projector: Projector, n_images: int, ctf: CTFParams | None = No
     return w
 
 
-def weight_backprojection(projector: Projector, batch: Batch, squared: bool = True, pixels=None):
+def weight_backprojection(projector: Projector, batch: Batch, squared: bool = True,
+                          pixels: tuple[Int[ArrayLike, " p"], Float[ArrayLike, " p"]] | None = None
+                          ) -> Float[Array, "n n n"]:
     """``sum_i P_i^T (M CTF_i^2 w_i mask_i)`` over one batch, real ``(n, n, n)`` in the batch's precision.
 
     ``squared=True``: ``P_i`` is the projector operator's slice with squared interpolation weights, so this is
@@ -78,7 +82,7 @@ def weight_backprojection(projector: Projector, batch: Batch, squared: bool = Tr
     n = projector.n
     rdt = jnp.real(batch.images_f).dtype
     op = projector.operator
-    fwd = op.squared_weight_slice if squared else op.weight_kernel().slice
+    fwd = local_stencil_operator(op).squared_weight_slice if squared else op.weight_kernel().slice
     pts = slice_points(batch.rotations, n, rdt)
     b = batch.images_f.shape[0]
     w = weight_image(projector, b, batch.ctf, batch.weights * batch.mask, rdt)
@@ -93,13 +97,14 @@ def weight_backprojection(projector: Projector, batch: Batch, squared: bool = Tr
 # --------------------------------------------------------------------------------------------------
 # Exact diagonal
 # --------------------------------------------------------------------------------------------------
-def batch_diagonal_sum(projector: Projector, batch: Batch):
+def batch_diagonal_sum(projector: Projector, batch: Batch) -> Float[Array, "n n n"]:
     """``sum_i w_i mask_i diag(S_i^H M S_i)`` over one batch (real ``(n, n, n)``), exact for operators with a
     local stencil: the backprojection of ``w CTF^2 M`` through the hit counts / squared interpolation weights."""
     return weight_backprojection(projector, batch, squared=True)
 
 
-def exact_diagonal(projector: Projector, batches, lam: float = 0.0, n_images: int | None = None):
+def exact_diagonal(projector: Projector, batches, lam: float | Prior = 0.0, n_images: int | None = None
+                   ) -> Float[Array, "n n n"]:
     """The exact diagonal of the full-data Hessian ``(1/n) sum_i w_i S_i^H M S_i + lam``, in one data pass.
 
     Args:
@@ -117,6 +122,8 @@ def exact_diagonal(projector: Projector, batches, lam: float = 0.0, n_images: in
         d = f(b)
         total = d if total is None else total + d
         count += float(jnp.sum(b.mask))
+    if total is None:
+        raise InputError("exact_diagonal: no batches")
     n = count if n_images is None else n_images
     return total / n + prior_diagonal(lam, total.shape[-1], total.dtype)
 
@@ -124,8 +131,8 @@ def exact_diagonal(projector: Projector, batches, lam: float = 0.0, n_images: in
 # --------------------------------------------------------------------------------------------------
 # The Hessian as an operator
 # --------------------------------------------------------------------------------------------------
-def hessian_stencil(projector: Projector, rotations, ctf: CTFParams | None = None, lam: float = 0.0,
-                    chunk: int | None = None) -> np.ndarray:
+def hessian_stencil(projector: Projector, rotations: Float[ArrayLike, "b 3 3"], ctf: CTFParams | None = None,
+                    lam: float = 0.0, chunk: int | None = None) -> Float[np.ndarray, "27 n n n"]:
     """The exact Hessian of a local slice operator as a 27-point stencil ``(27, N, N, N)`` float64.
 
     See :mod:`jaxcryo.leastsq` for the layout (``S[13]`` is the diagonal). ``H = (1/B) sum_i T_i^T
@@ -179,7 +186,8 @@ class HessianOperator:
         return self.stencil[13].copy()
 
 
-def hessian_operator(projector: Projector, rotations, shifts=None, ctf: CTFParams | None = None,
+def hessian_operator(projector: Projector, rotations: Float[ArrayLike, "b 3 3"],
+                     shifts: Float[ArrayLike, "b 2"] | None = None, ctf: CTFParams | None = None,
                      lam: float = 0.0, mode: str = "auto", chunk: int = 250) -> HessianOperator:
     """The Hessian ``H`` of the known-pose loss (:func:`jaxcryo.leastsq.loss`, weights 1) as a matvec.
 
@@ -201,8 +209,8 @@ def hessian_operator(projector: Projector, rotations, shifts=None, ctf: CTFParam
         mode = "stencil" if projector.operator.has_local_stencil else "hvp"
     if mode == "stencil":
         s = hessian_stencil(projector, rotations, ctf, lam)
-        mv = stencil.matvec(s)
-        return HessianOperator(n, lambda z: mv(np.asarray(z, np.complex128)), True, s)
+        smv = stencil.matvec(s)
+        return HessianOperator(n, lambda z: smv(np.asarray(z, np.complex128)), True, s)
     if mode != "hvp":
         raise ValueError(f"mode must be 'auto', 'stencil' or 'hvp', got {mode!r}")
 
@@ -243,8 +251,9 @@ class NormalEquations(NamedTuple):
     n_images: int
 
 
-def normal_equations(projector: Projector, source, batch_size: int = 256, lam: float = 0.0, indices=None,
-                     dtype=jnp.float32, cache: bool = True) -> NormalEquations:
+def normal_equations(projector: Projector, source, batch_size: int = 256, lam: float | Prior = 0.0,
+                     indices: Int[ArrayLike, " k"] | None = None, dtype=jnp.float32, cache: bool = True
+                     ) -> NormalEquations:
     """Build the normal equations of the least-squares loss over ``indices`` of ``source``.
 
     One jitted function per batch, so they stream over data sets of any size (one pass over the data per
@@ -290,8 +299,9 @@ def normal_equations(projector: Projector, source, batch_size: int = 256, lam: f
     return NormalEquations(matvec, rhs, n_img)
 
 
-def solve_cg(projector: Projector, source, lam: float = 0.0, tol: float = 1e-4, maxiter: int = 500,
-             batch_size: int = 256, indices=None, dtype=jnp.float32, x0=None, callback=None,
+def solve_cg(projector: Projector, source, lam: float | Prior = 0.0, tol: float = 1e-4, maxiter: int = 500,
+             batch_size: int = 256, indices: Int[ArrayLike, " k"] | None = None, dtype=jnp.float32,
+             x0: Complex[ArrayLike, "n n n"] | None = None, callback: Callable | None = None,
              exact_residual: bool = True) -> CGResult:
     """Solve the normal equations of the least-squares objective by CG (full batch).
 
@@ -305,95 +315,29 @@ def solve_cg(projector: Projector, source, lam: float = 0.0, tol: float = 1e-4, 
     return res
 
 
-@lru_cache(maxsize=16)
-def _wiener_steps(projector: Projector, rdt, hermitian: bool, mesh=None):
-    """The jitted per-batch accumulation of :func:`wiener_backprojection` and the final transpose of the
-    operator's lift, built once per (projector, precision, hermitian, mesh) so repeated calls (two half sets)
-    trace once.
+# --------------------------------------------------------------------------------------------------
+# Exact diagonal of the minibatch Hessian (operators with a local stencil)
+# --------------------------------------------------------------------------------------------------
+def minibatch_diagonal(projector: Projector, batch: Batch, lam: float | Prior = 0.0,
+                       filters: Complex[Array, "b n n"] | None = None, axis_name: str | None = None
+                       ) -> Float[Array, "n n n"]:
+    """The exact diagonal of the minibatch Hessian ``(1/|B|) sum_i w_i diag(S_i^H M S_i) + lambda`` (real
+    ``(n, n, n)``), for a slice operator with a local stencil (nearest, trilinear without oversampling).
 
-    On a ``mesh`` of ``D`` devices (:mod:`jaxcryo.parallel`): each device accumulates its shard of every batch
-    into its own sums (arrays with a leading device axis, split over the mesh), and ``finish`` reduces them
-    with one ``psum`` before the lift's transpose; its outputs are replicated."""
-    cdt = complex_dtype(rdt)
-    pixels = projector.hermitian_pixels() if hermitian else None
-
-    def add_batch(num, den, raw):  # the sums stay on the device, updated in place: one call per batch
-        b = to_batch(raw, rdt)
-        y = b.images_f * (b.weights * b.mask)[:, None, None]
-        filt = projector.filters(b.shifts, b.ctf, dtype=cdt)
-        # the numerator is accumulated on the operator's lifted (e.g. oversampled) grid; the transpose of
-        # the lift is applied once, at the end
-        return (num + projector.backproject_lifted(y, b.rotations, filt, pixels),
-                den + weight_backprojection(projector, b, squared=False, pixels=pixels))
-
-    def unlift(num, den):  # the lift's transpose and the Friedel mirror, once
-        num = projector.unlift_adjoint(num)
-        if hermitian:
-            num, den = num + hermitian_mirror(num), den + hermitian_mirror(den)
-        return num, den
-
-    if parallel.mesh_size(mesh) <= 1:
-        return partial(jax.jit, donate_argnums=(0, 1))(add_batch), jax.jit(unlift)
-    spec, rep = P(parallel.AXIS), P()
-
-    def add_local(num, den, raw):  # this device's sums (leading axis of length 1) and its shard of the batch
-        num, den = add_batch(num[0], den[0], raw)
-        return num[None], den[None]
-
-    def unlift_local(num, den):
-        return unlift(*jax.lax.psum((num[0], den[0]), parallel.AXIS))
-
-    accumulate = jax.jit(jax.shard_map(add_local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec)),
-                         donate_argnums=(0, 1))
-    finish = jax.jit(jax.shard_map(unlift_local, mesh=mesh, in_specs=(spec, spec), out_specs=(rep, rep)))
-    return accumulate, finish
-
-
-def wiener_backprojection(projector: Projector, source, lam: float = 0.0, batch_size: int = 256,
-                          indices=None, dtype=jnp.float32, hermitian: bool = True, mesh=None):
-    """Direct Wiener-filter reconstruction ``(sum_i S_i^H w_i y_i) / (sum_i P_i^T (w_i CTF_i^2) + lam)``.
-
-    ``S_i^H`` is the adjoint of the forward model (CTF, shift phase, slice) and ``P_i^T`` backprojects the
-    real weight image through the operator's weight kernel without phases (:func:`weight_backprojection`
-    with ``squared=False``), as RELION and cryoDRGN do (the CTF^2 "weights" volume). Both sums are divided by
-    the number of images so ``lam`` is on the scale of the loss. Exact for noise-free data of an operator
-    with a diagonal Hessian (nearest) in every voxel some slice hits (with ``lam -> 0``).
-
-    ``hermitian`` (default): the images are real, so their transforms are Hermitian: backproject one of each
-    Friedel pair (:meth:`~jaxcryo.forward.Projector.hermitian_pixels`, about 40% of the pixels) and add
-    the mirror of both sums once (:func:`~jaxcryo.forward.hermitian_mirror`). This gives the Hermitian
-    parts of the all-pixel sums (the transforms of their real parts in real space, all a real map keeps;
-    ``tests/test_wiener_fast.py``), at about half the cost; they differ from the all-pixel sums only by
-    the anti-Hermitian part that the unpaired ``-n/2`` pixels of even boxes leave there. The numerator is
-    accumulated on the operator's lifted grid, whose transpose is applied once at the end
-    (:meth:`~jaxcryo.forward.Projector.backproject_lifted`).
-
-    ``mesh``: a 1-D device mesh (:func:`jaxcryo.parallel.make_mesh`): each batch (padded to a multiple of
-    the device count) is split over its devices, each device backprojects its images into its own sums, and
-    one all-reduce adds them at the end (the result equals the single-device one up to rounding).
-
-    Returns ``(vol_f, weights)``: the centred Fourier volume and the weight volume.
+    One adjoint pass and no probe noise: the squared-weight backprojection of ``w_i mask_i M CTF_i^2``
+    (:func:`jaxcryo.leastsq.batch_diagonal_sum` divided by the real images of the batch, plus ``lam``, a float
+    or a :class:`~jaxcryo.leastsq.Prior`). ``M CTF^2`` is read as ``|filter|^2`` of the batch's
+    :func:`jaxcryo.leastsq.batch_filters` (``filters`` if given: :func:`jaxcryo.solvers.make_step` passes the ones
+    its objective uses, so a step evaluates the CTF once), equal to ``batch_diagonal_sum`` to rounding
+    (``|exp(i phi)|^2 = 1``). ``axis_name``: ``batch`` is one device's shard of a data-parallel step
+    (:mod:`jaxcryo.parallel`); the backprojection and the image count are ``psum``-reduced over that axis.
     """
+    op = local_stencil_operator(projector.operator)  # NotImplementedError naming the operator
     n = projector.n
-    rdt, cdt = jnp.dtype(dtype), jnp.dtype(complex_dtype(dtype))
-    if parallel.mesh_size(mesh) <= 1:
-        mesh = None
-    accumulate, finish = _wiener_steps(projector, rdt, hermitian, mesh)
-    if mesh is None:
-        num, den = jnp.zeros(projector.lifted_shape(), cdt), jnp.zeros((n,) * 3, rdt)
-    else:  # one partial sum per device, created in place
-        d, split = mesh.size, parallel.batch_sharding(mesh)
-        num, den = jax.jit(lambda: (jnp.zeros((d, *projector.lifted_shape()), cdt), jnp.zeros((d,) + (n,) * 3, rdt)),
-                           out_shardings=(split, split))()
-    if indices is None:
-        indices = np.arange(len(source.metadata))
-    count = 0
-    for idx, mask in epoch_batches(np.asarray(indices), batch_size, multiple=parallel.mesh_size(mesh)):
-        raw = parallel.load_sharded(source, idx, mask, mesh)  # multi-process: each reads its own block
-        num, den = accumulate(num, den, raw)
-        count += int(mask.sum())
-    num, den = finish(num, den)
-    num, den = num / count, den / count
-    safe = den + prior_diagonal(lam, n, rdt)
-    vol = jnp.where(safe > 0, num / jnp.where(safe > 0, safe, 1), 0)
-    return vol, den
+    rdt = jnp.real(batch.images_f).dtype
+    f = batch_filters(batch, projector) if filters is None else filters
+    w = jnp.real(f * jnp.conj(f)) * (batch.weights * batch.mask)[:, None, None]
+    pts = slice_points(batch.rotations, n, rdt)
+    (d,) = jax.linear_transpose(lambda v: op.squared_weight_slice(v, pts), jax.ShapeDtypeStruct((n,) * 3, rdt))(w)
+    d, count = psum((d, jnp.sum(batch.mask)), axis_name)  # d: already reduced by the transpose (see psum)
+    return d / jnp.maximum(count, 1.0) + prior_diagonal(lam, n, rdt)

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike, Bool, Float, Num
 
 from ..ndimage._fourier import ball_mask, shell_index
 from ._loss import hvp
@@ -56,7 +57,8 @@ def _random_vector(rng, shape, complex_: bool) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Power iteration
 # --------------------------------------------------------------------------------------------------
-def power_iteration(matvec: Callable, start, key=0, iters: int = 100, mask=None, *, rayleigh: bool = True,
+def power_iteration(matvec: Callable, start: Num[ArrayLike, "*d"], key=0, iters: int = 100,
+                    mask: Bool[ArrayLike, "*d"] | None = None, *, rayleigh: bool = True,
                     traced: bool = False):
     """Largest eigenvalue of ``P A P`` (``A = matvec``, ``P`` the restriction to ``mask`` if given).
 
@@ -111,7 +113,8 @@ def largest_eigenvalue(matvec: Callable, shape, dtype=jnp.complex64, iters: int 
     return power_iteration(matvec, x0, iters=iters)
 
 
-def preconditioned_max_eigenvalue(obj_fn: Callable, params, diag, threshold: float | None = None,
+def preconditioned_max_eigenvalue(obj_fn: Callable, params: Num[ArrayLike, "*d"], diag: Float[ArrayLike, "*d"],
+                                  threshold: float | None = None,
                                   iters: int = 20, seed: int = 0) -> jax.Array:
     """Largest eigenvalue of ``D-hat^{-1} H`` (``H`` the Hessian of ``obj_fn`` at ``params``) by the traced
     :func:`power_iteration` on Hessian-vector products (growth estimate); jit-compatible.
@@ -135,14 +138,14 @@ def preconditioned_max_eigenvalue(obj_fn: Callable, params, diag, threshold: flo
 # --------------------------------------------------------------------------------------------------
 # Lanczos and condition numbers
 # --------------------------------------------------------------------------------------------------
-def scaled_operator(matvec: Callable, scale) -> Callable:
+def scaled_operator(matvec: Callable, scale: Float[ArrayLike, "*d"]) -> Callable:
     """``z -> scale * A(scale * z)`` (e.g. ``scale = D^-1/2``: the symmetric form of ``D^-1 A``)."""
     s = np.asarray(scale, np.float64)
 
     def mv(z):
         return s * np.asarray(matvec(s * np.asarray(z)))
 
-    mv.is_real = getattr(matvec, "is_real", False)
+    mv.is_real = getattr(matvec, "is_real", False)  # type: ignore[attr-defined]  # read by the eigensolvers
     return mv
 
 
@@ -154,7 +157,8 @@ def _eigh_tridiagonal(alpha, beta):
     return np.linalg.eigh(np.diag(a) + np.diag(b, 1) + np.diag(b, -1))
 
 
-def lanczos_extreme_eigs(matvec: Callable, mask, key=0, iters: int = LANCZOS_ITERS, return_ritz: bool = False,
+def lanczos_extreme_eigs(matvec: Callable, mask: Bool[ArrayLike, "*d"], key=0, iters: int = LANCZOS_ITERS,
+                         return_ritz: bool = False,
                          real: bool | None = None, rtol: float = LANCZOS_RTOL, check_every: int = 10):
     """Smallest and largest eigenvalues of ``P A P`` on the subspace of ``mask`` voxels (``A`` Hermitian).
 
@@ -188,7 +192,8 @@ def lanczos_extreme_eigs(matvec: Callable, mask, key=0, iters: int = LANCZOS_ITE
     q = _random_vector(_rng(key), (k,), not real).astype(dt)
     q /= np.linalg.norm(q)
     Q = np.empty((iters, k), dt)
-    alpha, beta = [], []
+    alpha: list[float] = []
+    beta: list[float] = []
     res = (np.inf, np.inf)
     for j in range(iters):
         Q[j] = q
@@ -199,7 +204,7 @@ def lanczos_extreme_eigs(matvec: Callable, mask, key=0, iters: int = LANCZOS_ITE
         if j:
             w -= beta[-1] * Q[j - 1]
         Qj = Q[: j + 1]
-        nw = np.linalg.norm(w)
+        nw = float(np.linalg.norm(w))
         for _ in range(2):  # full reorthogonalisation w -= Q Q^H w (no copy of Q); a 2nd pass if needed
             h = Qj @ w if real else np.conj(Qj @ np.conj(w))
             w -= h @ Qj
@@ -226,7 +231,8 @@ def lanczos_extreme_eigs(matvec: Callable, mask, key=0, iters: int = LANCZOS_ITE
     return out
 
 
-def condition_number(matvec: Callable, mask, key=0, iters: int = LANCZOS_ITERS, preconditioner=None,
+def condition_number(matvec: Callable, mask: Bool[ArrayLike, "*d"], key=0, iters: int = LANCZOS_ITERS,
+                     preconditioner: Float[ArrayLike, "*d"] | None = None,
                      threshold: float | None = None, rtol: float = LANCZOS_RTOL, return_info: bool = False):
     """``(kappa, lambda_min, lambda_max)`` of ``P A P`` (``A = matvec``) inside ``mask`` by Lanczos.
 
@@ -254,7 +260,8 @@ class CGResult(NamedTuple):
     iterations: int
 
 
-def conjugate_gradient(matvec: Callable, b, x0=None, tol: float = 1e-4, maxiter: int = 500,
+def conjugate_gradient(matvec: Callable, b: Num[ArrayLike, "*d"], x0: Num[ArrayLike, "*d"] | None = None,
+                       tol: float = 1e-4, maxiter: int = 500,
                        callback: Callable | None = None) -> CGResult:
     """Conjugate gradient for a Hermitian positive (semi)definite ``matvec`` (Python loop, one matvec per
     iteration so that ``matvec`` may stream data). Stops at relative residual ``tol``."""
@@ -280,7 +287,8 @@ def conjugate_gradient(matvec: Callable, b, x0=None, tol: float = 1e-4, maxiter:
     return CGResult(x, res, it)
 
 
-def relative_error_in_ball(x, ref, radius: float | None = None) -> float:
+def relative_error_in_ball(x: Num[ArrayLike, "n n n"], ref: Num[ArrayLike, "n n n"], radius: float | None = None
+                           ) -> float:
     """``||x - ref|| / ||ref||`` over the Fourier voxels with ``|k| <= radius`` (default ``n/2``)."""
     m = jnp.asarray(ball_mask(x.shape[-1], radius))
     return float(jnp.linalg.norm(jnp.where(m, x - ref, 0)) / jnp.linalg.norm(jnp.where(m, ref, 0)))

@@ -59,8 +59,9 @@ def loss(vol_f: Complex[Array, "n n n"], batch: Batch, projector: Projector, lam
     return data + reg
 
 
-def objective(batch: Batch, projector: Projector, lam: "float | Prior" = 0.0, vol_mask=None,
-              filters=None, axis_name: str | None = None) -> Callable:
+def objective(batch: Batch, projector: Projector, lam: "float | Prior" = 0.0,
+              vol_mask: Float[Array, "n n n"] | None = None, filters: Complex[Array, "b n n"] | None = None,
+              axis_name: str | None = None) -> Callable:
     """The closure ``v -> F_B(v)`` for one batch: optax's ``obj_fn`` / ``value_fn`` extra argument.
 
     The batch's per-image filters (:func:`batch_filters`) are computed here, once, unless given as
@@ -113,6 +114,6 @@ def value_and_grad(fn: Callable) -> Callable:
     return f
 
 
-def hvp(fn: Callable, v, z):
+def hvp(fn: Callable, v: Complex[Array, "n n n"], z: Complex[Array, "n n n"]) -> Complex[Array, "n n n"]:
     """Hessian-vector product ``H z`` by forward-over-reverse (``jax.jvp`` of the gradient)."""
     return jax.jvp(gradient(fn), (v,), (z,))[1]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from jaxtyping import ArrayLike, Complex
 
 from ..errors import InputError
 from ..ndimage._fourier import ball_mask
@@ -69,7 +70,7 @@ class Optimum:
     def _restrict(self, z):
         return z if self.mask is None else np.where(self.mask, z, 0)
 
-    def matvec(self, z):
+    def matvec(self, z: Complex[ArrayLike, "n n n"]) -> Complex[np.ndarray, "n n n"]:
         """``H z`` restricted to the mask (``P H P``)."""
         return self._restrict(self.hessian(self._restrict(np.asarray(z, np.complex128))))
 
@@ -92,12 +93,12 @@ class Optimum:
             rs, it = rs_new, it + 1
         return x, it, float(np.linalg.norm(b - self.matvec(x)) / bn)
 
-    def gap(self, v) -> float:
+    def gap(self, v: Complex[ArrayLike, "n n n"]) -> float:
         """``F(v) - F(v*)`` (exact for the quadratic objective; ``v`` restricted to the mask)."""
         e = self._restrict(np.asarray(v, np.complex128)) - self.solution
         return 0.5 * float(np.vdot(e, self.matvec(e)).real)
 
-    def gap_closed(self, v, start=None) -> float:
+    def gap_closed(self, v: Complex[ArrayLike, "n n n"], start: Complex[ArrayLike, "n n n"] | None = None) -> float:
         """The share (%) of the loss gap between ``start`` (default zeros) and ``v*`` that ``v`` closes."""
         return self._closed(self.gap(v), self.gap_at_zero if start is None else self.gap(start))
 
@@ -118,10 +119,10 @@ class Optimum:
             out["min_fsc"] = float(np.min(f[shells[0]:shells[1] + 1]))
         return out
 
-    def relative_error(self, v) -> float:
+    def relative_error(self, v: Complex[ArrayLike, "n n n"]) -> float:
         """``||P v - v*|| / ||v*||``."""
         e = self._restrict(np.asarray(v, np.complex128)) - self.solution
-        return float(np.linalg.norm(e) / max(np.linalg.norm(self.solution), 1e-300))
+        return float(np.linalg.norm(e) / max(float(np.linalg.norm(self.solution)), 1e-300))
 
     def diagonal(self) -> np.ndarray:
         """The exact full-data Hessian diagonal (float64, ``lam`` included)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import numpy as np
+from jaxtyping import Float
 
 #: The 27 offsets (dz, dy, dx) in {-1, 0, 1}^3 of the stencil, index (dz+1)*9 + (dy+1)*3 + (dx+1).
 OFFSETS = [(dz, dy, dx) for dz in (-1, 0, 1) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
@@ -30,7 +31,8 @@ _PAIRS = [(a, b, (cb[0] - ca[0] + 1) * 9 + (cb[1] - ca[1] + 1) * 3 + (cb[2] - ca
 TERMS_PER_POINT = len(_PAIRS)
 
 
-def assemble(chunks: Iterable, n: int, n_images: int, diagonal: bool, lam: float = 0.0) -> np.ndarray:
+def assemble(chunks: Iterable, n: int, n_images: int, diagonal: bool, lam: float = 0.0
+             ) -> Float[np.ndarray, "27 n n n"]:
     """The stencil ``S`` ``(27, n, n, n)`` float64 of ``(1/n_images) sum T^T W T + lam I``.
 
     Args:
@@ -43,7 +45,7 @@ def assemble(chunks: Iterable, n: int, n_images: int, diagonal: bool, lam: float
     """
     nvox = n ** 3
     acc = np.zeros(27 * nvox, np.float64)
-    buf_i = buf_v = None
+    buf_i = buf_v = np.empty(0, np.int64)  # grown to the largest chunk, reused
     for pts, wp in chunks:
         if diagonal:
             c = np.rint(pts).astype(np.int64) + n // 2
@@ -63,7 +65,7 @@ def assemble(chunks: Iterable, n: int, n_images: int, diagonal: bool, lam: float
             cw.append(np.where(ok, (f[:, 2] if dz else 1 - f[:, 2]) * (f[:, 1] if dy else 1 - f[:, 1])
                                * (f[:, 0] if dx else 1 - f[:, 0]), 0.0))  # zero weight: off the grid
         m = wp.size
-        if buf_i is None or buf_i.size < len(_PAIRS) * m:  # reused: page faults once
+        if buf_i.size < len(_PAIRS) * m:  # reused: page faults once
             buf_i = np.empty(len(_PAIRS) * m, np.int64)
             buf_v = np.empty(len(_PAIRS) * m, np.float64)
         idx = buf_i[: len(_PAIRS) * m].reshape(len(_PAIRS), m)
@@ -83,7 +85,7 @@ def assemble(chunks: Iterable, n: int, n_images: int, diagonal: bool, lam: float
     return s
 
 
-def matvec(s: np.ndarray, xp=np) -> Callable:
+def matvec(s: Float[np.ndarray, "27 n n n"], xp=np) -> Callable:
     """``z -> H z`` for the stencil ``s``. ``xp=numpy`` (default): on the host, in ``z``'s precision promoted to
     at least float64; ``xp=jax.numpy``: traceable and differentiable (for jitted solvers), in the precision of
     ``s`` and ``z``."""

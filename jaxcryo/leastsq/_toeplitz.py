@@ -39,6 +39,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import ArrayLike, Complex, Float, Int
 
 from ..data._batch import complex_dtype, epoch_batches, load_batch, to_batch
 from ..forward._ctf import CTFParams, evaluate_ctf
@@ -47,7 +48,7 @@ from ..ndimage._fourier import fft3c, ifft3c
 from ._hessian import NormalEquations
 from ._linalg import CGResult, conjugate_gradient
 from ..forward._operators import NUFFT, describe, finufft
-from ._priors import prior_diagonal
+from ._priors import Prior, prior_diagonal
 from ..forward._projection import Projector
 
 
@@ -165,8 +166,9 @@ def _finish(g, rdt):
     return jnp.real(jnp.fft.fftn(jnp.fft.ifftshift(k))).astype(rdt)
 
 
-def toeplitz_kernel(projector: Projector, source, indices=None, batch_size: int | None = None, dtype=jnp.float32,
-                    weights=None) -> ToeplitzKernel:
+def toeplitz_kernel(projector: Projector, source, indices: Int[ArrayLike, " k"] | None = None,
+                    batch_size: int | None = None,
+                    dtype=jnp.float32, weights: Float[ArrayLike, " n"] | None = None) -> ToeplitzKernel:
     """The convolution kernel of ``sum_i w_i S_i^H M S_i`` for the NUFFT ``projector`` over ``indices`` of
     ``source`` (see the module docstring).
 
@@ -217,7 +219,7 @@ def _apply(kf, z, scale, lam):
 _apply_jit = jax.jit(_apply)
 
 
-def toeplitz_matvec(kernel: ToeplitzKernel, lam: float = 0.0):
+def toeplitz_matvec(kernel: ToeplitzKernel, lam: float | Prior = 0.0):
     """The matvec ``z -> H z`` (complex centred Fourier volumes ``(N, N, N)``) of the kernel: one jitted
     function of four FFTs; ``H = (1/n) sum_i w_i S_i^H M S_i + lam I``."""
     n = kernel.n
@@ -252,9 +254,10 @@ def _rhs(projector: Projector, source, batch_size: int, indices, rdt, weights):
     return rhs, count
 
 
-def toeplitz_normal_equations(projector: Projector, source, batch_size: int = 256, lam: float = 0.0,
-                              indices=None, dtype=jnp.float32, weights=None,
-                              kernel_batch_size: int | None = None) -> NormalEquations:
+def toeplitz_normal_equations(projector: Projector, source, batch_size: int = 256, lam: float | Prior = 0.0,
+                              indices: Int[ArrayLike, " k"] | None = None, dtype=jnp.float32,
+                              weights: Float[ArrayLike, " n"] | None = None, kernel_batch_size: int | None = None
+                              ) -> NormalEquations:
     """The normal equations ``H v = b`` of :func:`jaxcryo.leastsq.normal_equations` for the NUFFT model,
     with ``H`` applied by the Toeplitz kernel (:func:`toeplitz_kernel`, one metadata pass; chunks of
     ``kernel_batch_size`` images) and ``b`` from one adjoint pass over the images in batches of
@@ -266,9 +269,10 @@ def toeplitz_normal_equations(projector: Projector, source, batch_size: int = 25
     return NormalEquations(toeplitz_matvec(kernel, lam), rhs / count, kernel.n_images)
 
 
-def solve_cg_toeplitz(projector: Projector, source, lam: float = 0.0, tol: float = 1e-4, maxiter: int = 500,
-                      batch_size: int = 256, indices=None, dtype=jnp.float32, x0=None, callback=None,
-                      exact_residual: bool = True, weights=None, kernel_batch_size: int | None = None) -> CGResult:
+def solve_cg_toeplitz(projector: Projector, source, lam: float | Prior = 0.0, tol: float = 1e-4, maxiter: int = 500,
+                      batch_size: int = 256, indices: Int[ArrayLike, " k"] | None = None, dtype=jnp.float32,
+                      x0: Complex[ArrayLike, "n n n"] | None = None, callback=None, exact_residual: bool = True,
+                      weights: Float[ArrayLike, " n"] | None = None, kernel_batch_size: int | None = None) -> CGResult:
     """:func:`jaxcryo.leastsq.solve_cg` with the Toeplitz normal operator (NUFFT model): CG iterations cost
     FFTs only. With ``exact_residual`` the final ``||b - Hx|| / ||b||`` is recomputed and appended."""
     ne = toeplitz_normal_equations(projector, source, batch_size, lam, indices, dtype, weights, kernel_batch_size)

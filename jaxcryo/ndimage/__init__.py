@@ -16,5 +16,5 @@ from ._masks import (
 )
 from ._metrics import (
     EMPTY_SHELL_POWER as EMPTY_SHELL_POWER, FSCResult as FSCResult, first_shell_below as first_shell_below,
-    resolution_at as resolution_at, fsc as fsc, relative_error as relative_error,
+    resolution_at as resolution_at, fsc as fsc, fsc_record as fsc_record, relative_error as relative_error,
 )

@@ -15,50 +15,51 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, ArrayLike, Bool, Float, Inexact, Int, Num, Shaped
 
 
 def _axes(ndim: int, d: int) -> tuple[int, ...]:
     return tuple(range(ndim - d, ndim))
 
 
-def fftc(x, d: int):
+def fftc(x: Num[Array, "..."], d: int) -> Inexact[Array, "..."]:
     """Centred unnormalised FFT over the last ``d`` axes."""
     ax = _axes(x.ndim, d)
     return jnp.fft.fftshift(jnp.fft.fftn(jnp.fft.ifftshift(x, axes=ax), axes=ax), axes=ax)
 
 
-def ifftc(x, d: int):
+def ifftc(x: Num[Array, "..."], d: int) -> Inexact[Array, "..."]:
     """Centred inverse FFT over the last ``d`` axes (normalised by ``1/N^d``)."""
     ax = _axes(x.ndim, d)
     return jnp.fft.fftshift(jnp.fft.ifftn(jnp.fft.ifftshift(x, axes=ax), axes=ax), axes=ax)
 
 
-def fft2c(x):
+def fft2c(x: Num[Array, "*b n n"]) -> Inexact[Array, "*b n n"]:
     """Centred 2D FFT of ``(..., N, N)`` images."""
     return fftc(x, 2)
 
 
-def ifft2c(x):
+def ifft2c(x: Num[Array, "*b n n"]) -> Inexact[Array, "*b n n"]:
     """Centred inverse 2D FFT of ``(..., N, N)`` Fourier images."""
     return ifftc(x, 2)
 
 
-def fft3c(x):
+def fft3c(x: Num[Array, "*b n n n"]) -> Inexact[Array, "*b n n n"]:
     """Centred 3D FFT of ``(..., N, N, N)`` volumes."""
     return fftc(x, 3)
 
 
-def ifft3c(x):
+def ifft3c(x: Num[Array, "*b n n n"]) -> Inexact[Array, "*b n n n"]:
     """Centred inverse 3D FFT of ``(..., N, N, N)`` Fourier volumes."""
     return ifftc(x, 3)
 
 
-def freq_indices(n: int) -> np.ndarray:
+def freq_indices(n: int) -> Int[np.ndarray, " n"]:
     """Integer frequency (or centred position) index of each entry of a centred axis: ``arange(n) - n//2``."""
     return np.arange(n) - n // 2
 
 
-def freq_grid_2d(n: int, pixel_size: float = 1.0, dtype=np.float32) -> np.ndarray:
+def freq_grid_2d(n: int, pixel_size: float = 1.0, dtype=np.float32) -> Float[np.ndarray, "n n 2"]:
     """Frequencies of a centred ``n x n`` Fourier image, shape ``(n, n, 2)`` with last axis ``(kx, ky)``.
 
     In 1/Å when ``pixel_size`` is in Å/px (``pixel_size=1`` gives cycles per pixel; the integer index is
@@ -69,32 +70,32 @@ def freq_grid_2d(n: int, pixel_size: float = 1.0, dtype=np.float32) -> np.ndarra
     return np.stack([kx, ky], axis=-1).astype(dtype)
 
 
-def freq_grid_3d(n: int, pixel_size: float = 1.0, dtype=np.float32) -> np.ndarray:
+def freq_grid_3d(n: int, pixel_size: float = 1.0, dtype=np.float32) -> Float[np.ndarray, "n n n 3"]:
     """Frequencies of a centred ``n^3`` Fourier volume, shape ``(n, n, n, 3)``, last axis ``(kx, ky, kz)``."""
     k = freq_indices(n) / (n * pixel_size)
     kz, ky, kx = np.meshgrid(k, k, k, indexing="ij")
     return np.stack([kx, ky, kz], axis=-1).astype(dtype)
 
 
-def radius_grid(n: int, d: int) -> np.ndarray:
+def radius_grid(n: int, d: int) -> Float[np.ndarray, "..."]:
     """Distance of each entry of a centred ``n^d`` grid from the centre, in index units."""
     k = freq_indices(n).astype(np.float64)
     grids = np.meshgrid(*([k] * d), indexing="ij")
     return np.sqrt(sum(g * g for g in grids))
 
 
-def shell_index(n: int, d: int = 3) -> np.ndarray:
+def shell_index(n: int, d: int = 3) -> Int[np.ndarray, "..."]:
     """Fourier shell (of width one Fourier voxel) of each entry: ``round(|k|)`` in index units."""
     return np.rint(radius_grid(n, d)).astype(np.int32)
 
 
-def ball_mask(n: int, radius: float | None = None, d: int = 3) -> np.ndarray:
+def ball_mask(n: int, radius: float | None = None, d: int = 3) -> Bool[np.ndarray, "..."]:
     """Boolean mask of the centred grid entries with ``|k| <= radius`` (default ``n // 2``)."""
     r = n // 2 if radius is None else radius
     return radius_grid(n, d) <= r + 1e-9
 
 
-def crop_fourier(x, n_out: int, d: int):
+def crop_fourier(x: Shaped[ArrayLike, "..."], n_out: int, d: int) -> Shaped[ArrayLike, "..."]:
     """Crop a centred Fourier array to ``n_out`` along its last ``d`` axes (keeps the central frequencies).
 
     Works for NumPy and JAX arrays. ``n_out`` must not exceed the input size.
@@ -107,7 +108,7 @@ def crop_fourier(x, n_out: int, d: int):
     return x[sl]
 
 
-def pad_fourier(x, n_out: int, d: int):
+def pad_fourier(x: Shaped[ArrayLike, "..."], n_out: int, d: int) -> Shaped[ArrayLike, "..."]:
     """Zero-pad a centred Fourier array to ``n_out`` along its last ``d`` axes (keeps the centre at n//2)."""
     n = x.shape[-1]
     if n_out < n:
@@ -119,7 +120,7 @@ def pad_fourier(x, n_out: int, d: int):
     return xp.pad(x, pad)
 
 
-def resize_fourier(x, n_out: int, d: int):
+def resize_fourier(x: Shaped[ArrayLike, "..."], n_out: int, d: int) -> Shaped[ArrayLike, "..."]:
     """Crop or zero-pad a centred Fourier array to ``n_out`` along its last ``d`` axes."""
     n = x.shape[-1]
     if n_out == n:
@@ -127,7 +128,7 @@ def resize_fourier(x, n_out: int, d: int):
     return crop_fourier(x, n_out, d) if n_out < n else pad_fourier(x, n_out, d)
 
 
-def resample_real(x, n_out: int, d: int):
+def resample_real(x: Float[ArrayLike, "..."], n_out: int, d: int) -> Float[Array, "..."]:
     """Fourier-crop (downsample) or zero-pad (upsample) a real-space array to ``n_out`` per axis.
 
     Keeps the physical extent: the pixel size changes by ``n / n_out``. Values are scaled so that the

@@ -10,7 +10,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-from jaxtyping import ArrayLike, Float, Num
+from jaxtyping import ArrayLike, Bool, Float, Num
 
 from ..errors import InputError
 from ._fourier import radius_grid, shell_index
@@ -38,6 +38,9 @@ class FSCResult(NamedTuple):
             "fsc": [float(x) for x in self.fsc],
         }
 
+    def shell_below(self, threshold: float) -> int:
+        """The first shell > 0 whose FSC is below ``threshold`` (:func:`first_shell_below`)."""
+        return first_shell_below(self.fsc, threshold)
 
 
 
@@ -58,14 +61,15 @@ def _check_maps(a, b):
     return a, b
 
 
-def first_shell_below(fsc, threshold: float) -> int:
+def first_shell_below(fsc: Float[ArrayLike, " s"], threshold: float) -> int:
     """Index of the first shell > 0 whose FSC is below ``threshold`` (``len(fsc)`` if none)."""
     f = np.asarray(fsc)
     below = np.flatnonzero(f[1:] < threshold)
     return int(below[0] + 1) if below.size else len(f)
 
 
-def resolution_at(frequency, fsc, threshold: float, pixel_size: float | None = None) -> float:
+def resolution_at(frequency: Float[ArrayLike, " s"], fsc: Float[ArrayLike, " s"], threshold: float,
+                  pixel_size: float | None = None) -> float:
     """Resolution (Å) where the FSC first falls below ``threshold`` (shell 0 skipped), interpolating
     linearly between the last shell above and the first below. A curve that never falls below reports
     Nyquist, ``2 * pixel_size`` (``pixel_size`` defaults to ``1 / (2 * frequency[-1])``, exact for even
@@ -130,7 +134,23 @@ def fsc(map1: Num[ArrayLike, "n n n"], map2: Num[ArrayLike, "n n n"], pixel_size
                      resolution_at(freq, curve, 0.5, pixel_size))
 
 
-def relative_error(x, ref, mask=None) -> float:
+def fsc_record(volume: Num[ArrayLike, "n n n"] | None, reference: Num[ArrayLike, "n n n"] | None,
+               pixel_size: float = 1.0, mask: Float[ArrayLike, "n n n"] | None = None, fourier: bool = False,
+               key: str = "ref") -> dict:
+    """The per-epoch record of the FSC of ``volume`` against ``reference`` (one definition for every loop
+    that tracks a reference: ``fit``, ``reconstruct``, refinement, ab initio).
+
+    Returns ``{"resolution_05_<key>": Å, "fsc_<key>": [per shell]}`` from :func:`fsc` (same arguments);
+    both ``None`` when ``reference`` (or ``volume``) is ``None``.
+    """
+    if volume is None or reference is None:
+        return {f"resolution_05_{key}": None, f"fsc_{key}": None}
+    r = fsc(volume, reference, pixel_size=pixel_size, mask=mask, fourier=fourier)
+    return {f"resolution_05_{key}": float(r.resolution_05), f"fsc_{key}": [float(x) for x in r.fsc]}
+
+
+def relative_error(x: Num[ArrayLike, "*d"], ref: Num[ArrayLike, "*d"],
+                   mask: Bool[ArrayLike, "*d"] | None = None) -> float:
     """``||x - ref|| / ||ref||`` (over the ``mask`` entries if given); works for complex arrays."""
     x, ref = np.asarray(x), np.asarray(ref)
     if x.shape != ref.shape:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 
@@ -160,7 +161,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | str 
                          "jaxcryo.parallel.initialize (or pass the flags) before any computation")
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = dict(initialization_timeout=int(timeout))
+    kwargs: dict[str, Any] = dict(initialization_timeout=int(timeout))
     if not settings.auto:
         kwargs["cluster_detection_method"] = "deactivate"
     try:

@@ -34,7 +34,7 @@ global array (:func:`jax.make_array_from_process_local_data`); the ``psum`` cros
 TCP on CPU). Every process draws the same batches (same seed) and holds the replicated volume, which
 :func:`to_local` copies back to a plain array on its own default device. Code that reads whole batches and
 calls :func:`shard_batch` also works across processes (each keeps its block of the batch it read); the
-one-pass :func:`jaxcryo.leastsq.wiener_backprojection` reads through :func:`load_sharded`, so each process
+one-pass :func:`jaxcryo.solvers.wiener_backprojection` reads through :func:`load_sharded`, so each process
 reads only its block. Measured: two processes on localhost give the one-process map to about 2e-7 relative,
 PSGD and the one-pass estimate (``tests/test_multihost.py``).
 

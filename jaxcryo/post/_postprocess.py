@@ -291,6 +291,7 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
     if fitted:
         slope, intercept, corr = guinier_fit(x, g_weighted, used)
         bfactor = 4.0 * slope
+    assert bfactor is not None  # fitted above, or given
     r_k = np.fft.ifftshift(radius_grid(n, 3))
     s2 = (r_k / (n * pixel_size)) ** 2
     f = np.where(r_k <= n / 2, f * np.exp(-(bfactor / 4.0) * s2), 0.0)  # to Nyquist, as RELION

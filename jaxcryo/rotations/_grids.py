@@ -257,11 +257,9 @@ def align_rotations(est: Float[np.ndarray, "n 3 3"], true: Float[np.ndarray, "n 
     if e.ndim != 3 or e.shape[1:] != (3, 3) or t.shape != e.shape or len(e) == 0:
         raise InputError(f"est and true must both have the shape (n, 3, 3) with n >= 1, got {e.shape} and "
                          f"{t.shape}")
-    best = None
+    cands = []
     for mirrored in ((False, True) if mirror else (False,)):
         ee = MIRROR @ e @ MIRROR if mirrored else e
         g, err = _fit_global(ee, t, iterations)
-        cand = RotationAlignment(g, mirrored, err, float(np.median(err)), float(np.mean(err)))
-        if best is None or (cand.median_deg, cand.mean_deg) < (best.median_deg, best.mean_deg):
-            best = cand
-    return best
+        cands.append(RotationAlignment(g, mirrored, err, float(np.median(err)), float(np.mean(err))))
+    return min(cands, key=lambda c: (c.median_deg, c.mean_deg))  # the first of equals, as before

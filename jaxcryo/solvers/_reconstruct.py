@@ -20,6 +20,7 @@ step-size policy):
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,21 +34,24 @@ from ..errors import DivergenceError, InputError
 from ._fit import FitState, fit, make_step
 from ..ndimage._fourier import resample_real
 from ..io.checkpoint import load_checkpoint, save_checkpoint
+from ..io._validate import REFERENCE, read_volume, require_extent
 from ..ndimage._metrics import fsc as fsc_fn
-from ..ndimage._metrics import soft_sphere_mask
-from ..forward._operators import SliceOperator, Trilinear, describe
+from ..ndimage._metrics import fsc_record, soft_sphere_mask
+from ..forward._operators import describe, make_operator
 from ..forward._projection import Projector, fourier_to_volume, volume_to_fourier
 from ..leastsq._priors import Prior, Tikhonov, as_prior, prior_diagonal
+from ..data._checks import usable_particles
 from ..data._sources import CroppedSource, split_halves
 from ._spectral import HalfMapFSC, estimate_spectral_prior, resolve_prior
-from ._strategies import STRATEGY_NAMES, MinibatchStrategy, Plan, Problem, Strategy, make_strategy
+from ._reconstruct_settings import ReconstructSettings, settings_from
+from ._strategies import STRATEGY_NAMES, MinibatchStrategy, OnePassStrategy, Plan, Problem, Strategy
 
 #: Default settings of :func:`reconstruct` (and ``jaxcryo reconstruct``).
 #: Chosen by measurement (issue 9, ``benchmarks/peers.py``): on ASPIRE-simulated sets the one-pass Wiener
 #: filter with trilinear slices and the spectral prior reaches RELION's FSC shell in seconds, while the
 #: trilinear least-squares optimum fits noise the interpolation cannot represent (see the README).
-DEFAULTS = dict(optimizer="backproject", epochs=10, batch_size=256, interp=Trilinear(), probes=1, lam=1e-3,
-                prior="fsc", seed=0)
+DEFAULTS = {k: getattr(ReconstructSettings(), k) for k in ("optimizer", "epochs", "batch_size", "interp", "probes",
+                                                            "lam", "prior", "seed")}
 #: The ``optimizer`` names (the strategy registry's).
 OPTIMIZERS = STRATEGY_NAMES
 
@@ -56,7 +60,8 @@ OPTIMIZERS = STRATEGY_NAMES
 class ReconstructResult:
     """``volume``: the map (real space ``(n, n, n)``); ``half1``/``half2`` the half maps (or ``None``);
     ``history``: one dict per epoch; ``fsc_half``/``fsc_ref``: :class:`jaxcryo.ndimage.FSCResult` or None;
-    ``devices``: the number of devices the data passes were split over (1 for ``cg``)."""
+    ``devices``: the number of devices the data passes were split over (1 for ``cg``); ``skipped``: images left
+    out as non-finite (``skip_bad``)."""
 
     volume: np.ndarray
     half1: np.ndarray | None
@@ -68,6 +73,7 @@ class ReconstructResult:
     config: dict = field(default_factory=dict)
     prior: dict = field(default_factory=dict)
     devices: int = 1
+    skipped: int = 0
 
 
 @dataclass
@@ -78,6 +84,12 @@ class _Run:
     problem: Problem
     plan: Plan | None = None
     state: FitState | None = None
+
+    def started(self) -> tuple[Plan, FitState]:
+        """The plan and the state (set by the preparation or read from a checkpoint)."""
+        if self.plan is None or self.state is None:
+            raise RuntimeError(f"run {self.name}: not started")
+        return self.plan, self.state
 
 
 def _checkpoint_stem(path) -> Path | None:
@@ -90,12 +102,13 @@ def _checkpoint_stem(path) -> Path | None:
 def _save(stem: Path, config: dict, epoch: int, history: list, runs: list[_Run]) -> None:
     trees, meta_runs = {}, []
     for r in runs:
-        trees[f"{r.name}/volume_f"] = r.state.volume_f
-        trees[f"{r.name}/opt_state"] = r.state.opt_state
-        if r.plan.diag is not None:
-            trees[f"{r.name}/diag"] = r.plan.diag
-        meta_runs.append({"name": r.name, "eta": r.plan.eta, "has_diag": r.plan.diag is not None,
-                          "epoch": r.state.epoch, "rng_state": r.state.rng_state, "history": r.state.history})
+        plan, state = r.started()
+        trees[f"{r.name}/volume_f"] = state.volume_f
+        trees[f"{r.name}/opt_state"] = state.opt_state
+        if plan.diag is not None:
+            trees[f"{r.name}/diag"] = plan.diag
+        meta_runs.append({"name": r.name, "eta": plan.eta, "has_diag": plan.diag is not None,
+                          "epoch": state.epoch, "rng_state": state.rng_state, "history": state.history})
     save_checkpoint(stem, trees, {"config": config, "epoch": epoch, "history": history, "runs": meta_runs})
 
 
@@ -127,93 +140,80 @@ def _load(stem: Path, config: dict, runs: list[_Run], strategy: MinibatchStrateg
     return int(meta["epoch"]), list(meta["history"])
 
 
-def _select(source, box, indices, halfmaps):
-    md = source.metadata
-    src = md.source or "particles"
-    if md.rotations is None:
-        raise InputError(f"{src}: no poses (rlnAngleRot/Tilt/Psi or alignments3D); known-pose reconstruction "
-                         "needs them (or give {param}: a cryoDRGN pose pickle)", param="poses")
-    if box is not None and box != md.box:
-        source = CroppedSource(source, box)
-    indices = np.arange(len(md)) if indices is None else np.asarray(indices)
-    if len(indices) == 0:
-        raise InputError(f"{src}: the selection is empty")
-    if halfmaps and len(indices) < 2:
-        raise InputError(f"{src}: half maps need at least 2 particles")
-    return source, indices
-
-
 def reconstruct(
     source,
-    optimizer: str | Strategy = DEFAULTS["optimizer"],
-    epochs: int = DEFAULTS["epochs"],
-    batch_size: int = DEFAULTS["batch_size"],
-    lr: float | None = None,
-    interp: str | SliceOperator = DEFAULTS["interp"],
-    probes: int = DEFAULTS["probes"],
-    lam: float = DEFAULTS["lam"],
-    prior=DEFAULTS["prior"],
-    box: int | None = None,
-    halfmaps: bool = True,
-    reference: np.ndarray | None = None,
-    mask: bool = False,
-    seed: int = DEFAULTS["seed"],
+    settings: ReconstructSettings | str | Strategy | None = None,
+    *,
+    reference: np.ndarray | str | Path | None = None,
     progress: bool = True,
     checkpoint_path: str | Path | None = None,
     resume: bool = False,
     indices: np.ndarray | None = None,
     epoch_callback: Callable[[dict], None] | None = None,
     volume_callback: Callable[[Any], None] | None = None,
-    devices: int | None = None,
-    prefetch: int = 1,
+    warn: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> ReconstructResult:
     """Reconstruct a map from a particle source with known poses.
 
+    ``reconstruct(ds, optimizer="psgd", epochs=5)`` and ``reconstruct(ds, ReconstructSettings(...))`` are
+    the same: the keywords ``options`` are the fields of :class:`ReconstructSettings` (``optimizer``,
+    ``epochs``, ``batch_size``, ``lr``, ``interp``, ``probes``, ``lam``, ``prior``, ``box``, ``halfmaps``,
+    ``mask``, ``seed``, ``devices``, ``prefetch``, ``skip_bad``; see there), applied over ``settings``.
+    An invalid value raises :class:`InputError` naming the parameter.
+
+    The particle set is checked first (:func:`jaxcryo.data.usable_particles`: poses, one box and pixel size,
+    readable stacks, finite images, ``box`` not larger than the images).
+
     Args:
         source: a particle source (:class:`jaxcryo.ParticleDataset`, :class:`jaxcryo.ArrayDataset`, ...).
-        optimizer: a strategy name (:data:`OPTIMIZERS`) or a :class:`~jaxcryo.solvers.Strategy` value.
-        epochs: passes over the data (CG: iterations).
-        batch_size: images per step (the last batch of an epoch is padded and masked).
-        lr: step size overriding the strategy's measured one.
-        interp: slice operator name (``nearest`` | ``trilinear`` | ``nufft``) or a
-            :class:`~jaxcryo.forward.SliceOperator`.
-        probes: Hutchinson probes per step for ``psgd`` (0: exact diagonal).
-        lam: Tikhonov weight of the objective (with ``prior="fsc"``: of the one-pass half estimates the prior is
-            estimated from, and a floor on the prior's weights).
-        prior: the regulariser: ``"tikhonov"`` (``lam``), ``"fsc"`` (the spectral prior estimated from the
-            half-map FSC, RELION's tau^2; :class:`~jaxcryo.solvers.HalfMapFSC` with a fudge factor), or a
-            :class:`~jaxcryo.leastsq.Prior` value (e.g. ``SpectralPrior.from_tau2(...)``).
-        box: Fourier-crop the images to this box first.
-        halfmaps: reconstruct two random halves independently and report the gold-standard FSC.
-        reference: real-space reference map (resampled to the box) for the FSC each epoch.
-        mask: apply a soft spherical mask before the FSCs.
+        settings: a :class:`ReconstructSettings` (default: the defaults; a strategy name or value here is
+            the ``optimizer``).
+        reference: real-space reference map (an array or an MRC file; resampled to the box) for the FSC
+            each epoch.
         checkpoint_path: checkpoint stem (``DIR/checkpoint`` writes ``checkpoint.npz`` + ``checkpoint.json``)
             written atomically after every epoch; ``resume`` continues from it.
         indices: the particles to use (default all).
         epoch_callback: called with each epoch's history record.
         volume_callback: called with the (combined) centred Fourier volume after each epoch.
-        devices: local devices to split each minibatch step over (default: all JAX sees; see
-            :mod:`jaxcryo.parallel`). ``batch_size`` is the global batch; the result does not depend on the
-            count beyond floating-point reduction order, and a checkpoint resumes on any count. The one-pass
-            ``backproject`` and the spectral prior's half-map estimate split their batches too; ``cg`` and
-            the preparation of a minibatch run (step size, exact diagonal) run on one device
-            (:attr:`ReconstructResult.devices` is 1 for ``cg``).
-        prefetch: minibatches read ahead by a background thread during the epochs of the minibatch strategies
-            (:func:`jaxcryo.solvers.fit`; 0: each batch read when its step starts). The result does not depend on it.
+        warn: called with a one-line message for images left out (``skip_bad``); default: a warning.
+
+    Data parallelism (``devices``): the minibatch strategies' epoch steps, the one-pass ``backproject`` and
+    the spectral prior's half-map estimate split each batch over the devices; ``batch_size`` is the global
+    batch; the result does not depend on the count beyond floating-point reduction order, and a checkpoint
+    resumes on any count. ``cg`` and the preparation of a minibatch run (step size, exact diagonal) run on
+    one device (:attr:`ReconstructResult.devices` is 1 for ``cg``), and ``cg`` refuses several processes.
     """
-    strategy = make_strategy(optimizer, probes=probes, lr=lr)
-    if epochs < 1:
-        raise InputError(f"{{param}} {epochs}: expected at least 1", param="epochs")
-    if batch_size < 1:
-        raise InputError(f"{{param}} {batch_size}: expected at least 1", param="batch_size")
-    if prefetch < 0:
-        raise InputError(f"{{param}} {prefetch}: expected 0 (off) or more", param="prefetch")
-    mesh = parallel.resolve_mesh(devices)  # validates the count for every strategy
-    source, indices = _select(source, box, indices, halfmaps)
+    st = settings_from(settings, options)
+    strategy = st.strategy()
+    epochs, batch_size, lr, interp, probes, lam, prior, box, halfmaps, mask, seed = (
+        st.epochs, st.batch_size, st.lr, st.interp, st.probes, st.lam, st.prior, st.box, st.halfmaps,
+        st.mask, st.seed)
+    processes = parallel.process_count()
+    if processes > 1 and isinstance(strategy, OnePassStrategy) and not strategy.sharded:
+        raise InputError(f"{{param}} {strategy.name} with {processes} processes: CG is not split across devices "
+                         "or processes; use backproject, psgd, sgd or adam, or run it in one process",
+                         param="optimizer")
+    stem = _checkpoint_stem(checkpoint_path)
+    if resume and (stem is None or not Path(f"{stem}.npz").exists()):
+        raise InputError(f"{stem}.npz: no checkpoint to {{param}} from", param="resume")
+    if isinstance(reference, (str, Path)):  # the one map check: finite, cubic 3D, the particles' extent
+        checked = read_volume(reference, REFERENCE)
+        require_extent(checked, source.metadata.box, source.metadata.pixel_size,
+                       f"the particles in {source.metadata.source or 'the set'}")
+        reference = checked.data
+    selection = usable_particles(source, box=box, skip_bad=st.skip_bad, indices=indices,
+                                 warn=warn if warn is not None else (lambda m: warnings.warn(m, stacklevel=3)))
+    indices = selection.indices
+    if box is not None and box != source.metadata.box:
+        source = CroppedSource(source, box)
+    if halfmaps and len(indices) < 2:
+        raise InputError(f"{source.metadata.source or 'particles'}: half maps need at least 2 particles")
+    mesh = parallel.resolve_mesh(st.devices)  # validates the count for every strategy
     md = source.metadata
     n, px = md.box, float(md.pixel_size)
     batch_size = int(min(batch_size, len(indices) if not halfmaps else max(1, len(indices) // 2)))
-    projector = Projector(n=n, pixel_size=px, operator=interp)
+    projector = Projector(n=n, pixel_size=px, operator=make_operator(interp))
     ref_f = None
     if reference is not None:
         reference = np.asarray(reference, np.float32)
@@ -238,7 +238,7 @@ def reconstruct(
     t_prior = time.perf_counter()
     objective_prior = resolve_prior(prior, lam, estimate)
     t_prior = time.perf_counter() - t_prior
-    one_pass_mesh = mesh if not strategy.minibatch and strategy.sharded else None
+    one_pass_mesh = mesh if isinstance(strategy, OnePassStrategy) and strategy.sharded else None
     runs = [_Run(name, Problem(source, projector, idx, objective_prior, batch_size, seed, one_pass_mesh))
             for name, idx in parts]
     config = dict(optimizer=strategy.name, epochs=epochs, batch_size=batch_size, lr=lr, interp=describe(projector.operator),
@@ -250,10 +250,9 @@ def reconstruct(
     if estimates:
         prior_record.update(fsc_half_one_pass=[float(x) for x in estimates[-1].fsc],
                             snr=[float(x) for x in estimates[-1].snr], seconds=t_prior)
-    stem = _checkpoint_stem(checkpoint_path)
-    fin = _Finisher(ref_f, px, smask)
+    fin = _Finisher(ref_f, px, smask, selection.skipped)
 
-    if not strategy.minibatch:
+    if isinstance(strategy, OnePassStrategy):
         t0 = time.perf_counter()
         reuse = estimates[-1].wiener if estimates and halfmaps else [None] * len(runs)
         sols = [strategy.solve(r.problem, epochs, None if w is None else (*w, lam)) for r, w in zip(runs, reuse)]
@@ -269,11 +268,11 @@ def reconstruct(
         return fin.result([s.volume_f for s in sols], vol_f, [rec], config, prior_record,
                           devices=parallel.mesh_size(mesh) if strategy.sharded else 1)
 
+    if not isinstance(strategy, MinibatchStrategy):
+        raise TypeError(f"optimizer: {type(strategy).__name__} is neither a minibatch nor a one-pass strategy")
     history: list = []
     start_epoch = 0
-    if resume:
-        if stem is None or not Path(f"{stem}.npz").exists():
-            raise InputError(f"{stem}.npz: no checkpoint to {{param}} from", param="resume")
+    if resume and stem is not None:
         start_epoch, history = _load(stem, config, runs, strategy)
     for i, r in enumerate(runs):
         if r.state is None:
@@ -281,8 +280,8 @@ def reconstruct(
             v0 = r.problem.zeros()
             rng = np.random.default_rng([seed, 1 + i])
             r.state = FitState(v0, strategy.transformation(r.problem, r.plan).init(v0), 0,
-                               rng.bit_generator.state, [])
-    opts = [strategy.transformation(r.problem, r.plan) for r in runs]
+                               dict(rng.bit_generator.state), [])
+    opts = [strategy.transformation(r.problem, r.started()[0]) for r in runs]
     steps = [make_step(opt, projector, lam, mesh=mesh) for opt in opts]
 
     t_start = time.perf_counter()
@@ -295,11 +294,11 @@ def reconstruct(
             losses = []
             for r, opt, step in zip(runs, opts, steps):
                 res = fit(source, opt, projector, epochs=epoch + 1, batch_size=batch_size, lam=lam,
-                          indices=r.problem.indices, state=r.state, step_fn=step, mesh=mesh, prefetch=prefetch)
+                          indices=r.problem.indices, state=r.state, step_fn=step, mesh=mesh, prefetch=st.prefetch)
                 r.state = res.state
                 losses.append(res.history[-1]["loss"])
             dt = time.perf_counter() - t0
-            vol_f = _combine([r.state.volume_f for r in runs], [r.plan.diag for r in runs], spectral)
+            vol_f = _combine([r.started()[1].volume_f for r in runs], [r.started()[0].diag for r in runs], spectral)
             rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
                    "seconds": seconds0 + time.perf_counter() - t_start, "images_per_s": len(indices) / dt,
                    "resolution_05_ref": None, "fsc_ref": None}
@@ -318,8 +317,8 @@ def reconstruct(
                 volume_callback(vol_f)
     finally:
         bar.close()
-    vols = [r.state.volume_f for r in runs]
-    return fin.result(vols, _combine(vols, [r.plan.diag for r in runs], spectral), history, config, prior_record,
+    vols = [r.started()[1].volume_f for r in runs]
+    return fin.result(vols, _combine(vols, [r.started()[0].diag for r in runs], spectral), history, config, prior_record,
                       devices=parallel.mesh_size(mesh))
 
 
@@ -354,14 +353,12 @@ class _Finisher:
     ref_f: Any
     pixel_size: float
     smask: Any
+    skipped: int = 0
 
     def record(self, rec: dict, vol_f) -> None:
-        if self.ref_f is None:
-            return
-        r = fsc_fn(np.asarray(fourier_to_volume(vol_f)), np.asarray(fourier_to_volume(self.ref_f)),
-                   pixel_size=self.pixel_size, mask=self.smask)
-        rec["resolution_05_ref"] = float(r.resolution_05)
-        rec["fsc_ref"] = [float(x) for x in r.fsc]
+        if self.ref_f is not None:
+            rec.update(fsc_record(np.asarray(fourier_to_volume(vol_f)), np.asarray(fourier_to_volume(self.ref_f)),
+                                  pixel_size=self.pixel_size, mask=self.smask))
 
     def result(self, vols, vol_f, history, config, prior=None, devices: int = 1) -> ReconstructResult:
         px, smask = self.pixel_size, self.smask
@@ -374,4 +371,5 @@ class _Finisher:
             fsc_half = fsc_fn(half1, half2, pixel_size=px, mask=smask)
         if self.ref_f is not None:
             fsc_ref = fsc_fn(vol, np.asarray(fourier_to_volume(self.ref_f), np.float32), pixel_size=px, mask=smask)
-        return ReconstructResult(vol, half1, half2, history, fsc_half, fsc_ref, px, config, prior or {}, devices)
+        return ReconstructResult(vol, half1, half2, history, fsc_half, fsc_ref, px, config, prior or {}, devices,
+                                 self.skipped)

@@ -1,7 +1,7 @@
 """Estimating the spectral (Wiener / MAP) prior from the data, as RELION estimates its ``tau^2``.
 
 :func:`estimate_spectral_prior` reconstructs the two half sets in one pass each (the Wiener filter of
-:func:`jaxcryo.leastsq.wiener_backprojection` with a small Tikhonov weight), takes their FSC per shell,
+:func:`jaxcryo.solvers.wiener_backprojection` with a small Tikhonov weight), takes their FSC per shell,
 ``SNR_s = FSC_s / (1 - FSC_s)`` (the half maps' SNR), and sets
 
     ``lambda_s = <d>_s / (fudge * SNR_s)``
@@ -22,7 +22,7 @@ import equinox as eqx
 import numpy as np
 
 from ..errors import InputError
-from ..leastsq._hessian import wiener_backprojection
+from ._wiener import wiener_backprojection
 from ..leastsq._priors import Prior, SpectralPrior, fourier_fsc, shell_means
 
 
@@ -58,7 +58,7 @@ def estimate_spectral_prior(projector, source, halves, lam: float = 1e-3, batch_
                             fudge: float = 1.0, mesh=None) -> PriorEstimate:
     """The spectral prior of the particles ``halves = (indices1, indices2)`` of ``source`` (see the module
     docstring). ``lam`` regularises the one-pass half estimates and floors ``lambda_s``. ``mesh``: each
-    half's one-pass sums are split over its devices (:func:`~jaxcryo.leastsq.wiener_backprojection`); the
+    half's one-pass sums are split over its devices (:func:`~jaxcryo.solvers.wiener_backprojection`); the
     halves then run one after the other."""
     # The two halves are independent: run them in two threads. Each one's accumulation is a chain of
     # scatter-adds, which XLA:CPU runs on one core, so the halves overlap on a multi-core CPU (measured

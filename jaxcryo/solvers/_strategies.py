@@ -35,7 +35,8 @@ import optax
 from ..data._batch import epoch_batches, iterate_batches, load_batch, to_batch
 from ..errors import InputError
 from ..ndimage._fourier import ball_mask, shell_index
-from ..leastsq._hessian import exact_diagonal, normal_equations, wiener_backprojection
+from ..leastsq._hessian import exact_diagonal, normal_equations
+from ._wiener import wiener_backprojection
 from ..leastsq._linalg import conjugate_gradient, preconditioned_max_eigenvalue
 from ..leastsq._loss import objective
 from ._optim import harmonic_schedule, hutchinson_estimate, preconditioned_sgd, sgd, shell_mean

@@ -1,0 +1,116 @@
+"""The default known-pose reconstruction: the one-pass Wiener filter (:func:`wiener_backprojection`), with its
+sharded accumulation over a device mesh (:mod:`jaxcryo.parallel`).
+
+``(sum_i S_i^H w_i y_i) / (sum_i P_i^T (w_i CTF_i^2) + lam)``: the normal equations of
+:mod:`jaxcryo.leastsq` with the Hessian replaced by its weight backprojection
+(:func:`jaxcryo.leastsq.weight_backprojection`), as RELION and cryoDRGN reconstruct.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache, partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from .. import parallel
+from ..data._batch import complex_dtype, epoch_batches, to_batch
+from ..forward._projection import Projector, hermitian_mirror
+from ..leastsq._hessian import weight_backprojection
+from ..leastsq._priors import Prior, prior_diagonal
+
+
+@lru_cache(maxsize=16)
+def _wiener_steps(projector: Projector, rdt, hermitian: bool, mesh=None):
+    """The jitted per-batch accumulation of :func:`wiener_backprojection` and the final transpose of the
+    operator's lift, built once per (projector, precision, hermitian, mesh) so repeated calls (two half sets)
+    trace once.
+
+    On a ``mesh`` of ``D`` devices (:mod:`jaxcryo.parallel`): each device accumulates its shard of every batch
+    into its own sums (arrays with a leading device axis, split over the mesh), and ``finish`` reduces them
+    with one ``psum`` before the lift's transpose; its outputs are replicated."""
+    cdt = complex_dtype(rdt)
+    pixels = projector.hermitian_pixels() if hermitian else None
+
+    def add_batch(num, den, raw):  # the sums stay on the device, updated in place: one call per batch
+        b = to_batch(raw, rdt)
+        y = b.images_f * (b.weights * b.mask)[:, None, None]
+        filt = projector.filters(b.shifts, b.ctf, dtype=cdt)
+        # the numerator is accumulated on the operator's lifted (e.g. oversampled) grid; the transpose of
+        # the lift is applied once, at the end
+        return (num + projector.backproject_lifted(y, b.rotations, filt, pixels),
+                den + weight_backprojection(projector, b, squared=False, pixels=pixels))
+
+    def unlift(num, den):  # the lift's transpose and the Friedel mirror, once
+        num = projector.unlift_adjoint(num)
+        if hermitian:
+            num, den = num + hermitian_mirror(num), den + hermitian_mirror(den)
+        return num, den
+
+    if parallel.mesh_size(mesh) <= 1:
+        return partial(jax.jit, donate_argnums=(0, 1))(add_batch), jax.jit(unlift)
+    spec, rep = P(parallel.AXIS), P()
+
+    def add_local(num, den, raw):  # this device's sums (leading axis of length 1) and its shard of the batch
+        num, den = add_batch(num[0], den[0], raw)
+        return num[None], den[None]
+
+    def unlift_local(num, den):
+        return unlift(*jax.lax.psum((num[0], den[0]), parallel.AXIS))
+
+    accumulate = jax.jit(jax.shard_map(add_local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=(spec, spec)),
+                         donate_argnums=(0, 1))
+    finish = jax.jit(jax.shard_map(unlift_local, mesh=mesh, in_specs=(spec, spec), out_specs=(rep, rep)))
+    return accumulate, finish
+
+
+def wiener_backprojection(projector: Projector, source, lam: float | Prior = 0.0, batch_size: int = 256,
+                          indices=None, dtype=jnp.float32, hermitian: bool = True, mesh=None):
+    """Direct Wiener-filter reconstruction ``(sum_i S_i^H w_i y_i) / (sum_i P_i^T (w_i CTF_i^2) + lam)``.
+
+    ``S_i^H`` is the adjoint of the forward model (CTF, shift phase, slice) and ``P_i^T`` backprojects the
+    real weight image through the operator's weight kernel without phases (:func:`weight_backprojection`
+    with ``squared=False``), as RELION and cryoDRGN do (the CTF^2 "weights" volume). Both sums are divided by
+    the number of images so ``lam`` is on the scale of the loss. Exact for noise-free data of an operator
+    with a diagonal Hessian (nearest) in every voxel some slice hits (with ``lam -> 0``).
+
+    ``hermitian`` (default): the images are real, so their transforms are Hermitian: backproject one of each
+    Friedel pair (:meth:`~jaxcryo.forward.Projector.hermitian_pixels`, about 40% of the pixels) and add
+    the mirror of both sums once (:func:`~jaxcryo.forward.hermitian_mirror`). This gives the Hermitian
+    parts of the all-pixel sums (the transforms of their real parts in real space, all a real map keeps;
+    ``tests/test_wiener_fast.py``), at about half the cost; they differ from the all-pixel sums only by
+    the anti-Hermitian part that the unpaired ``-n/2`` pixels of even boxes leave there. The numerator is
+    accumulated on the operator's lifted grid, whose transpose is applied once at the end
+    (:meth:`~jaxcryo.forward.Projector.backproject_lifted`).
+
+    ``mesh``: a 1-D device mesh (:func:`jaxcryo.parallel.make_mesh`): each batch (padded to a multiple of
+    the device count) is split over its devices, each device backprojects its images into its own sums, and
+    one all-reduce adds them at the end (the result equals the single-device one up to rounding).
+
+    Returns ``(vol_f, weights)``: the centred Fourier volume and the weight volume.
+    """
+    n = projector.n
+    rdt, cdt = jnp.dtype(dtype), jnp.dtype(complex_dtype(dtype))
+    if parallel.mesh_size(mesh) <= 1:
+        mesh = None
+    accumulate, finish = _wiener_steps(projector, rdt, hermitian, mesh)
+    if mesh is None:
+        num, den = jnp.zeros(projector.lifted_shape(), cdt), jnp.zeros((n,) * 3, rdt)
+    else:  # one partial sum per device, created in place
+        d, split = mesh.size, parallel.batch_sharding(mesh)
+        num, den = jax.jit(lambda: (jnp.zeros((d, *projector.lifted_shape()), cdt), jnp.zeros((d,) + (n,) * 3, rdt)),
+                           out_shardings=(split, split))()
+    if indices is None:
+        indices = np.arange(len(source.metadata))
+    count = 0
+    for idx, mask in epoch_batches(np.asarray(indices), batch_size, multiple=parallel.mesh_size(mesh)):
+        raw = parallel.load_sharded(source, idx, mask, mesh)  # multi-process: each reads its own block
+        num, den = accumulate(num, den, raw)
+        count += int(mask.sum())
+    num, den = finish(num, den)
+    num, den = num / count, den / count
+    safe = den + prior_diagonal(lam, n, rdt)
+    vol = jnp.where(safe > 0, num / jnp.where(safe > 0, safe, 1), 0)
+    return vol, den
