@@ -21,6 +21,7 @@ from ..plotting import plot_convergence, plot_fsc, preload
 from ..solvers._reconstruct import DEFAULTS, OPTIMIZERS, reconstruct
 from ..data._sources import ParticleDataset
 from ..solvers._spectral import PRIORS
+from ..solvers._strategies import OnePassStrategy, make_strategy
 
 
 def register(sub) -> None:
@@ -119,8 +120,10 @@ def run(args) -> int:
     t0 = time.perf_counter()
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)  # before JAX starts: no-op alone
     processes, rank = distributed.process_count(), distributed.process_index()
-    if processes > 1 and args.optimizer == "cg":
-        raise InputError(f"--optimizer cg with {processes} processes: CG is not split across devices or processes; "
+    strategy = make_strategy(args.optimizer)
+    if processes > 1 and isinstance(strategy, OnePassStrategy) and not strategy.sharded:  # CG
+        raise InputError(f"--optimizer {args.optimizer} with {processes} processes: {type(strategy).__name__} is not "
+                         "split across devices or processes; "
                          "use --optimizer backproject, psgd, sgd or adam, or run it in one process")
     preload()  # matplotlib's import overlaps with the reconstruction
     out = Path(args.out)

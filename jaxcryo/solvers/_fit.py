@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import ArrayLike, Float
 from tqdm.auto import tqdm
 
 from .. import parallel
@@ -35,7 +36,8 @@ from ..data._batch import RawBatch, complex_dtype, epoch_batches, load_batch, pr
 from ..errors import DivergenceError
 from ..leastsq._loss import batch_filters, objective, value_and_grad
 from ..ndimage._metrics import fsc as fsc_fn
-from ..forward._projection import Projector
+from ..forward._projection import Projector, fourier_to_volume, volume_to_fourier
+from ..leastsq._priors import Prior
 
 
 def _read(source, idx, mask, mesh, to_device: bool) -> RawBatch:
@@ -66,9 +68,14 @@ class FitResult:
     state: FitState
 
 
-def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam: float = 0.0,
-              vol_mask=None, dtype=jnp.float32, donate: bool = True, mesh=None) -> Callable:
+def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam: "float | Prior" = 0.0,
+              vol_mask: Float[ArrayLike, "n n n"] | None = None, dtype=jnp.float32, donate: bool = True, mesh=None,
+              support: Float[ArrayLike, "n n n"] | None = None) -> Callable:
     """The jitted step ``(volume_f, opt_state, raw_batch) -> (volume_f, opt_state, loss)``.
+
+    ``support``: a real-space ``(n, n, n)`` mask multiplied into the map after every update (a support
+    constraint, e.g. a soft sphere of the particle's diameter); ``vol_mask`` is the objective's own (see
+    :func:`jaxcryo.leastsq.objective`).
 
     The optimiser's ``update`` receives the extra arguments ``obj_fn`` (the minibatch objective), ``grad``
     (the gradient), ``value`` (the loss), ``batch`` (the minibatch :class:`~jaxcryo.data.Batch`) and
@@ -84,6 +91,7 @@ def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam
     """
     opt = optax.with_extra_args_support(optimizer)
     axis = parallel.AXIS if parallel.mesh_size(mesh) > 1 else None
+    mask = None if support is None else jnp.asarray(support, jnp.float32)
 
     def step(vol_f, opt_state, raw: RawBatch):
         batch = to_batch(raw, dtype)
@@ -94,7 +102,10 @@ def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam
         if axis is not None:
             extra["axis_name"] = axis
         updates, opt_state = opt.update(g, opt_state, vol_f, **extra)
-        return optax.apply_updates(vol_f, updates), opt_state, val
+        vol_f = optax.apply_updates(vol_f, updates)
+        if mask is not None:
+            vol_f = volume_to_fourier(fourier_to_volume(vol_f) * mask)
+        return vol_f, opt_state, val
 
     if axis is None:
         return jax.jit(step, donate_argnums=(0, 1) if donate else ())
