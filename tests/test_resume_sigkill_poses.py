@@ -67,9 +67,9 @@ def test_refine_sigkill_then_resume_is_bitwise(data, tmp_path):
     star, ref = data
 
     def cmd(out, *extra):
-        return [sys.executable, "-m", "jaxcryo_main", "refine", str(star), "--reference", str(ref), "--out", str(out),
-                "--local-only", "--iterations", "4", "--batch-size", "60", "--epochs-per-iteration", "1",
-                "--quiet", "--platform", "cpu", *extra]
+        return [sys.executable, "-m", "jaxcryo_main", "--platform", "cpu", "refine", str(star), "--reference", str(ref),
+                "--out", str(out), "--local-only", "--iterations", "4", "--batch-size", "60", "--epochs-per-iteration", "1",
+                "--quiet", *extra]
 
     subprocess.run(cmd(tmp_path / "full"), check=True, env=ENV, capture_output=True, timeout=600)
     n_full = len(json.loads((tmp_path / "full" / "history.json").read_text()))
@@ -84,8 +84,8 @@ def test_abinitio_sigkill_then_resume_is_bitwise(data, tmp_path):
     star, _ = data
 
     def cmd(out, *extra):
-        return [sys.executable, "-m", "jaxcryo_main", "abinitio", str(star), "--out", str(out), "--steps", "10",
-                "--batch-size", "60", "--angular-step", "30", "--quiet", "--platform", "cpu", *extra]
+        return [sys.executable, "-m", "jaxcryo_main", "--platform", "cpu", "abinitio", str(star), "--out", str(out),
+                "--steps", "10", "--batch-size", "60", "--angular-step", "30", "--quiet", *extra]
 
     subprocess.run(cmd(tmp_path / "full"), check=True, env=ENV, capture_output=True, timeout=600)
     out = tmp_path / "killed"
