@@ -104,7 +104,8 @@ def align_map_to(volume: Float[ArrayLike, "n n n"], reference: Float[ArrayLike, 
 
 def truth_metrics(volume: Float[ArrayLike, "n n n"], rotations: Float[ArrayLike, "m 3 3"],
                   truth: Float[ArrayLike, "n n n"], true_rotations: Float[ArrayLike, "m 3 3"], pixel_size: float,
-                  shifts: Float[ArrayLike, "m 2"] | None = None, true_shifts: Float[ArrayLike, "m 2"] | None = None) -> dict:
+                  shifts: Float[ArrayLike, "m 2"] | None = None,
+                  true_shifts: Float[ArrayLike, "m 2"] | None = None) -> dict:
     """FSC to the ground truth after aligning ``volume`` (poses ``rotations``) to it (:func:`align_map_to`
     with :func:`jaxcryo.rotations.align_rotations` ``mirror=True``), and the pose errors. Shift errors are given
     only when no global rotation or mirror was needed (otherwise the two frames' origins differ)."""

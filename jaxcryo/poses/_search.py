@@ -265,28 +265,29 @@ class PoseSearch:
         ``indices`` (needed by methods that start from one). Returns a :class:`SearchResult` of NumPy arrays
         (float64, rotations orthonormalised) in the same order; padding rows of a batch get their results too.
         """
-        if isinstance(images, RawBatch):
-            n = len(images.mask)
-            read = lambda pos, mask: parallel.shard_batch(_take(images, pos, mask), self.mesh)  # noqa: E731
-        else:
-            idx = np.arange(len(images.metadata)) if indices is None else np.asarray(indices)
-            n = len(idx)
-            read = lambda pos, mask: parallel.load_sharded(images, idx[pos], mask, self.mesh)  # noqa: E731
+        mesh = self.mesh
+        n = len(images.mask) if isinstance(images, RawBatch) else (
+            len(images.metadata) if indices is None else len(indices))
+        idx = np.arange(n) if indices is None else np.asarray(indices)
+
+        def read(pos: np.ndarray, mask: np.ndarray):
+            if isinstance(images, RawBatch):
+                return parallel.shard_batch(_take(images, pos, mask), mesh)
+            return parallel.load_sharded(images, idx[pos], mask, mesh)
+
         if method.needs_start and (rotations is None or shifts is None):
             raise ValueError(f"{type(method).__name__} starts from the current poses: pass rotations and shifts")
         scorer = Scorer(self.projector, float(kmax))
-        vol_f = parallel.replicate(vol_f, self.mesh)
+        vol_f = parallel.replicate(vol_f, mesh)
         out: list[np.ndarray] | None = None
-        batches = epoch_batches(np.arange(n), self.chunk(method), multiple=parallel.mesh_size(self.mesh))
+        batches = epoch_batches(np.arange(n), self.chunk(method), multiple=parallel.mesh_size(mesh))
         for pos, mask in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
             raw = read(pos, mask)
-            if rotations is None or shifts is None:
-                start = (np.zeros((len(pos), 3, 3), np.float32), np.zeros((len(pos), 2), np.float32))
-            else:
-                start = (np.asarray(rotations[pos], np.float32), np.asarray(shifts[pos], np.float32))
-            r0, s0 = parallel.shard_batch(start, self.mesh)
-            res = self._fn(method, scorer, vol_f, raw, r0 if method.needs_start else None,
-                           s0 if method.needs_start else None)
+            r0 = s0 = None
+            if method.needs_start and rotations is not None and shifts is not None:
+                r0, s0 = parallel.shard_batch((np.asarray(rotations[pos], np.float32),
+                                               np.asarray(shifts[pos], np.float32)), mesh)
+            res = self._fn(method, scorer, vol_f, raw, r0, s0)
             res = [np.asarray(x, np.float64) for x in res]
             if out is None:
                 out = [np.zeros((n,) + x.shape[1:]) for x in res]
