@@ -129,10 +129,10 @@ def run(args) -> int:
     metrics = None
     if tmd is not None:
         if truth is not None:
-            metrics = truth_metrics(res.volume, res.metadata.rotations, truth, tmd.rotations, px,
+            metrics = truth_metrics(res.volume, np.asarray(res.metadata.rotations), truth, np.asarray(tmd.rotations), px,
                                     res.metadata.shifts, tmd.shifts)
         else:
-            a = align_rotations(res.metadata.rotations, tmd.rotations, mirror=True)
+            a = align_rotations(np.asarray(res.metadata.rotations), np.asarray(tmd.rotations), mirror=True)
             metrics = {"pose_error_median_deg": float(a.median_deg), "pose_error_mean_deg": float(a.mean_deg),
                        "mirrored": bool(a.mirrored)}
     keys = ("resolution_limit", "mean_best_score", "mean_pose_change_deg", "fsc05_truth_shell", "pose_error_median_deg")

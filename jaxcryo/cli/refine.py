@@ -135,7 +135,7 @@ def run(args) -> int:
         curves["map vs truth"] = final.fsc_ref
     plot_fsc(curves, out / "fsc.png", title="FSC after refinement")
     atomic_write_text(out / "history.json", json.dumps(res.history, indent=1))
-    plot_convergence({settings.optimizer: [dict(h, epoch=h["iteration"]) for h in res.history]}, out / "convergence.png",
+    plot_convergence({settings.to_dict()["optimizer"]: [dict(h, epoch=h["iteration"]) for h in res.history]}, out / "convergence.png",
                      x_keys=("epoch",), y_keys=("resolution", "mean_pose_change_deg", "fsc05_truth_shell"),
                      title="refinement per iteration")
     summary["wall_seconds"] = time.perf_counter() - t0

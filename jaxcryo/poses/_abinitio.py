@@ -19,18 +19,20 @@ The algorithm (:func:`abinitio`):
      log-likelihood at ``|k| <= kmax_t``) against the current map over :func:`jaxcryo.rotations.so3_grid`
      (``angular_step``) x :func:`jaxcryo.rotations.shift_grid` (``+-max_shift_px`` in steps of
      ``shift_step_px``), then ``local_levels`` local searches (:func:`jaxcryo.poses.score_local`) around
-     the best candidate, each halving the angular and shift steps (radius: two steps). Hard assignment to the
-     best candidate. Scoring reads the map with ``Trilinear(oversample=score_oversample)`` (plain trilinear
+     the best candidate, each halving the angular and shift steps (radius: two steps): one
+     :class:`~jaxcryo.poses.Cascade` run by the pose-search engine (:class:`~jaxcryo.poses.PoseSearch`: images
+     in chunks under ``score_memory``, split over ``devices``). Hard assignment to the best candidate. Scoring reads the map with ``Trilinear(oversample=score_oversample)`` (plain trilinear
      slices bias the best pose, see :class:`jaxcryo.poses.RefineSettings`);
    * **volume**: one preconditioned SGD step on that minibatch at those poses,
      ``v <- M(v - eta_t(k) D_B^-1 grad F_B(v))``: ``F_B`` the known-pose objective of :mod:`jaxcryo.loss`
      (Tikhonov ``lam``), ``D_B`` its exact minibatch Hessian diagonal for the plain trilinear operator
-     (:func:`jaxcryo.solvers.preconditioned_sgd` with ``diagonal="batch"``), ``eta_t(k)`` a per-shell step
+     (the strategy :class:`jaxcryo.solvers.PSGD` with ``batch_diagonal``, no averaging, the per-shell
+     schedule :func:`shell_rates` and the support ``M``), ``eta_t(k)`` a per-shell step
      size: zero beyond ``kmax_t`` (raised-cosine edge of two shells, so the map never fits noise beyond the
      frequency limit), ``eta_0 / (1 + age / decay_steps)`` floored at ``rate_floor * eta_0`` inside it,
      ``age`` the steps since the shell opened (a running average of the minibatch estimates that keeps
      forgetting the early, wrongly posed ones), ``eta_0 = 1 / lambda_max(D_B^-1 H_B)`` measured on the first
-     minibatch (``learning_rate`` overrides it); ``M``: the real-space soft spherical mask (support
+     minibatch (:func:`jaxcryo.solvers.batch_step_size`; ``learning_rate`` overrides it); ``M``: the real-space soft spherical mask (support
      constraint).
 3. **final poses**: a global search (same grids, at the final ``kmax``) of every particle against the final
    map, so that each particle has a pose in the map's frame: ``jaxcryo refine --local-only`` can take the
@@ -65,7 +67,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Float, Int
+from jaxtyping import ArrayLike, Float, Int
 from tqdm.auto import tqdm
 
 from .. import parallel
@@ -282,8 +284,9 @@ def _search_method(s: AbinitioSettings, pixel_size: float) -> Cascade:
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
-def abinitio(source, settings: AbinitioSettings = AbinitioSettings(), progress: bool = True, truth=None,
-             true_rotations=None, devices=None, checkpoint: "str | Path | None" = None,
+def abinitio(source, settings: AbinitioSettings = AbinitioSettings(), progress: bool = True,
+             truth: Float[ArrayLike, "n n n"] | None = None, true_rotations: Float[ArrayLike, "m 3 3"] | None = None,
+             devices=None, checkpoint: "str | Path | None" = None,
              resume: bool = False) -> AbinitioResult:
     """An ab initio map and poses from particles without poses (module docstring).
 
@@ -324,7 +327,6 @@ def abinitio(source, settings: AbinitioSettings = AbinitioSettings(), progress: 
     stem = checkpoint_stem(checkpoint)
     if resume and stem is None:
         raise InputError("{param} needs a checkpoint path", param="resume")
-    track = truth is not None and true_rotations is not None
     projector = Projector(n=n, pixel_size=px, operator="trilinear")
     batch = int(min(s.batch_size, n_part))
     engine = PoseSearch(Projector(n=n, pixel_size=px, operator=make_operator("trilinear", oversample=s.score_oversample)
@@ -396,7 +398,7 @@ def abinitio(source, settings: AbinitioSettings = AbinitioSettings(), progress: 
                "seconds": time.perf_counter() - t0, "elapsed": time.perf_counter() - t_start,
                "mean_best_score": float(np.mean(score[real])), "scored_pixels": n_pixels,
                "mean_pose_change_deg": change, "loss": loss}
-        if track:
+        if truth is not None and true_rotations is not None:
             m = truth_metrics(np.asarray(fourier_to_volume(vol)), r[real], truth, np.asarray(true_rotations)[ids], px)
             rec.update(fsc05_truth_shell=m["fsc05_shell"], pose_error_median_deg=m["pose_error_median_deg"],
                        mirrored=m["mirrored"])

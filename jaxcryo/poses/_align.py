@@ -109,7 +109,7 @@ def truth_metrics(volume: Float[ArrayLike, "n n n"], rotations: Float[ArrayLike,
     """FSC to the ground truth after aligning ``volume`` (poses ``rotations``) to it (:func:`align_map_to`
     with :func:`jaxcryo.rotations.align_rotations` ``mirror=True``), and the pose errors. Shift errors are given
     only when no global rotation or mirror was needed (otherwise the two frames' origins differ)."""
-    a = align_rotations(rotations, true_rotations, mirror=True)
+    a = align_rotations(np.asarray(rotations), np.asarray(true_rotations), mirror=True)
     al = align_map_to(volume, truth, a.rotation, a.mirrored)
     f = fsc_fn(al.volume, np.asarray(truth, np.float32), pixel_size=pixel_size)
     angle = float(np.degrees(np.arccos(np.clip((np.trace(a.rotation) - 1) / 2, -1, 1))))

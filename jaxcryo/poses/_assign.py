@@ -3,6 +3,7 @@ at its top-K candidates with their posterior weights (soft assignment), as the v
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -22,8 +23,7 @@ def with_poses(source, rotations: Float[np.ndarray, "n 3 3"], shifts: Float[np.n
         ds = ParticleDataset(md)
         ds._stacks, ds._lock = source._stacks, source._lock  # share the open stacks (and their lock)
         return ds
-    new = type(source).__new__(type(source))
-    new.__dict__.update(source.__dict__)
+    new = copy.copy(source)  # another source: the same attributes, other metadata
     new.metadata = md
     return new
 

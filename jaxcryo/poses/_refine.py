@@ -7,17 +7,21 @@ One iteration (:func:`refine_iteration`), for each half set independently (RELIO
    :func:`jaxcryo.rotations.so3_grid` x :func:`jaxcryo.rotations.shift_grid` (when the particles have no poses yet),
    followed by local searches around the current poses (:func:`jaxcryo.rotations.local_grid` at the current
    angular step, a shift grid around each image's origin), scored by :mod:`jaxcryo.poses` (the
-   log-likelihood of the reconstruction objective); hard assignment to the best candidate;
+   log-likelihood of the reconstruction objective); hard assignment to the best candidate (or top-K soft
+   assignment, ``top_k``). The search is a method (:func:`search_method`: a :class:`~jaxcryo.poses.Cascade`
+   of :class:`~jaxcryo.poses.GlobalSearch` and :class:`~jaxcryo.poses.LocalSearch`) run by the pose-search
+   engine (:class:`~jaxcryo.poses.PoseSearch`: chunks under ``score_memory``, split over ``devices``);
 2. **volume**: a few epochs of minibatch optimisation of the known-pose objective with those poses, warm
    started from the half map: preconditioned SGD (:class:`jaxcryo.solvers.PSGD`, the exact batch
    diagonal for operators with a local stencil, else Hutchinson) or plain SGD (``optimizer="sgd"``), so
-   that a run shows what the preconditioner buys inside the refinement;
-3. **FSC** of the two half maps: the resolution at 0.143 sets the next ``kmax``; when it improves by less than
+   that a run shows what the preconditioner buys inside the refinement; the strategy is resolved once from
+   the registry (:func:`update_strategy`) and its step size measured once per run;
+3. **FSC** of the two half maps (:func:`jaxcryo.ndimage.fsc`): the resolution at 0.143 sets the next ``kmax``; when it improves by less than
    one shell the angular step is halved (down to ``min_step``); after ``patience`` such iterations at the
    finest step the refinement stops.
 
 :func:`refine` runs the loop from a reference map low-pass filtered to ``init_resolution`` (checkpointing
-after each iteration) and finishes with a known-pose reconstruction (:func:`jaxcryo.reconstruct`, the
+after each iteration with ``checkpoint``; ``resume`` continues from it) and finishes with a known-pose reconstruction (:func:`jaxcryo.reconstruct`, the
 default one-pass estimate with the half-map spectral prior) from the refined poses.
 
 Handedness: a refinement from a reference keeps the reference's hand. Metrics against a ground truth (for
@@ -165,24 +169,25 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
     if engine is None:
         op = make_operator(s.interp, oversample=s.score_oversample) if s.score_oversample > 1 else projector.operator
         engine = PoseSearch(Projector(n=n, pixel_size=px, operator=op), s.batch_size, s.score_memory, mesh)
-    global_search = state.rotations is None
+    rots = state.rotations
+    global_search = rots is None
     shifts = state.shifts.copy()
     method = search_method(s, px, state.step, state.shift_step_px, global_search)
     k = int(s.top_k)
     new_r, new_s = np.zeros((len(shifts), 3, 3)), shifts.copy()
     soft_r, soft_s, soft_w = np.zeros((len(shifts), k, 3, 3)), np.zeros((len(shifts), k, 2)), np.zeros((len(shifts), k))
     prev_fsc = state.history[-1].get("half_map_fsc") if state.history else None
-    src = source if state.rotations is None else with_poses(source, state.rotations, shifts)
+    src = source if rots is None else with_poses(source, rots, shifts)
     for h, idx in enumerate(halves):
         v = state.half_maps[h]
         if s.fsc_weighting and prev_fsc is not None:  # the first iteration scores against the low-passed reference
             v = fsc_weighted(v, prev_fsc)
-        start = (None, None) if global_search else (state.rotations[idx], shifts[idx])
+        start = (None, None) if rots is None else (rots[idx], shifts[idx])
         res = engine(method, v, kmax, src, idx, *start, progress=progress,
                      desc=f"{'global' if global_search else 'local'} search, half {h + 1}")
         new_r[idx], new_s[idx] = res.rotations[:, 0], res.shifts[:, 0]  # the best candidate (soft: first of top K)
         soft_r[idx], soft_s[idx], soft_w[idx] = res.rotations, res.shifts, res.weights
-    change = None if global_search else float(np.mean(geodesic_distance_deg(state.rotations, new_r)))
+    change = None if rots is None else float(np.mean(geodesic_distance_deg(rots, new_r)))
     shift_change = float(np.mean(np.linalg.norm(new_s - shifts, axis=1))) / px
     t_pose = time.perf_counter() - t0
     if k == 1:
@@ -299,10 +304,11 @@ def refine(source, reference: Float[np.ndarray, "m m m"], settings: RefineSettin
     sub[halves[0]], sub[halves[1]] = 1, 2
     out_md = dataclasses.replace(md, rotations=state.rotations, shifts=state.shifts, random_subset=sub,
                                  missing_poses=None)
+    assert state.rotations is not None  # after an iteration
     posed = with_poses(source, state.rotations, state.shifts)
     posed.metadata = out_md
     final = reconstruct(posed, seed=settings.seed, progress=progress, reference=truth,  # the known-pose default
-                        devices=mesh or 1)
+                        devices=parallel.mesh_size(mesh))
     return RefineResult(out_md, state, state.history, final)
 
 

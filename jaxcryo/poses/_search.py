@@ -215,9 +215,8 @@ def orthonormalise(r: Float[np.ndarray, "... 3 3"]) -> Float[np.ndarray, "... 3 
 
 def _take(raw: RawBatch, pos: np.ndarray, mask: np.ndarray) -> RawBatch:
     """Rows ``pos`` of a batch read already, with ``mask`` (padding) on top of its own."""
-    ctf = None if raw.ctf is None else type(raw.ctf)(*(np.asarray(f)[pos] for f in raw.ctf))
-    return RawBatch(np.asarray(raw.images)[pos], np.asarray(raw.rotations)[pos], np.asarray(raw.shifts)[pos], ctf,
-                    np.asarray(raw.weights)[pos], np.asarray(raw.mask)[pos] * mask)
+    rows = jax.tree_util.tree_map(lambda x: np.asarray(x)[pos], raw)
+    return rows._replace(mask=rows.mask * mask)
 
 
 class PoseSearch:

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..forward._operators import make_operator
 from ..forward._particles import ParticleMetadata
+from ..solvers._reconstruct import ReconstructResult
 from ..solvers._strategies import MinibatchStrategy, Plan, make_strategy, strategy_name
 from ._checkpoints import load_run, save_run
 from ._validate import fail, integers, non_negative, positive
@@ -124,7 +125,7 @@ class RefineResult(NamedTuple):
     metadata: ParticleMetadata  # the particles with the refined poses (and rlnRandomSubset)
     state: RefineState
     history: list
-    final: object  # the ReconstructResult of the closing known-pose reconstruction
+    final: ReconstructResult  # the closing known-pose reconstruction
 
 
 def _trees(state: RefineState) -> dict:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import jax
 import jax.numpy as jnp
@@ -102,7 +102,7 @@ def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam
         if axis is not None:
             extra["axis_name"] = axis
         updates, opt_state = opt.update(g, opt_state, vol_f, **extra)
-        vol_f = optax.apply_updates(vol_f, updates)
+        vol_f = cast(jax.Array, optax.apply_updates(vol_f, updates))
         if mask is not None:
             vol_f = volume_to_fourier(fourier_to_volume(vol_f) * mask)
         return vol_f, opt_state, val

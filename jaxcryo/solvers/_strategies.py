@@ -148,9 +148,9 @@ class MinibatchStrategy(Strategy):
     """A strategy run as an optax transformation; ``lr`` overrides the measured initial step; ``support`` (a
     real-space ``(n, n, n)`` mask, or ``None``) multiplies the map after every step (a support constraint)."""
 
-    minibatch: ClassVar[bool] = True
+    minibatch: ClassVar[bool] = True  # pyright: ignore[reportIncompatibleVariableOverride]  (eqx.AbstractClassVar)
     lr: eqx.AbstractVar[float | None]
-    support: eqx.AbstractVar[Array | None]
+    support: eqx.AbstractVar[Float[ArrayLike, "n n n"] | None]
 
     @abc.abstractmethod
     def fixed_diagonal(self, problem: Problem) -> Array | None:
@@ -178,7 +178,7 @@ class MinibatchStrategy(Strategy):
 
 
 class ShellScheduleState(NamedTuple):
-    count: Array
+    step: Array
 
 
 def scale_by_shell_schedule(rates: Float[ArrayLike, "steps shells"], n: int) -> optax.GradientTransformation:
@@ -192,8 +192,8 @@ def scale_by_shell_schedule(rates: Float[ArrayLike, "steps shells"], n: int) -> 
         return ShellScheduleState(jnp.zeros((), jnp.int32))
 
     def update(updates, state, params=None):
-        rate = table[jnp.minimum(state.count, table.shape[0] - 1)]
-        return rate[shells].astype(jnp.real(updates).dtype) * updates, ShellScheduleState(state.count + 1)
+        rate = table[jnp.minimum(state.step, table.shape[0] - 1)]
+        return rate[shells].astype(jnp.real(updates).dtype) * updates, ShellScheduleState(state.step + 1)
 
     return optax.GradientTransformation(init, update)
 
@@ -212,8 +212,8 @@ class PSGD(MinibatchStrategy):
     probes: int = eqx.field(static=True, default=1)
     batch_diagonal: bool = eqx.field(static=True, default=False)
     beta: float = eqx.field(static=True, default=0.9)
-    shell_rates: Array | None = None
-    support: Array | None = None
+    shell_rates: Float[ArrayLike, "steps shells"] | None = None
+    support: Float[ArrayLike, "n n n"] | None = None
 
     def __check_init__(self):
         if self.probes < 0:
@@ -257,7 +257,7 @@ class SGD(MinibatchStrategy):
 
     lr: float | None = eqx.field(static=True, default=None)
     harmonic: bool = eqx.field(static=True, default=False)
-    support: Array | None = None
+    support: Float[ArrayLike, "n n n"] | None = None
 
     def fixed_diagonal(self, problem: Problem) -> Array | None:
         return None
@@ -273,7 +273,7 @@ class Adam(MinibatchStrategy):
     """``optax.adam`` (the ML default), step ``0.02 x`` the RMS of the first batch's backprojection."""
 
     lr: float | None = eqx.field(static=True, default=None)
-    support: Array | None = None
+    support: Float[ArrayLike, "n n n"] | None = None
 
     def fixed_diagonal(self, problem: Problem) -> Array | None:
         return None
@@ -300,7 +300,7 @@ class Solution(NamedTuple):
 class OnePassStrategy(Strategy):
     """A full-batch solver of the same objective."""
 
-    minibatch: ClassVar[bool] = False
+    minibatch: ClassVar[bool] = False  # pyright: ignore[reportIncompatibleVariableOverride]  (eqx.AbstractClassVar)
     #: its data passes split each batch over ``problem.mesh`` (:mod:`jaxcryo.parallel`)
     sharded: eqx.AbstractClassVar[bool]
 
@@ -317,7 +317,7 @@ class OnePassStrategy(Strategy):
 class CG(OnePassStrategy):
     """Conjugate gradient on the normal equations; one data pass per iteration (``iterations`` = epochs)."""
 
-    sharded: ClassVar[bool] = False
+    sharded: ClassVar[bool] = False  # pyright: ignore[reportIncompatibleVariableOverride]  (eqx.AbstractClassVar)
     tol: float = eqx.field(static=True, default=1e-6)
 
     def data_passes(self, iterations: int) -> int:
@@ -334,7 +334,7 @@ class CG(OnePassStrategy):
 class Backproject(OnePassStrategy):
     """One-pass Wiener-filter backprojection (exact for ``nearest`` slices)."""
 
-    sharded: ClassVar[bool] = True
+    sharded: ClassVar[bool] = True  # pyright: ignore[reportIncompatibleVariableOverride]  (eqx.AbstractClassVar)
 
     def data_passes(self, iterations: int) -> int:
         return 1
