@@ -356,7 +356,8 @@ def abinitio(source, settings: AbinitioSettings = AbinitioSettings(), progress: 
         opt = strategy(eta0).transformation(problem, Plan(1.0))
         trees, meta = load_run(stem, KIND, settings_json, {"volume_f": vol, "opt_state": opt.init(vol),
                                                            "rotations": cur_r})
-        vol, opt_state, cur_r = trees["volume_f"], trees["opt_state"], np.array(trees["rotations"])
+        vol, opt_state = parallel.replicate((trees["volume_f"], trees["opt_state"]), mesh)
+        cur_r = np.array(trees["rotations"])
         first, history = int(meta["step"]), list(meta["history"])
         step_fn = strategy(eta0).make_step(problem, Plan(1.0), mesh=mesh)
         raw = read(first) if first < s.steps else None

@@ -35,7 +35,8 @@ def load_run(stem: Path, kind: str, settings: dict, templates: dict[str, Any],
     if meta.get("kind") != kind:
         raise InputError(f"{stem}.npz: not a {kind} checkpoint (kind {meta.get('kind')!r})")
     saved = meta.get("settings", {})
-    diff = sorted(k for k in set(saved) | set(settings) if k not in may_change and saved.get(k) != settings.get(k))
+    # a setting one side does not know (added by a later version) does not count
+    diff = sorted(k for k in set(saved) & set(settings) if k not in may_change and saved[k] != settings[k])
     if diff:
         raise InputError(f"{stem}.npz: checkpoint was made with different settings {diff}; cannot {{param}}",
                          param="resume")
