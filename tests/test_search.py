@@ -99,3 +99,28 @@ def test_strategies_are_abstract_final_values():
     np.testing.assert_array_equal(np.real(np.asarray(u0)), rates[0][sh])
     np.testing.assert_array_equal(np.real(np.asarray(u1)), rates[1][sh])
     np.testing.assert_array_equal(np.real(np.asarray(u2)), rates[1][sh])
+
+
+def test_likelihood_options_shell_weights_and_offset_prior(small):
+    """The Scorer's options: per-shell weights multiply each pixel's term (ones change nothing, a constant c
+    scales the scores by c), and the offset prior adds -|o - o_i|^2 / (2 sigma^2)."""
+    from jaxcryo.poses import Scorer, score_local
+
+    ds, proj, vol = small
+    batch = jc.to_batch(jc.load_batch(ds, np.arange(12)))
+    rots = jnp.asarray(so3_grid(60.0), jnp.float32)
+    shifts = jnp.asarray(shift_grid(2 * proj.pixel_size, proj.pixel_size), jnp.float32)
+    plain = np.asarray(score_poses(vol, batch, proj, rots, shifts, kmax=6.0))
+    ones = np.asarray(score_poses(vol, batch, proj, rots, shifts, kmax=6.0, shell_weights=np.ones(9)))
+    twice = np.asarray(score_poses(vol, batch, proj, rots, shifts, kmax=6.0, shell_weights=np.full(3, 2.0)))
+    np.testing.assert_array_equal(ones, plain)
+    np.testing.assert_allclose(twice, 2 * plain, rtol=1e-5)
+    local = jnp.broadcast_to(rots[:5], (12, 5, 3, 3))
+    per = jnp.broadcast_to(shifts, (12,) + shifts.shape)
+    np.testing.assert_allclose(np.asarray(score_local(vol, batch, proj, local, per, kmax=6.0, shell_weights=[2.0])),
+                               2 * plain[:, :5], rtol=1e-5)
+    sigma = 3.0
+    with_prior = np.asarray(Scorer(proj, 6.0, None, sigma).shared(vol, batch, rots, shifts))
+    d = np.asarray(shifts)[None] - np.asarray(batch.shifts)[:, None]
+    np.testing.assert_allclose(with_prior - plain, np.broadcast_to((-0.5 * (d ** 2).sum(-1) / sigma ** 2)[:, None],
+                                                                   plain.shape), rtol=1e-4, atol=1e-3)

@@ -36,7 +36,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Complex, Float
+from jaxtyping import Array, ArrayLike, Complex, Float
 from tqdm.auto import tqdm
 
 from .. import parallel
@@ -99,25 +99,43 @@ def assign_poses(scores: Float[Array, "b r t"], rotations: Float[Array, "r 3 3"]
 class Scorer(eqx.Module, strict=True):
     """The score of a candidate pose: the Gaussian log-likelihood of :mod:`jaxcryo.poses` over the image
     pixels with ``|k| <= kmax`` (static: one compilation per value). Every search method scores through it,
-    so a change of the likelihood (noise spectrum, priors on the pose) is made here once."""
+    so a change of the likelihood is made here once:
+
+    * ``shell_weights`` ``(S,)``: each pixel's term weighted by its Fourier shell's weight (e.g. the inverse
+      of a per-shell noise power relative to the images' own: a whitened likelihood); ``None``: ones;
+    * ``offset_sigma`` (Å): a Gaussian prior on the origin, ``-|o - o_i|^2 / (2 sigma^2)`` added to the
+      log-likelihood, centred at each image's current origin ``o_i`` (the batch's shifts); ``None``: flat.
+    """
 
     projector: Projector = eqx.field(static=True)
     kmax: float = eqx.field(static=True)
+    shell_weights: Float[Array, " s"] | None = None
+    offset_sigma: float | None = eqx.field(static=True, default=None)
 
     @property
     def n_pixels(self) -> int:
         """The number of scored pixels per image (:func:`jaxcryo.poses.score_pixels`)."""
         return int(score_pixels(self.projector, self.kmax).size)
 
+    def _prior(self, batch: Batch, shifts: Float[Array, "t 2"] | Float[Array, "b t 2"]) -> Float[Array, "b 1 t"]:
+        """The offset prior's log density ``(B, 1, T)`` (0 for padding images)."""
+        assert self.offset_sigma is not None
+        d = shifts - batch.shifts[:, None, :].astype(shifts.dtype)  # (B, T, 2)
+        return (-0.5 * jnp.sum(d * d, axis=-1) / self.offset_sigma ** 2 * batch.mask[:, None])[:, None, :]
+
     def shared(self, vol_f: Complex[Array, "n n n"], batch: Batch, rotations: Float[Array, "r 3 3"],
                shifts: Float[Array, "t 2"]) -> Float[Array, "b r t"]:
         """Scores at rotations and shifts shared by the batch."""
-        return score_poses(vol_f, batch, self.projector, rotations, shifts, kmax=self.kmax)
+        sc = score_poses(vol_f, batch, self.projector, rotations, shifts, kmax=self.kmax,
+                         shell_weights=self.shell_weights)
+        return sc if self.offset_sigma is None else sc + self._prior(batch, shifts)
 
     def per_image(self, vol_f: Complex[Array, "n n n"], batch: Batch, rotations: Float[Array, "b q 3 3"],
                   shifts: Float[Array, "b t 2"]) -> Float[Array, "b q t"]:
         """Scores at each image's own candidate rotations and shifts."""
-        return score_local(vol_f, batch, self.projector, rotations, shifts, kmax=self.kmax)
+        sc = score_local(vol_f, batch, self.projector, rotations, shifts, kmax=self.kmax,
+                         shell_weights=self.shell_weights)
+        return sc if self.offset_sigma is None else sc + self._prior(batch, shifts)
 
 
 class AbstractSearchMethod(eqx.Module, strict=True):
@@ -256,13 +274,15 @@ class PoseSearch:
     def __call__(self, method: AbstractSearchMethod, vol_f: Complex[Array, "n n n"], kmax: float, images,
                  indices: np.ndarray | None = None, rotations: Float[np.ndarray, "m 3 3"] | None = None,
                  shifts: Float[np.ndarray, "m 2"] | None = None, progress: bool = False,
-                 desc: str = "pose search") -> SearchResult:
+                 desc: str = "pose search", shell_weights: Float[ArrayLike, " s"] | None = None,
+                 offset_sigma: float | None = None) -> SearchResult:
         """Run ``method`` on the particles ``indices`` of the source ``images`` (or on every row of a
         :class:`~jaxcryo.data.RawBatch` read already) against ``vol_f`` at ``kmax``.
 
         ``rotations`` ``(M, 3, 3)`` and ``shifts`` ``(M, 2)`` (Å): each image's current pose, in the order of
         ``indices`` (needed by methods that start from one). Returns a :class:`SearchResult` of NumPy arrays
         (float64, rotations orthonormalised) in the same order; padding rows of a batch get their results too.
+        ``shell_weights``, ``offset_sigma``: the likelihood's options (:class:`Scorer`).
         """
         mesh = self.mesh
         n = len(images.mask) if isinstance(images, RawBatch) else (
@@ -276,7 +296,8 @@ class PoseSearch:
 
         if method.needs_start and (rotations is None or shifts is None):
             raise ValueError(f"{type(method).__name__} starts from the current poses: pass rotations and shifts")
-        scorer = Scorer(self.projector, float(kmax))
+        weights = None if shell_weights is None else jnp.asarray(shell_weights, jnp.float32)
+        scorer = Scorer(self.projector, float(kmax), weights, None if offset_sigma is None else float(offset_sigma))
         vol_f = parallel.replicate(vol_f, mesh)
         out: list[np.ndarray] | None = None
         batches = epoch_batches(np.arange(n), self.chunk(method), multiple=parallel.mesh_size(mesh))
