@@ -124,3 +124,20 @@ def test_likelihood_options_shell_weights_and_offset_prior(small):
     d = np.asarray(shifts)[None] - np.asarray(batch.shifts)[:, None]
     np.testing.assert_allclose(with_prior - plain, np.broadcast_to((-0.5 * (d ** 2).sum(-1) / sigma ** 2)[:, None],
                                                                    plain.shape), rtol=1e-4, atol=1e-3)
+
+
+def test_cli_maps_settings_errors_to_flags(tmp_path, capsys):
+    """The library names the parameter; the command line shows its flag (one line, exit code 2)."""
+    from jaxcryo.cli import main
+
+    ref = tmp_path / "ref.mrc"
+    ref.write_bytes(b"")  # not read: the settings are refused first
+    for argv, flag in ((["--max-shift", "-1"], "--max-shift -1.0"), (["--min-step", "0"], "--min-step 0.0"),
+                       (["--iterations", "0"], "--iterations 0")):
+        assert main(["refine", str(tmp_path / "none.star"), "--reference", str(ref), "--out", str(tmp_path / "o"),
+                     "--quiet", *argv]) == 2
+        err = capsys.readouterr().err
+        assert flag in err and err.count("\n") == 1, err
+    assert main(["abinitio", str(tmp_path / "none.star"), "--out", str(tmp_path / "a"), "--epochs", "0",
+                 "--quiet"]) == 2
+    assert "no such file" in capsys.readouterr().err  # the particles are read first (their count sets the steps)
