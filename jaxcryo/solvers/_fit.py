@@ -22,13 +22,13 @@ from __future__ import annotations
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any, Callable, cast
+from typing import Any, Callable, Mapping, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jaxtyping import ArrayLike, Float
+from jaxtyping import ArrayLike, Complex, Float, Int
 from tqdm.auto import tqdm
 
 from .. import parallel
@@ -57,7 +57,7 @@ class FitState:
     volume_f: Any
     opt_state: Any
     epoch: int
-    rng_state: dict
+    rng_state: Mapping[str, Any]
     history: list = field(default_factory=list)
 
 
@@ -98,7 +98,7 @@ def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam
         filters = batch_filters(batch, projector)
         fn = objective(batch, projector, lam, vol_mask, filters, axis_name=axis)
         val, g = value_and_grad(fn)(vol_f)
-        extra = dict(obj_fn=fn, grad=g, value=val, batch=batch, filters=filters)
+        extra: dict[str, Any] = dict(obj_fn=fn, grad=g, value=val, batch=batch, filters=filters)
         if axis is not None:
             extra["axis_name"] = axis
         updates, opt_state = opt.update(g, opt_state, vol_f, **extra)
@@ -107,7 +107,7 @@ def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam
             vol_f = volume_to_fourier(fourier_to_volume(vol_f) * mask)
         return vol_f, opt_state, val
 
-    if axis is None:
+    if axis is None or mesh is None:
         return jax.jit(step, donate_argnums=(0, 1) if donate else ())
     return parallel.ShardedStep(step, mesh, donate)
 
@@ -118,14 +118,14 @@ def fit(
     projector: Projector,
     epochs: int = 10,
     batch_size: int = 256,
-    lam: float = 0.0,
-    indices: np.ndarray | None = None,
-    init=None,
+    lam: "float | Prior" = 0.0,
+    indices: Int[ArrayLike, " m"] | None = None,
+    init: Complex[ArrayLike, "n n n"] | None = None,
     seed: int = 0,
-    vol_mask=None,
+    vol_mask: Float[ArrayLike, "n n n"] | None = None,
     dtype=jnp.float32,
     callback: Callable[[dict, Any], None] | None = None,
-    reference_f=None,
+    reference_f: Complex[ArrayLike, "n n n"] | None = None,
     pixel_size: float | None = None,
     progress: bool = False,
     state: FitState | None = None,
@@ -194,7 +194,7 @@ def fit(
         losses = []
         batches = epoch_batches(indices, batch_size, rng, multiple)
         reads = (_read(source, idx, mask, mesh, prefetch > 0) for idx, mask in batches)
-        with closing(prefetch_iter(reads, prefetch)) as raws:
+        with closing(prefetch_iter(reads, prefetch)) as raws:  # pyright: ignore[reportArgumentType]  (a generator)
             for raw in raws:
                 vol, opt_state, val = step(vol, opt_state, raw)
                 val = float(val)

@@ -126,7 +126,7 @@ def hutchinson_full_estimate(problem: Problem, max_batches: int = 16, probes: in
     return jnp.maximum(d, 0.5 * shell_mean(d, shell_index(n, 3)))
 
 
-def exact_problem_diagonal(problem: Problem):
+def exact_problem_diagonal(problem: Problem) -> Float[Array, "n n n"] | None:
     """The exact full-data Hessian diagonal of ``problem`` (operators with a local stencil), else ``None``."""
     if not problem.projector.operator.has_local_stencil:
         return None
