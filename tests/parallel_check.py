@@ -19,7 +19,11 @@ and a local one from perturbed poses) on 4 devices and on 1, and ``jaxcryo refin
 (:func:`jaxcryo.solvers._wiener.wiener_backprojection`) on 4 devices and on 1, and the all-reduces of its compiled
 programs.
 
-``all`` runs them all in one process (one JAX start-up); the JSON has one key per mode.
+``python tests/parallel_check.py abinitio OUT_DIR``: :func:`jaxcryo.poses.abinitio` (a few minibatch steps on a
+small set) on 4 devices and on 1: the maps' and final poses' differences, the devices recorded, the per-device
+batch the pose search was traced with; and ``jaxcryo abinitio --devices 4`` (its ``run.json``). Not in ``all``.
+
+``all`` runs them all (but ``abinitio``) in one process (one JAX start-up); the JSON has one key per mode.
 """
 
 from __future__ import annotations
@@ -151,8 +155,8 @@ def refine(out: Path) -> dict:
     import jaxcryo as jc
     from jaxcryo.cli import main
     from jaxcryo.io.star import write_star
-    from jaxcryo.poses._refine import (RefineSettings, _with_poses, initial_state, lowpass, refine_iteration,
-                                prepare_reference)
+    from jaxcryo.poses import (RefineSettings, initial_state, lowpass, refine_iteration, prepare_reference,
+                               with_poses as _with_poses)
     from jaxcryo.forward._projection import volume_to_fourier
     from jaxcryo.data._simulate import perturbed_metadata, simulate
     from jaxcryo.data._sources import split_halves
@@ -180,10 +184,10 @@ def refine(out: Path) -> dict:
             "max_shift_diff": float(np.abs(a.shifts - b.shifts).max()),
             "devices_recorded": [a.history[-1]["devices"], b.history[-1]["devices"]]}
     from jaxcryo import parallel
-    from jaxcryo.poses._refine import _Scorer
+    from jaxcryo.poses import PoseSearch, search_method
 
-    sc = _Scorer(proj, settings, parallel.make_mesh(4))  # the search's per-device batch: 52 / 4 images
-    r, _ = sc.global_search(ref_f, ds, halves[0][:52], 6.0, False, "")
+    sc = PoseSearch(proj, settings.batch_size, settings.score_memory, parallel.make_mesh(4))  # per device: 52 / 4
+    sc(search_method(settings, px, settings.global_step / 2, 1.0, True), ref_f, 6.0, ds, halves[0][:52])
     report["scoring_traced_batch_shapes_4"] = sc.traced_batch_shapes
     d = out / "sim"
     star = jc.write_dataset(d, pert, sim.images)
@@ -205,8 +209,33 @@ def refine(out: Path) -> dict:
     return report
 
 
+def abinitio(out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    import jaxcryo as jc
+    from jaxcryo.cli import main
+    from jaxcryo.data._simulate import simulate
+    from jaxcryo.poses import AbinitioSettings, abinitio as run
+
+    sim = simulate(n_particles=200, box=16, snr=2.0, seed=2, operator="trilinear", max_shift=3.0)
+    ds = jc.ArrayDataset(sim.metadata, sim.images)
+    s = AbinitioSettings(steps=3, batch_size=50, angular_step=30.0, local_levels=1, score_memory=1 << 18)
+    res = {n: run(ds, s, progress=False, devices=n) for n in (1, 4)}
+    a, b = res[4], res[1]
+    star = jc.write_dataset(out / "sim", sim.metadata, sim.images)
+    rc = main(["abinitio", str(star), "--out", str(out / "d4"), "--steps", "1", "--batch-size", "50",
+               "--angular-step", "30", "--devices", "4", "--quiet"])
+    return {"max_rel_diff_map": rel(a.volume, b.volume),
+            "max_rotation_diff": float(np.abs(a.metadata.rotations - b.metadata.rotations).max()),
+            "max_shift_diff": float(np.abs(a.metadata.shifts - b.metadata.shifts).max()),
+            "losses": [[h["loss"] for h in r.history] for r in (a, b)],
+            "devices": [a.devices, b.devices], "cli_returncode": rc,
+            "cli_devices": json.loads((out / "d4" / "run.json").read_text())["devices"] if rc == 0 else None}
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], Path(sys.argv[2])
     modes = {"api": api, "cli": cli, "wiener": wiener, "refine": refine}
+    if mode == "abinitio":
+        modes = {"abinitio": abinitio}
     result = {m: modes[m](out / m) for m in (modes if mode == "all" else [mode])}
     print("PARALLEL_CHECK " + json.dumps(result))

@@ -13,8 +13,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxcryo.poses._abinitio import (AbinitioSettings, abinitio, align_map_to, kmax_schedule, rotate_map,
-                              truth_metrics)
+from jaxcryo.poses import (AbinitioSettings, abinitio, align_map_to, kmax_schedule, rotate_map,
+                           truth_metrics)
 from jaxcryo.cli import main
 from jaxcryo.errors import InputError
 from jaxcryo.rotations._grids import MIRROR, align_rotations

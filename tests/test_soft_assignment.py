@@ -12,7 +12,7 @@ from jaxcryo.data._batch import load_batch, to_batch
 from jaxcryo.cli import main
 from jaxcryo.rotations._grids import align_rotations
 from jaxcryo.leastsq._loss import loss
-from jaxcryo.poses._refine import SoftPoses, _with_poses, assign_poses
+from jaxcryo.poses import SoftPoses, assign_poses, with_poses as _with_poses
 from jaxcryo.rotations._rotations import perturb_rotations
 from jaxcryo.poses._scoring import best_poses
 from jaxcryo.data._sources import read_particles

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..poses._abinitio import HANDEDNESS, AbinitioSettings, abinitio, check_settings, truth_metrics
+from ..poses import HANDEDNESS, AbinitioSettings, abinitio, prepare_reference, truth_metrics
 from ..errors import InputError
 from ..rotations._grids import align_rotations
 from ..io.atomic import atomic_write_text
@@ -60,27 +60,22 @@ def register(sub) -> None:
                         "global rotation and hand")
     p.add_argument("--datadir", type=Path, default=None, help="folder to look for the image stacks in")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--devices", type=int, default=None,
+                   help="local devices to split the pose searches and the volume steps over (default: all JAX "
+                        "sees); the minibatches do not depend on it. On CPU, "
+                        "XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint (written after every step)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def _settings(args, n_particles: int) -> AbinitioSettings:
-    d = AbinitioSettings()
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size {args.batch_size}: expected a positive integer")
-    if not (np.isfinite(args.max_shift) and args.max_shift >= 0):
-        raise InputError(f"--max-shift {args.max_shift}: expected pixels >= 0")
+    fields = dict(batch_size=args.batch_size, init_resolution=args.init_resolution,
+                  final_resolution=args.final_resolution, angular_step=args.angular_step, max_shift_px=args.max_shift,
+                  particle_diameter=args.particle_diameter, seed=args.seed)
     if args.epochs is not None:
-        if not (np.isfinite(args.epochs) and args.epochs > 0):
-            raise InputError(f"--epochs {args.epochs}: expected a positive number")
-        steps = max(1, int(np.ceil(args.epochs * n_particles / min(args.batch_size, n_particles))))
-    else:
-        steps = d.steps if args.steps is None else args.steps
-    s = AbinitioSettings(steps=steps, batch_size=args.batch_size, init_resolution=args.init_resolution,
-                         final_resolution=args.final_resolution, angular_step=args.angular_step,
-                         max_shift_px=args.max_shift, particle_diameter=args.particle_diameter, seed=args.seed)
-    check_settings(s)
-    return s
+        return AbinitioSettings.for_epochs(args.epochs, n_particles, **fields)
+    return AbinitioSettings(**({} if args.steps is None else {"steps": args.steps}), **fields)
 
 
 def run(args) -> int:
@@ -113,8 +108,6 @@ def run(args) -> int:
         if tmd.rotations is None or len(tmd) != len(md):
             raise InputError(f"{args.true_poses}: expected poses for the same {len(md)} particles (--true-poses)")
     if args.truth is not None:
-        from ..poses._refine import prepare_reference
-
         vol, tpx = read_volume(args.truth, TRUTH)[:2]  # checked: finite, cubic, pixel size
         truth = prepare_reference(vol, tpx, md.box, px)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,9 +115,10 @@ def run(args) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             res = abinitio(ds, settings, progress=not args.quiet, truth=truth,
-                           true_rotations=None if tmd is None else tmd.rotations)
+                           true_rotations=None if tmd is None else tmd.rotations, devices=args.devices,
+                           checkpoint=out / "checkpoint", resume=args.resume)
     except KeyboardInterrupt:
-        print("jaxcryo abinitio: interrupted", file=sys.stderr)
+        print(f"jaxcryo abinitio: interrupted; continue with --resume ({out / 'checkpoint'}.npz)", file=sys.stderr)
         return 130
     write_map(out / "map.mrc", res.volume, px)
     write_star(out / "particles.star", res.metadata)
@@ -136,10 +130,10 @@ def run(args) -> int:
     metrics = None
     if tmd is not None:
         if truth is not None:
-            metrics = truth_metrics(res.volume, res.metadata.rotations, truth, tmd.rotations, px,
+            metrics = truth_metrics(res.volume, np.asarray(res.metadata.rotations), truth, np.asarray(tmd.rotations), px,
                                     res.metadata.shifts, tmd.shifts)
         else:
-            a = align_rotations(res.metadata.rotations, tmd.rotations, mirror=True)
+            a = align_rotations(np.asarray(res.metadata.rotations), np.asarray(tmd.rotations), mirror=True)
             metrics = {"pose_error_median_deg": float(a.median_deg), "pose_error_mean_deg": float(a.mean_deg),
                        "mirrored": bool(a.mirrored)}
     keys = ("resolution_limit", "mean_best_score", "mean_pose_change_deg", "fsc05_truth_shell", "pose_error_median_deg")
@@ -148,6 +142,7 @@ def run(args) -> int:
     summary["wall_seconds"] = time.perf_counter() - t0
     atomic_write_text(out / "run.json", json.dumps({
         "command": "abinitio", "argv": sys.argv, "settings": dataclasses.asdict(settings), "handedness": HANDEDNESS,
+        "devices": res.devices, "devices_requested": args.devices,
         "summary": summary, "truth_metrics": metrics}, indent=1))
     msg = (f"jaxcryo abinitio: {len(md)} particles, {settings.steps} steps, {summary['wall_seconds']:.0f} s; "
            f"map low-pass at {summary['final_resolution_limit']:.1f} A (hand undetermined)")

@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InputError
 from ..rotations._grids import align_rotations
 from ..io.atomic import atomic_write_text
-from ..io.checkpoint import load_checkpoint, save_checkpoint
-from ..io._validate import REFERENCE, read_volume
-from ..io.mrc import read_map, write_map
+from ..io._validate import REFERENCE, TRUTH, read_volume
+from ..io.mrc import write_map
 from ..io.star import write_star
 from ..plotting import plot_convergence, plot_fsc
-from ..poses._refine import RefineSettings, RefineState, half_map_volumes, refine
+from ..poses import RefineSettings, half_map_volumes, refine
 from ..data._sources import ParticleDataset
-
-CHECKPOINT_KIND = "refine"
-
 
 def register(sub) -> None:
     d = RefineSettings()
@@ -77,30 +71,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _state_trees(state: RefineState) -> dict:
-    n = len(state.shifts)
-    rot = np.zeros((n, 3, 3)) if state.rotations is None else state.rotations
-    return {"half_maps": [jnp.asarray(v) for v in state.half_maps], "rotations": rot, "shifts": state.shifts}
-
-
-def _save(stem: Path, state: RefineState, settings: RefineSettings, local_only: bool) -> None:
-    save_checkpoint(stem, _state_trees(state), {
-        "kind": CHECKPOINT_KIND, "settings": dataclasses.asdict(settings), "local_only": local_only,
-        "has_rotations": state.rotations is not None, "resolution": state.resolution, "step": state.step,
-        "shift_step_px": state.shift_step_px, "iteration": state.iteration, "stalls": state.stalls,
-        "history": state.history})
-
-
-def _load(stem: Path, template: RefineState) -> tuple[RefineState, dict]:
-    trees, meta = load_checkpoint(stem, _state_trees(template))
-    if meta.get("kind") != CHECKPOINT_KIND:
-        raise InputError(f"{stem}.npz: not a refine checkpoint (kind {meta.get('kind')!r})")
-    state = RefineState(list(trees["half_maps"]), np.asarray(trees["rotations"]) if meta["has_rotations"] else None,
-                        np.asarray(trees["shifts"]), float(meta["resolution"]), float(meta["step"]),
-                        float(meta["shift_step_px"]), int(meta["iteration"]), int(meta["stalls"]), list(meta["history"]))
-    return state, meta
-
-
 def run(args) -> int:
     t0 = time.perf_counter()
     out = Path(args.out)
@@ -108,61 +78,38 @@ def run(args) -> int:
         raise InputError(f"{out}: exists and is not a folder; --out needs a folder")
     if not args.reference.exists():
         raise InputError(f"{args.reference}: no such file (--reference)")
-    if args.iterations < 1:
-        raise InputError(f"--iterations {args.iterations}: expected at least 1")
-    if not args.min_step > 0:
-        raise InputError(f"--min-step {args.min_step}: expected a positive angle (degrees)")
-    if args.top_k < 1:
-        raise InputError(f"--top-k {args.top_k}: expected at least 1 (1 = hard assignment)")
+    settings = RefineSettings(init_resolution=args.init_resolution, global_step=args.global_step,
+                              local_step=args.local_step, min_step=args.min_step, max_shift_px=args.max_shift,
+                              iterations=args.iterations, epochs_per_iteration=args.epochs_per_iteration,
+                              optimizer=args.optimizer, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed)
     ds = ParticleDataset.from_file(args.particles, datadir=args.datadir)
     md = ds.metadata
     if len(md) == 0:
         raise InputError(f"{args.particles}: no particles")
     ds.validate(check_images=True)
     ref, ref_px = read_volume(args.reference, REFERENCE)[:2]  # checked: finite, cubic, pixel size
-    truth = read_map(args.truth)[0] if args.truth is not None else None
-    settings = RefineSettings(init_resolution=args.init_resolution, global_step=args.global_step,
-                              local_step=args.local_step, min_step=args.min_step, max_shift_px=args.max_shift,
-                              iterations=args.iterations,
-                              epochs_per_iteration=args.epochs_per_iteration, optimizer=args.optimizer,
-                              top_k=args.top_k,
-                              batch_size=args.batch_size, seed=args.seed)
+    truth = read_volume(args.truth, TRUTH).data if args.truth is not None else None
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "checkpoint"
-    state = None
-    if args.resume:
-        if not stem.with_suffix(".npz").exists():
-            raise InputError(f"{stem}.npz: no checkpoint to resume from (--resume)")
-        from ..poses._refine import initial_state, prepare_reference
-        from ..forward._projection import Projector, volume_to_fourier
-
-        proj = Projector(n=md.box, pixel_size=float(md.pixel_size), operator=settings.interp)
-        r = prepare_reference(ref, ref_px, md.box, float(md.pixel_size))
-        template = initial_state(ds, volume_to_fourier(jnp.asarray(r)), proj, settings,
-                                 args.local_only and md.rotations is not None)
-        if template.rotations is None:
-            template.rotations = np.zeros((len(md), 3, 3))
-        state, meta = _load(stem, template)
-        args.local_only = bool(meta["local_only"])
 
     def warn(msg):
         if not args.quiet:
             print(f"jaxcryo refine: warning: {msg}", file=sys.stderr)
 
-    def checkpoint(st):
-        _save(stem, st, settings, args.local_only)
+    def on_iteration(st):
         atomic_write_text(out / "history.json", json.dumps(st.history, indent=1))
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             res = refine(ds, ref, settings, local_only=args.local_only, reference_pixel_size=ref_px,
-                         progress=not args.quiet, state=state, on_iteration=checkpoint, warn=warn, truth=truth,
-                         devices=args.devices)
+                         progress=not args.quiet, on_iteration=on_iteration, warn=warn, truth=truth,
+                         devices=args.devices, checkpoint=stem, resume=args.resume)
     except KeyboardInterrupt:
         print(f"jaxcryo refine: interrupted; continue with --resume ({stem}.npz)", file=sys.stderr)
         return 130
     px = float(md.pixel_size)
+    local_only = bool(json.loads((stem.with_suffix(".json")).read_text()).get("local_only", args.local_only))
     final = res.final
     h1, h2 = half_map_volumes(res.state)
     write_map(out / "half1.mrc", final.half1 if final.half1 is not None else h1, px)
@@ -189,14 +136,14 @@ def run(args) -> int:
         curves["map vs truth"] = final.fsc_ref
     plot_fsc(curves, out / "fsc.png", title="FSC after refinement")
     atomic_write_text(out / "history.json", json.dumps(res.history, indent=1))
-    plot_convergence({settings.optimizer: [dict(h, epoch=h["iteration"]) for h in res.history]}, out / "convergence.png",
+    plot_convergence({settings.to_dict()["optimizer"]: [dict(h, epoch=h["iteration"]) for h in res.history]}, out / "convergence.png",
                      x_keys=("epoch",), y_keys=("resolution", "mean_pose_change_deg", "fsc05_truth_shell"),
                      title="refinement per iteration")
     summary["wall_seconds"] = time.perf_counter() - t0
     n_devices = res.history[-1].get("devices", 1) if res.history else 1
     atomic_write_text(out / "run.json", json.dumps({"command": "refine", "argv": sys.argv,
-                                                    "settings": dataclasses.asdict(settings),
-                                                    "local_only": args.local_only, "devices": n_devices,
+                                                    "settings": settings.to_dict(),
+                                                    "local_only": local_only, "devices": n_devices,
                                                     "devices_requested": args.devices,
                                                     "summary": summary}, indent=1))
     print(f"jaxcryo refine: {len(md)} particles, {res.state.iteration} iterations, {summary['wall_seconds']:.0f} s; "

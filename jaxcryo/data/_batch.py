@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterable, Iterator, NamedTuple
+from typing import Generator, Iterable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +127,7 @@ def epoch_batches(indices: Int[ArrayLike, " k"], batch_size: int, rng: np.random
 _END = object()
 
 
-def prefetch(items: Iterable, depth: int = 1) -> Iterator:
+def prefetch(items: Iterable, depth: int = 1) -> Generator:
     """Iterate ``items`` (e.g. a generator of :func:`load_batch` calls) in a background thread that keeps up
     to ``depth`` items ready in a bounded queue, so the reads of the next batch overlap the current step.
 

@@ -7,17 +7,21 @@ One iteration (:func:`refine_iteration`), for each half set independently (RELIO
    :func:`jaxcryo.rotations.so3_grid` x :func:`jaxcryo.rotations.shift_grid` (when the particles have no poses yet),
    followed by local searches around the current poses (:func:`jaxcryo.rotations.local_grid` at the current
    angular step, a shift grid around each image's origin), scored by :mod:`jaxcryo.poses` (the
-   log-likelihood of the reconstruction objective); hard assignment to the best candidate;
+   log-likelihood of the reconstruction objective); hard assignment to the best candidate (or top-K soft
+   assignment, ``top_k``). The search is a method (:func:`search_method`: a :class:`~jaxcryo.poses.Cascade`
+   of :class:`~jaxcryo.poses.GlobalSearch` and :class:`~jaxcryo.poses.LocalSearch`) run by the pose-search
+   engine (:class:`~jaxcryo.poses.PoseSearch`: chunks under ``score_memory``, split over ``devices``);
 2. **volume**: a few epochs of minibatch optimisation of the known-pose objective with those poses, warm
    started from the half map: preconditioned SGD (:class:`jaxcryo.solvers.PSGD`, the exact batch
    diagonal for operators with a local stencil, else Hutchinson) or plain SGD (``optimizer="sgd"``), so
-   that a run shows what the preconditioner buys inside the refinement;
-3. **FSC** of the two half maps: the resolution at 0.143 sets the next ``kmax``; when it improves by less than
+   that a run shows what the preconditioner buys inside the refinement; the strategy is resolved once from
+   the registry (:func:`update_strategy`) and its step size measured once per run;
+3. **FSC** of the two half maps (:func:`jaxcryo.ndimage.fsc`): the resolution at 0.143 sets the next ``kmax``; when it improves by less than
    one shell the angular step is halved (down to ``min_step``); after ``patience`` such iterations at the
    finest step the refinement stops.
 
 :func:`refine` runs the loop from a reference map low-pass filtered to ``init_resolution`` (checkpointing
-after each iteration) and finishes with a known-pose reconstruction (:func:`jaxcryo.reconstruct`, the
+after each iteration with ``checkpoint``; ``resume`` continues from it) and finishes with a known-pose reconstruction (:func:`jaxcryo.reconstruct`, the
 default one-pass estimate with the half-map spectral prior) from the refined poses.
 
 Handedness: a refinement from a reference keeps the reference's hand. Metrics against a ground truth (for
@@ -28,122 +32,43 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array, Complex, Float
 from tqdm.auto import tqdm
 
 from .. import parallel
-from ..data._batch import epoch_batches, to_batch
+from ..data._sources import split_halves
 from ..errors import InputError
-from ..solvers._fit import fit
-from ..ndimage._masks import frequency_edge
-from ..ndimage._fourier import radius_grid, resample_real
-from ..rotations._grids import geodesic_distance_deg, local_grid, shift_grid, so3_grid
 from ..forward._operators import make_operator
-from ..solvers._optim import harmonic_schedule, preconditioned_sgd, sgd
 from ..forward._particles import ParticleMetadata
-from ..leastsq._priors import fourier_fsc
 from ..forward._projection import Projector, fourier_to_volume, volume_to_fourier
-from ._scoring import best_poses, score_local, score_pixels, score_poses, soft_weights
-from ..data._sources import ArrayDataset, ParticleDataset, split_halves
-from ..solvers._strategies import Problem, initial_step_size
+from ..ndimage._fourier import radius_grid, resample_real, shell_index
+from ..ndimage._masks import frequency_edge
+from ..ndimage._metrics import first_shell_below, fsc as fsc_fn
+from ..rotations._grids import geodesic_distance_deg, shift_grid, so3_grid
+from ..solvers._fit import fit
+from ..solvers._strategies import MinibatchStrategy, Problem, make_strategy, strategy_name
+from ._assign import SoftPoses, with_poses
+from ._checkpoints import checkpoint_stem
+from ._search import AbstractSearchMethod, Cascade, GlobalSearch, LocalSearch, PoseSearch
+from ._state import RefineResult, RefineSettings, RefineState, load_state, save_state
 
-
-@dataclass(frozen=True)
-class RefineSettings:
-    """The choices of a refinement (all angles in degrees, lengths in Å unless named ``_px``).
-
-    Attributes:
-        init_resolution: the reference is low-pass filtered to this resolution first (RELION's
-            ``--ini_high``).
-        global_step: angular sampling of the global search (when the particles have no poses).
-        local_step: the angular step of the first local search (``local_only``: the expected pose error / 2).
-        min_step: the finest angular step.
-        local_radius_steps: local searches cover ``+- local_radius_steps`` steps around each pose.
-        max_shift_px: the global translation search covers ``+- max_shift_px`` pixels.
-        global_shift_step_px: its step.
-        local_shift_steps: local shift grids cover ``+- local_shift_steps`` steps of the current shift step
-            (which starts at ``local_shift_step_px`` and halves with the angular step, down to 0.25 px).
-        kmax_margin: shells searched beyond the current resolution.
-        iterations: iterations at most.
-        patience: iterations at the finest step without a one-shell improvement before stopping.
-        epochs_per_iteration: epochs of the volume update per iteration.
-        optimizer: ``"psgd"`` (preconditioned SGD) or ``"sgd"`` for the volume updates.
-        top_k: pose assignment of the local searches: 1 = hard (each image at its best candidate); K > 1 =
-            soft: each image enters the volume update at its K most likely candidates with their posterior
-            weights (:func:`assign_poses`); the particles' poses are the best candidates either way.
-        lam: Tikhonov weight of the volume updates.
-        batch_size: images per step of the volume updates and of the pose scoring.
-        interp: slice operator name for scoring and updates.
-        fsc_weighting: score against each half map weighted per shell by ``sqrt(2 FSC / (1 + FSC))`` of the
-            last half-map FSC (the map's SNR weighting, as RELION's and cryoSPARC's references for alignment),
-            not against the raw half map, whose noisy high shells add pose error.
-        score_oversample: the scoring operator oversamples the map this many times (with the gridding
-            correction): plain trilinear slices bias the best pose by degrees, which the volume updates (plain
-            operator: exact batch diagonal) do not suffer from.
-        seed: half-set split and data order.
-    """
-
-    init_resolution: float = 30.0
-    global_step: float = 15.0
-    local_step: float = 2.5
-    min_step: float = 0.6
-    local_radius_steps: float = 2.0
-    max_shift_px: float = 6.0
-    global_shift_step_px: float = 2.0
-    local_shift_step_px: float = 1.0
-    local_shift_steps: int = 2
-    kmax_margin: int = 4
-    iterations: int = 12
-    patience: int = 1
-    epochs_per_iteration: int = 2
-    optimizer: str = "psgd"
-    top_k: int = 1
-    lam: float = 1e-3
-    batch_size: int = 200
-    interp: str = "trilinear"
-    fsc_weighting: bool = True
-    score_oversample: int = 2
-    seed: int = 0
-
-
-@dataclass
-class RefineState:
-    """Everything a refinement carries between iterations (checkpointed as data)."""
-
-    half_maps: list  # two centred Fourier volumes (complex64)
-    rotations: np.ndarray | None  # (n, 3, 3) RELION matrices, None before the first global search
-    shifts: np.ndarray  # (n, 2) Å
-    resolution: float  # Å, half-map FSC 0.143 (the initial low-pass before the first iteration)
-    step: float  # current angular step (degrees)
-    shift_step_px: float
-    iteration: int = 0
-    stalls: int = 0
-    history: list = field(default_factory=list)
-
-
-class RefineResult(NamedTuple):
-    metadata: ParticleMetadata  # the particles with the refined poses (and rlnRandomSubset)
-    state: RefineState
-    history: list
-    final: object  # the ReconstructResult of the closing known-pose reconstruction
-
-
-def lowpass(vol_f, resolution: float, pixel_size: float, width: float = 2.0):
+def lowpass(vol_f: Complex[Array, "n n n"], resolution: float, pixel_size: float,
+            width: float = 2.0) -> Complex[Array, "n n n"]:
     """A centred Fourier volume low-pass filtered at ``resolution`` Å with a raised-cosine edge of ``width``
     shells."""
     n = vol_f.shape[-1]
-    r = radius_grid(n, 3)
     k0 = n * pixel_size / resolution
-    return vol_f * jnp.asarray(frequency_edge(r, k0, width), jnp.real(vol_f).dtype)
+    return vol_f * jnp.asarray(frequency_edge(radius_grid(n, 3), k0, width), jnp.real(vol_f).dtype)
 
 
-def prepare_reference(reference: np.ndarray, ref_pixel_size: float | None, box: int, pixel_size: float,
-                      warn: Callable[[str], None] | None = None) -> np.ndarray:
+def prepare_reference(reference: Float[np.ndarray, "m m m"], ref_pixel_size: float | None, box: int,
+                      pixel_size: float, warn: Callable[[str], None] | None = None) -> Float[np.ndarray, "n n n"]:
     """The reference map resampled to the particles' box and pixel size (Fourier crop / pad with the same
     physical extent when the pixel sizes agree in extent); refuses a map whose extent differs by > 2%."""
     ref = np.asarray(reference, np.float32)
@@ -171,176 +96,10 @@ def _check_poses(md: ParticleMetadata) -> None:
         raise InputError(f"{md.source or 'particles'}: the origin of particle {bad + 1} is not finite")
 
 
-def _with_poses(source, rotations, shifts):
-    """The same images with other poses."""
-    md = dataclasses.replace(source.metadata, rotations=np.asarray(rotations, np.float64),
-                             shifts=np.asarray(shifts, np.float64), missing_poses=None)
-    if isinstance(source, ArrayDataset):
-        return ArrayDataset(md, source._images)
-    if isinstance(source, ParticleDataset):
-        ds = ParticleDataset(md)
-        ds._stacks, ds._lock = source._stacks, source._lock  # share the open stacks (and their lock)
-        return ds
-    new = type(source).__new__(type(source))
-    new.__dict__.update(source.__dict__)
-    new.metadata = md
-    return new
-
-
-def _per_image(f: Callable, mesh, traced: list | None = None) -> Callable:
-    """``f(volume_f, raw_batch, *per_image_args) -> per-image outputs`` jitted; on a mesh of more than one
-    device, run under :func:`jax.shard_map` with the batch and the per-image arguments split over the devices
-    and the volume replicated (pose scoring is independent per image: no reduction is needed, and each device
-    computes its own images' candidate projections). ``traced``: gets the leading batch dimension each trace
-    of ``f`` saw (``B / D`` on ``D`` devices)."""
-    if traced is not None:
-        inner = f
-
-        def f(v, raw, *args):
-            traced.append(int(jax.tree_util.tree_leaves(raw)[0].shape[0]))
-            return inner(v, raw, *args)
-
-    if mesh is None:
-        return jax.jit(f)
-    spec, rep = jax.sharding.PartitionSpec(parallel.AXIS), jax.sharding.PartitionSpec()
-
-    def wrapped(v, raw, *args):
-        sm = jax.shard_map(f, mesh=mesh, in_specs=(rep, spec) + (spec,) * len(args), out_specs=spec)
-        return sm(v, raw, *args)
-
-    return jax.jit(wrapped)
-
-
-class _Scorer:
-    """Jitted pose searches over a half set's batches at one ``kmax`` (on ``mesh``: data-parallel over its
-    devices, each batch padded to a multiple of the device count). ``traced_batch_shapes``: the per-device
-    batch each search was traced with."""
-
-    def __init__(self, projector: Projector, settings: RefineSettings, mesh=None):
-        self.projector, self.s, self.mesh = projector, settings, mesh
-        self.traced_batch_shapes: list[int] = []
-
-    def global_search(self, vol_f, source, idx, kmax, progress, desc):
-        s, px = self.s, self.projector.pixel_size
-        rots = jnp.asarray(so3_grid(s.global_step), jnp.float32)
-        shifts = jnp.asarray(shift_grid(s.max_shift_px * px, s.global_shift_step_px * px), jnp.float32)
-        f = _per_image(lambda v, raw: _best(score_poses(v, to_batch(raw), self.projector, rots, shifts, kmax=kmax),
-                                            rots, shifts), self.mesh, self.traced_batch_shapes)
-        return self._run(f, vol_f, source, idx, progress, desc)
-
-    def local_search(self, vol_f, source, idx, rotations, shifts, step, shift_step_px, kmax, progress, desc):
-        s, px = self.s, self.projector.pixel_size
-        radius = s.local_radius_steps * step
-        grid = jnp.asarray(shift_grid(s.local_shift_steps * shift_step_px * px, shift_step_px * px), jnp.float32)
-
-        top_k = int(s.top_k)
-        n_pix = len(score_pixels(self.projector, kmax))
-
-        def one(v, raw, rot, sh):
-            cand = local_grid(rot, step, radius)
-            csh = sh[:, None, :] + grid[None]
-            sc = score_local(v, to_batch(raw), self.projector, cand, csh, kmax=kmax)
-            return tuple(assign_poses(sc, cand, csh, top_k, n_pix))
-
-        f = _per_image(one, self.mesh, self.traced_batch_shapes)
-        return self._run(f, vol_f, source, idx, progress, desc, rotations, shifts)
-
-    def _run(self, f, vol_f, source, idx, progress, desc, rotations=None, shifts=None):
-        n = len(idx)
-        outs = None
-        mesh = self.mesh
-        batches = epoch_batches(np.arange(n), self.s.batch_size, multiple=parallel.mesh_size(mesh))
-        vol_f = parallel.replicate(vol_f, mesh)
-        for pos, mask in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress):
-            raw = parallel.load_sharded(source, idx[pos], mask, mesh)
-            if rotations is None:
-                res = f(vol_f, raw)
-            else:
-                per = (np.asarray(rotations[pos], np.float32), np.asarray(shifts[pos], np.float32))
-                res = f(vol_f, raw, *parallel.shard_batch(per, mesh))
-            res = [np.asarray(x, np.float64) for x in res]
-            if outs is None:
-                outs = [np.zeros((n,) + x.shape[1:]) for x in res]
-            keep = np.asarray(mask) > 0
-            for o, x in zip(outs, res):
-                o[pos[keep]] = x[keep]
-        return tuple(outs)
-
-
-def _best(scores, rotations, shifts):
-    b = best_poses(scores, rotations, shifts)
-    return b.rotations, b.shifts
-
-
-class Assignment(NamedTuple):
-    """Each image's ``K`` most likely candidates, best first: ``rotations`` ``(B, K, 3, 3)``, ``shifts``
-    ``(B, K, 2)`` (Å), ``weights`` ``(B, K)`` (posterior weights summing to 1; ``K = 1``: hard assignment)."""
-
-    rotations: jax.Array
-    shifts: jax.Array
-    weights: jax.Array
-
-
-def assign_poses(scores, rotations, shifts, top_k: int = 1, n_pixels: int | None = None) -> Assignment:
-    """Hard (``top_k=1``: :func:`jaxcryo.poses.best_poses`) or soft assignment from the scores of
-    :func:`jaxcryo.poses.score_poses` / :func:`~jaxcryo.poses.score_local` (``rotations``, ``shifts``: the
-    candidates, shared or per image).
-
-    Soft: the scores are log-likelihoods for unit noise variance (the objective's), so before the softmax of
-    :func:`jaxcryo.poses.soft_weights` each image's scores are divided by its own noise variance estimated
-    from its best residual, ``sigma_i^2 = -2 max L_i / n_pixels`` (the mean squared residual per scored pixel
-    at the best pose, an upper bound on the noise variance: weights at least as broad as the data's, as
-    RELION's residual-based noise estimate). Per image, so the result does not depend on the batch or the
-    number of devices. Pure, jittable (``top_k`` and ``n_pixels`` static)."""
-    rotations, shifts = jnp.asarray(rotations), jnp.asarray(shifts)
-    if top_k == 1:
-        b = best_poses(scores, rotations, shifts)
-        return Assignment(b.rotations[:, None], b.shifts[:, None], jnp.ones((b.rotations.shape[0], 1), scores.dtype))
-    if n_pixels is None:
-        raise ValueError("soft assignment (top_k > 1) needs n_pixels, the number of scored pixels")
-    best = jnp.max(scores, axis=(1, 2))
-    sigma2 = jnp.maximum(-2.0 * best / n_pixels, jnp.finfo(scores.dtype).tiny)  # padding (score 0): no matter
-    pw = soft_weights(scores / sigma2[:, None, None], top_k)
-    rows = jnp.arange(scores.shape[0])[:, None]
-    rot = rotations[pw.rotation_index] if rotations.ndim == 3 else rotations[rows, pw.rotation_index]
-    sh = shifts[pw.shift_index] if shifts.ndim == 2 else shifts[rows, pw.shift_index]
-    return Assignment(rot, sh, pw.weights)
-
-
-class SoftPoses:
-    """A particle source for soft assignment: each particle of ``source`` repeated as ``K`` rows (row
-    ``i * K + k`` is particle ``i`` at its ``k``-th candidate pose), with per-row ``weights`` (``K`` x the
-    posterior weight, so each particle's rows average 1 and the objective keeps its per-image scale). The
-    images are read from ``source`` (each distinct image once per batch); :func:`jaxcryo.data.load_batch`
-    reads the ``weights`` attribute."""
-
-    def __init__(self, source, rotations, shifts, weights):
-        n, k = np.shape(weights)
-        self.base, self.k = source, k
-        self.rows = np.repeat(np.arange(n), k)
-        md = source.metadata.subset(self.rows)
-        self.metadata = dataclasses.replace(md, rotations=np.asarray(rotations, np.float64).reshape(n * k, 3, 3),
-                                            shifts=np.asarray(shifts, np.float64).reshape(n * k, 2),
-                                            missing_poses=None)
-        self.weights = (k * np.asarray(weights, np.float64)).reshape(n * k).astype(np.float32)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def images(self, idx) -> np.ndarray:
-        return self.base.images(self.rows[np.asarray(idx)])
-
-    def row_indices(self, idx) -> np.ndarray:
-        """The rows of particles ``idx``."""
-        return (np.asarray(idx)[:, None] * self.k + np.arange(self.k)).reshape(-1)
-
-
-def fsc_weighted(vol_f, fsc) -> jax.Array:
+def fsc_weighted(vol_f: Complex[Array, "n n n"], fsc: Float[np.ndarray, " s"]) -> Complex[Array, "n n n"]:
     """``vol_f`` (centred Fourier volume) multiplied in each shell ``s`` by ``sqrt(2 F_s / (1 + F_s))``, the
     half-map FSC ``F`` turned into the full map's correlation with the truth (``F`` clipped to [0, 1]; shells
     beyond ``F``'s length get 0)."""
-    from ..ndimage._fourier import shell_index
-
     n = vol_f.shape[-1]
     f = np.clip(np.asarray(fsc, np.float64), 0.0, 1.0)
     w = np.sqrt(2 * f / (1 + f))
@@ -350,90 +109,97 @@ def fsc_weighted(vol_f, fsc) -> jax.Array:
     return vol_f * jnp.asarray(table[shells], jnp.real(vol_f).dtype)
 
 
-def _orthonormalise(r: np.ndarray) -> np.ndarray:
-    u, _, vt = np.linalg.svd(r)
-    d = np.sign(np.linalg.det(u @ vt))
-    u[..., :, -1] *= d[..., None]
-    return u @ vt
+def search_method(settings: RefineSettings, pixel_size: float, step: float, shift_step_px: float,
+                  global_search: bool) -> AbstractSearchMethod:
+    """An iteration's pose search: local (:class:`LocalSearch`, ``+- local_radius_steps`` steps of ``step``
+    and ``+- local_shift_steps`` shift steps), after a global one (:class:`GlobalSearch` at ``global_step``,
+    then the local search at half its steps) when the particles have no poses yet."""
+    s, px = settings, pixel_size
+
+    def local(step_: float, shift_: float) -> LocalSearch:
+        grid = shift_grid(s.local_shift_steps * shift_ * px, shift_ * px)
+        return LocalSearch(step_, s.local_radius_steps * step_, jnp.asarray(grid, jnp.float32), int(s.top_k))
+
+    if not global_search:
+        return local(step, shift_step_px)
+    glob = GlobalSearch(jnp.asarray(so3_grid(s.global_step), jnp.float32),
+                        jnp.asarray(shift_grid(s.max_shift_px * px, s.global_shift_step_px * px), jnp.float32))
+    return Cascade((glob, local(s.global_step / 2, s.global_shift_step_px / 2)))
 
 
-def _update_volume(source, idx, projector, vol_f, settings: RefineSettings, eta_cache: dict, progress, desc,
-                   mesh=None):
+def update_strategy(settings: RefineSettings, projector: Projector) -> MinibatchStrategy:
+    """The volume updates' strategy, resolved once: ``settings.optimizer`` from the registry, with the options
+    a refinement gives it (PSGD: by each minibatch's exact diagonal for an operator with a local stencil,
+    else Hutchinson with one probe; SGD: decaying like PSGD)."""
+    stencil = bool(projector.operator.has_local_stencil)
+    strategy = make_strategy(settings.optimizer, probes=0 if stencil else 1, batch_diagonal=stencil, harmonic=True)
+    assert isinstance(strategy, MinibatchStrategy)  # RefineSettings checked it
+    return strategy
+
+
+def _update_volume(source, idx, projector: Projector, vol_f, settings: RefineSettings, strategy: MinibatchStrategy,
+                   plans: dict, progress: bool, desc: str, mesh=None):
     s = settings
     problem = Problem(source, projector, idx, s.lam, min(s.batch_size, len(idx)), s.seed)
-    spe = problem.steps_per_epoch
-    key = (s.optimizer, len(idx))
-    if key not in eta_cache:  # the step size depends on the data's Hessian, not on small pose changes
-        eta_cache[key] = initial_step_size(s.optimizer, problem, probes=0 if projector.operator.has_local_stencil
-                                           else 1) if s.optimizer == "psgd" else initial_step_size("sgd", problem)
-    eta = eta_cache[key]
-    if s.optimizer == "psgd":
-        diag = "batch" if projector.operator.has_local_stencil else "hutchinson"
-        opt = preconditioned_sgd(harmonic_schedule(eta, spe), diagonal=diag, projector=projector, lam=s.lam,
-                                 seed=s.seed)
-    elif s.optimizer == "sgd":
-        opt = sgd(harmonic_schedule(eta, spe))
-    else:
-        raise InputError(f"{{param}} {s.optimizer!r}: expected psgd or sgd", param="optimizer")
-    res = fit(source, opt, projector, epochs=s.epochs_per_iteration, batch_size=problem.batch_size, lam=s.lam,
-              indices=idx, init=vol_f, seed=s.seed, progress=progress, desc=desc, divergence_factor=1e8,
-              mesh=mesh)
+    if len(idx) not in plans:  # the step size depends on the data's Hessian, not on small pose changes
+        plans[len(idx)] = strategy.prepare(problem)
+    res = fit(source, strategy.transformation(problem, plans[len(idx)]), projector, epochs=s.epochs_per_iteration,
+              batch_size=problem.batch_size, lam=s.lam, indices=idx, init=vol_f, seed=s.seed, progress=progress,
+              desc=desc, divergence_factor=1e8, mesh=mesh)
     return jax.device_get(res.volume_f)  # host copy: the half maps are kept (and checkpointed) off the mesh
 
 
 def refine_iteration(state: RefineState, source, halves, projector: Projector, settings: RefineSettings,
-                     eta_cache: dict | None = None, progress: bool = False, devices=None) -> RefineState:
+                     plans: dict | None = None, progress: bool = False, devices=None,
+                     engine: PoseSearch | None = None) -> RefineState:
     """One gold-standard iteration (module docstring): poses per half at the current ``kmax``, volume updates,
     half-map FSC, next angular step. Returns the new state (the input is not modified).
 
     ``devices``: a device count or a :class:`jax.sharding.Mesh` (``None``: all local devices): the pose
     scoring and the volume updates are split over a 1-D mesh of that many devices (:mod:`jaxcryo.parallel`;
-    the batch is the global batch, so the result does not depend on the count beyond rounding)."""
+    the batch is the global batch, so the result does not depend on the count beyond rounding).
+    ``plans``: the measured step sizes (default: the state's). ``engine``: the :class:`PoseSearch` to use."""
     s = settings
     mesh = parallel.resolve_mesh(devices)
-    eta_cache = {} if eta_cache is None else eta_cache
+    plans = state.plans if plans is None else plans
+    strategy = update_strategy(s, projector)
     t0 = time.perf_counter()
     n, px = projector.n, projector.pixel_size
     kmax = float(min(n // 2 - 1, np.ceil(n * px / state.resolution) + s.kmax_margin))
-    op = make_operator(s.interp, oversample=s.score_oversample) if s.score_oversample > 1 else projector.operator
-    scorer = _Scorer(Projector(n=n, pixel_size=px, operator=op), s, mesh)
-    rots = None if state.rotations is None else state.rotations.copy()
-    shifts = state.shifts.copy()
+    if engine is None:
+        op = make_operator(s.interp, oversample=s.score_oversample) if s.score_oversample > 1 else projector.operator
+        engine = PoseSearch(Projector(n=n, pixel_size=px, operator=op), s.batch_size, s.score_memory, mesh)
+    rots = state.rotations
     global_search = rots is None
+    shifts = state.shifts.copy()
+    method = search_method(s, px, state.step, state.shift_step_px, global_search)
     k = int(s.top_k)
     new_r, new_s = np.zeros((len(shifts), 3, 3)), shifts.copy()
     soft_r, soft_s, soft_w = np.zeros((len(shifts), k, 3, 3)), np.zeros((len(shifts), k, 2)), np.zeros((len(shifts), k))
     prev_fsc = state.history[-1].get("half_map_fsc") if state.history else None
+    src = source if rots is None else with_poses(source, rots, shifts)
     for h, idx in enumerate(halves):
-        src = source if rots is None else _with_poses(source, rots, shifts)
         v = state.half_maps[h]
         if s.fsc_weighting and prev_fsc is not None:  # the first iteration scores against the low-passed reference
             v = fsc_weighted(v, prev_fsc)
-        if global_search:
-            r, sh = scorer.global_search(v, src, idx, kmax, progress, f"global search, half {h + 1}")
-            r, sh, w = scorer.local_search(v, src, idx, r, sh, s.global_step / 2, s.global_shift_step_px / 2, kmax,
-                                           progress, f"local search, half {h + 1}")
-        else:
-            r, sh, w = scorer.local_search(v, src, idx, rots[idx], shifts[idx], state.step, state.shift_step_px,
-                                           kmax, progress, f"local search, half {h + 1}")
-        r = _orthonormalise(r)
-        new_r[idx], new_s[idx] = r[:, 0], sh[:, 0]  # the best candidate (soft: the first of the top K)
-        soft_r[idx], soft_s[idx], soft_w[idx] = r, sh, w
+        found = engine(method, v, kmax, src, idx, rotations=None if rots is None else rots[idx],
+                       shifts=None if rots is None else shifts[idx], progress=progress,
+                       desc=f"{'global' if global_search else 'local'} search, half {h + 1}")
+        new_r[idx], new_s[idx] = found.rotations[:, 0], found.shifts[:, 0]  # the best candidate (soft: first of top K)
+        soft_r[idx], soft_s[idx], soft_w[idx] = found.rotations, found.shifts, found.weights
     change = None if rots is None else float(np.mean(geodesic_distance_deg(rots, new_r)))
     shift_change = float(np.mean(np.linalg.norm(new_s - shifts, axis=1))) / px
     t_pose = time.perf_counter() - t0
     if k == 1:
-        posed, rows = _with_poses(source, new_r, new_s), list(halves)
+        posed, rows = with_poses(source, new_r, new_s), list(halves)
     else:  # soft assignment: every particle at its top K candidates, weighted
         posed = SoftPoses(source, soft_r, soft_s, soft_w)
         rows = [posed.row_indices(idx) for idx in halves]
-    maps = [_update_volume(posed, rows[h], projector, state.half_maps[h], s, eta_cache, progress,
-                           f"{s.optimizer} update, half {h + 1}", mesh) for h in range(len(halves))]
-    f = fourier_fsc(maps[0], maps[1])
-    shells = np.arange(len(f))
-    below = np.flatnonzero((f < 0.143) & (shells > 0))
-    k143 = int(below[0]) if below.size else len(f)
-    res = float(n * px / max(k143, 1))
+    name = s.optimizer if isinstance(s.optimizer, str) else strategy_name(s.optimizer)
+    maps = [_update_volume(posed, rows[h], projector, state.half_maps[h], s, strategy, plans, progress,
+                           f"{name} update, half {h + 1}", mesh) for h in range(len(halves))]
+    f = fsc_fn(np.asarray(maps[0]), np.asarray(maps[1]), pixel_size=px, fourier=True)
+    k143, res = first_shell_below(f.fsc, 0.143), float(f.resolution_0143)
     improved = n * px / res - n * px / state.resolution >= 1.0 - 1e-9
     step, shift_step, stalls = state.step, state.shift_step_px, state.stalls
     if not improved and not global_search:
@@ -445,12 +211,12 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
            "angular_step": state.step, "next_angular_step": step, "shift_step_px": state.shift_step_px,
            "frequency_limit_shell": kmax, "global_search": global_search,
            "mean_pose_change_deg": change, "mean_shift_change_px": shift_change,
-           "seconds": time.perf_counter() - t0, "pose_seconds": t_pose, "optimizer": s.optimizer,
+           "seconds": time.perf_counter() - t0, "pose_seconds": t_pose, "optimizer": name,
            "devices": parallel.mesh_size(mesh), "top_k": k,
            "mean_best_weight": float(np.mean(soft_w[:, 0])),
-           "half_map_fsc": [float(x) for x in f]}
+           "half_map_fsc": [float(x) for x in f.fsc]}
     hist = list(state.history) + [rec]
-    return RefineState(list(maps), new_r, new_s, res, step, shift_step, state.iteration + 1, stalls, hist)
+    return RefineState(list(maps), new_r, new_s, res, step, shift_step, state.iteration + 1, stalls, hist, plans)
 
 
 def done(state: RefineState, settings: RefineSettings) -> bool:
@@ -459,8 +225,10 @@ def done(state: RefineState, settings: RefineSettings) -> bool:
                                                         and state.stalls >= settings.patience)
 
 
-def initial_state(source, reference_f, projector: Projector, settings: RefineSettings,
+def initial_state(source, reference_f: Complex[Array, "n n n"], projector: Projector, settings: RefineSettings,
                   local_only: bool) -> RefineState:
+    """The state before the first iteration: both half maps the low-passed reference; the particles' poses
+    (``local_only``) or none (a global search first)."""
     md = source.metadata
     ref = lowpass(reference_f, settings.init_resolution, projector.pixel_size)
     if local_only:
@@ -473,10 +241,11 @@ def initial_state(source, reference_f, projector: Projector, settings: RefineSet
                        float(settings.local_shift_step_px), 0, 0, [])
 
 
-def refine(source, reference: np.ndarray, settings: RefineSettings = RefineSettings(), local_only: bool = False,
-           reference_pixel_size: float | None = None, progress: bool = True, state: RefineState | None = None,
-           on_iteration: Callable[[RefineState], None] | None = None, warn: Callable[[str], None] | None = None,
-           truth: np.ndarray | None = None, devices=None) -> RefineResult:
+def refine(source, reference: Float[np.ndarray, "m m m"], settings: RefineSettings = RefineSettings(),
+           local_only: bool = False, reference_pixel_size: float | None = None, progress: bool = True,
+           state: RefineState | None = None, on_iteration: Callable[[RefineState], None] | None = None,
+           warn: Callable[[str], None] | None = None, truth: Float[np.ndarray, "n n n"] | None = None, devices=None,
+           checkpoint: "str | Path | None" = None, resume: bool = False) -> RefineResult:
     """Refine poses and maps of ``source`` from ``reference`` (module docstring).
 
     Args:
@@ -485,11 +254,14 @@ def refine(source, reference: np.ndarray, settings: RefineSettings = RefineSetti
         settings: :class:`RefineSettings`.
         local_only: start from the particles' own poses (local searches only).
         state: a :class:`RefineState` to resume from.
-        on_iteration: called with the state after each iteration (checkpointing).
+        on_iteration: called with the state after each iteration (after its checkpoint).
         truth: optional ground-truth map (simulations): each history record gains its FSC-0.5 shell.
         devices: local devices to split the pose scoring and the volume updates over (a count or a mesh;
             default all JAX sees; see :func:`refine_iteration`); the closing known-pose reconstruction gets the
             same (:func:`jaxcryo.reconstruct`).
+        checkpoint: checkpoint stem (``DIR/checkpoint``: ``checkpoint.npz`` + ``checkpoint.json``), written
+            atomically after every iteration; ``resume`` continues from it (its ``local_only`` wins) to the
+            same maps and poses as a run without interruption.
     """
     from ..solvers._reconstruct import reconstruct
 
@@ -498,22 +270,31 @@ def refine(source, reference: np.ndarray, settings: RefineSettings = RefineSetti
         raise InputError(f"{md.source or 'particles'}: {len(md)} particle(s); refinement needs at least 2")
     _check_poses(md)
     n, px = md.box, float(md.pixel_size)
-    projector = Projector(n=n, pixel_size=px, operator=settings.interp)
+    projector = Projector(n=n, pixel_size=px, operator=make_operator(settings.interp))
     ref = prepare_reference(reference, reference_pixel_size, n, px, warn)
     halves = split_halves(md, settings.seed)
     mesh = parallel.resolve_mesh(devices)  # validates the count before any work
+    stem = checkpoint_stem(checkpoint)
+    if resume and stem is None:
+        raise InputError("{param} needs a checkpoint path", param="resume")
     if state is None:
-        state = initial_state(source, volume_to_fourier(jnp.asarray(ref)), projector, settings, local_only)
+        ref_f = volume_to_fourier(jnp.asarray(ref))
+        if resume:
+            assert stem is not None
+            template = initial_state(source, ref_f, projector, settings, local_only and md.rotations is not None)
+            state, local_only = load_state(stem, template, settings)
+        else:
+            state = initial_state(source, ref_f, projector, settings, local_only)
     truth_f = None if truth is None else volume_to_fourier(jnp.asarray(np.asarray(truth, np.float32)))
-    eta_cache: dict = {}
     bar = tqdm(total=settings.iterations, initial=state.iteration, desc="refine", unit="it", disable=not progress)
     while not done(state, settings):
-        state = refine_iteration(state, source, halves, projector, settings, eta_cache, progress, mesh or 1)
+        state = refine_iteration(state, source, halves, projector, settings, state.plans, progress, mesh or 1)
         if truth_f is not None:
             avg = 0.5 * (state.half_maps[0] + state.half_maps[1])
-            f = fourier_fsc(avg, truth_f)
-            below = np.flatnonzero(f[1:] < 0.5)
-            state.history[-1]["fsc05_truth_shell"] = int(below[0] + 1) if below.size else len(f)
+            f = fsc_fn(np.asarray(avg), np.asarray(truth_f), pixel_size=px, fourier=True)
+            state.history[-1]["fsc05_truth_shell"] = first_shell_below(f.fsc, 0.5)
+        if stem is not None:
+            save_state(stem, state, settings, local_only)
         bar.update(1)
         bar.set_postfix(res=f"{state.resolution:.1f}A", step=f"{state.step:g}")
         if on_iteration is not None:
@@ -523,13 +304,14 @@ def refine(source, reference: np.ndarray, settings: RefineSettings = RefineSetti
     sub[halves[0]], sub[halves[1]] = 1, 2
     out_md = dataclasses.replace(md, rotations=state.rotations, shifts=state.shifts, random_subset=sub,
                                  missing_poses=None)
-    posed = _with_poses(source, state.rotations, state.shifts)
+    assert state.rotations is not None  # after an iteration
+    posed = with_poses(source, state.rotations, state.shifts)
     posed.metadata = out_md
     final = reconstruct(posed, seed=settings.seed, progress=progress, reference=truth,  # the known-pose default
-                        devices=mesh or 1)
+                        devices=parallel.mesh_size(mesh))
     return RefineResult(out_md, state, state.history, final)
 
 
-def half_map_volumes(state: RefineState):
+def half_map_volumes(state: RefineState) -> list[Float[np.ndarray, "n n n"]]:
     """The two half maps in real space (float32)."""
     return [np.asarray(fourier_to_volume(v), np.float32) for v in state.half_maps]

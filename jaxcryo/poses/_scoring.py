@@ -43,7 +43,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Complex, Float
+from jaxtyping import Array, ArrayLike, Complex, Float
 
 from ..data._batch import Batch
 from ..errors import InputError
@@ -83,8 +83,9 @@ class _ImageTerms(NamedTuple):
     scale: jax.Array  # (B,): -w_i mask_i / 2
 
 
-def _image_terms(batch: Batch, projector: Projector, idx: np.ndarray, shifts, rdt) -> _ImageTerms:
-    """The rotation-independent factors of the scores (see the module docstring). ``shifts``: ``(B, T, 2)``."""
+def _image_terms(batch: Batch, projector: Projector, idx: np.ndarray, shifts, rdt, shell_weights=None) -> _ImageTerms:
+    """The rotation-independent factors of the scores (see the module docstring). ``shifts``: ``(B, T, 2)``;
+    ``shell_weights``: ``(S,)`` a weight per Fourier shell multiplying each pixel's term (``None``: ones)."""
     b = batch.images_f.shape[0]
     cdt = jnp.complex128 if rdt == jnp.float64 else jnp.complex64
     y = batch.images_f.astype(cdt).reshape(b, -1)[:, idx]  # (B, K)
@@ -92,11 +93,24 @@ def _image_terms(batch: Batch, projector: Projector, idx: np.ndarray, shifts, rd
     ctf = projector.ctf(batch.ctf, rdt)
     ctf = jnp.ones(y.shape, rdt) if ctf is None else ctf.reshape(b, -1)[:, idx]
     ph = 2 * jnp.pi * jnp.einsum("btj,kj->btk", shifts.astype(rdt), freqs, precision=_HI)  # (B, T, K)
+    ctf2 = ctf * ctf
+    yy_k = jnp.real(y * jnp.conj(y))
+    if shell_weights is not None:  # a whitened likelihood: each pixel's term weighted by its shell's weight
+        wk = _pixel_weights(projector, idx, shell_weights, rdt)
+        ctf, ctf2, yy_k = ctf * wk, ctf2 * wk, yy_k * wk
     x = jax.lax.complex(jnp.cos(ph), jnp.sin(ph)) * (ctf * jnp.conj(y))[:, None, :]
     xcat = jnp.concatenate([jnp.real(x), -jnp.imag(x)], axis=-1)
-    yy = jnp.sum(jnp.real(y * jnp.conj(y)), axis=-1)
+    yy = jnp.sum(yy_k, axis=-1)
     scale = -0.5 * batch.weights.astype(rdt) * batch.mask.astype(rdt)
-    return _ImageTerms(xcat, ctf * ctf, yy, scale)
+    return _ImageTerms(xcat, ctf2, yy, scale)
+
+
+def _pixel_weights(projector: Projector, idx: np.ndarray, shell_weights, rdt):
+    """``(K,)`` the weight of each scored pixel's shell (``round(|k|)``, the last weight beyond the table)."""
+    k = freq_indices(projector.n)
+    r = np.sqrt(k[:, None] ** 2 + k[None, :] ** 2).reshape(-1)[idx]  # as score_pixels
+    shells = np.minimum(np.rint(r).astype(np.int64), np.shape(shell_weights)[0] - 1)
+    return jnp.asarray(shell_weights).astype(rdt)[shells]
 
 
 def _slices(projector: Projector, lifted, kvox, rotations):
@@ -113,12 +127,12 @@ def _as_batch_shifts(shifts, b: int, rdt):
 
 
 @partial(jax.jit, static_argnames=("projector", "kmax", "chunk_size"))
-def _score_global(vol_f, batch, rotations, shifts, projector, kmax, chunk_size):
+def _score_global(vol_f, batch, rotations, shifts, projector, kmax, chunk_size, shell_weights=None):
     rdt = jnp.real(vol_f).dtype
     b = batch.images_f.shape[0]
     idx = score_pixels(projector, kmax)
     kvox, _ = _pixel_coords(projector, idx, rdt)
-    terms = _image_terms(batch, projector, idx, _as_batch_shifts(shifts, b, rdt), rdt)
+    terms = _image_terms(batch, projector, idx, _as_batch_shifts(shifts, b, rdt), rdt, shell_weights)
     t = terms.xcat.shape[1]
     xmat = terms.xcat.reshape(b * t, -1).T  # (2K, B T)
     lifted = projector.operator.lift(vol_f)
@@ -139,12 +153,12 @@ def _score_global(vol_f, batch, rotations, shifts, projector, kmax, chunk_size):
 
 
 @partial(jax.jit, static_argnames=("projector", "kmax", "chunk_size"))
-def _score_local(vol_f, batch, rotations, shifts, projector, kmax, chunk_size):
+def _score_local(vol_f, batch, rotations, shifts, projector, kmax, chunk_size, shell_weights=None):
     rdt = jnp.real(vol_f).dtype
     b, q = rotations.shape[:2]
     idx = score_pixels(projector, kmax)
     kvox, _ = _pixel_coords(projector, idx, rdt)
-    terms = _image_terms(batch, projector, idx, _as_batch_shifts(shifts, b, rdt), rdt)
+    terms = _image_terms(batch, projector, idx, _as_batch_shifts(shifts, b, rdt), rdt, shell_weights)
     lifted = projector.operator.lift(vol_f)
     c = min(chunk_size, q)
     n_chunks = -(-q // c)
@@ -196,7 +210,8 @@ def _check_common(vol_f, batch: Batch, projector: Projector, shifts, kmax, chunk
 
 def score_poses(vol_f: Complex[Array, "n n n"], batch: Batch, projector: Projector,
                 rotations: Float[Array, "r 3 3"], shifts: Float[Array, "t 2"] | Float[Array, "b t 2"],
-                kmax: float | None = None, chunk_size: int = 256) -> Float[Array, "b r t"]:
+                kmax: float | None = None, chunk_size: int = 256,
+                shell_weights: Float[ArrayLike, " s"] | None = None) -> Float[Array, "b r t"]:
     """Log-likelihood scores ``(B, R, T)`` of every image of ``batch`` at every candidate rotation (shared by
     the batch: a global search, e.g. :func:`jaxcryo.rotations.so3_grid`) and shift (module docstring).
 
@@ -210,6 +225,9 @@ def score_poses(vol_f: Complex[Array, "n n n"], batch: Batch, projector: Project
         kmax: score only ``|k| <= kmax`` (Fourier-voxel units) inside the projector's mask; ``None``: the
             mask alone. Static (one compilation per value).
         chunk_size: rotations per chunk ``C`` (static); the last chunk is padded with the identity.
+        shell_weights: ``(S,)`` a weight per Fourier shell (``round(|k|)``; the last one beyond ``S``)
+            multiplying each pixel's term of the sum, e.g. the inverse of a per-shell noise power relative to
+            the images' own (a whitened likelihood); ``None``: ones.
 
     Memory: jitted, static shapes, ``jax.lax.map`` over ``ceil(R / C)`` chunks. With ``K`` scored pixels
     (:func:`score_pixels`) and 4-byte reals, one chunk takes about ``4 C (a K + 2 B T)`` bytes: the slices
@@ -232,16 +250,18 @@ def score_poses(vol_f: Complex[Array, "n n n"], batch: Batch, projector: Project
     if len(rot_shape) != 3 or rot_shape[1:] != (3, 3) or rot_shape[0] < 1:
         raise InputError(f"{{param}} must have shape (R, 3, 3) with R >= 1, got {rot_shape}", param="rotations")
     kmax, chunk_size = _check_common(vol_f, batch, projector, shifts, kmax, chunk_size)
-    return _score_global(vol_f, batch, jnp.asarray(rotations), jnp.asarray(shifts), projector, kmax, chunk_size)
+    return _score_global(vol_f, batch, jnp.asarray(rotations), jnp.asarray(shifts), projector, kmax, chunk_size,
+                         None if shell_weights is None else jnp.asarray(shell_weights))
 
 
 def score_local(vol_f: Complex[Array, "n n n"], batch: Batch, projector: Projector,
                 rotations: Float[Array, "b q 3 3"], shifts: Float[Array, "t 2"] | Float[Array, "b t 2"],
-                kmax: float | None = None, chunk_size: int = 16) -> Float[Array, "b q t"]:
+                kmax: float | None = None, chunk_size: int = 16,
+                shell_weights: Float[ArrayLike, " s"] | None = None) -> Float[Array, "b q t"]:
     """Log-likelihood scores ``(B, Q, T)`` of each image at its own candidate rotations ``(B, Q, 3, 3)``
     (a local search: :func:`jaxcryo.rotations.local_grid` around the current poses) and the shifts (``(T, 2)``
     shared or ``(B, T, 2)`` per image). The same scores as :func:`score_poses` (module docstring), computed
-    per image as batched products ``(Q x 2K) @ (2K x T)``.
+    per image as batched products ``(Q x 2K) @ (2K x T)`` (``shell_weights`` as there).
 
     Memory: ``jax.lax.map`` over ``ceil(Q / C)`` chunks of ``C = chunk_size`` candidates per image (the last
     padded with the identity); one chunk takes about ``4 B C (a K + 2 T)`` bytes (``a`` = 6 as in
@@ -254,7 +274,8 @@ def score_local(vol_f: Complex[Array, "n n n"], batch: Batch, projector: Project
         raise InputError(f"{{param}} must have shape (B, Q, 3, 3) with B = {b} images and Q >= 1, got {rot_shape}",
                          param="rotations")
     kmax, chunk_size = _check_common(vol_f, batch, projector, shifts, kmax, chunk_size)
-    return _score_local(vol_f, batch, jnp.asarray(rotations), jnp.asarray(shifts), projector, kmax, chunk_size)
+    return _score_local(vol_f, batch, jnp.asarray(rotations), jnp.asarray(shifts), projector, kmax, chunk_size,
+                        None if shell_weights is None else jnp.asarray(shell_weights))
 
 
 class BestPoses(NamedTuple):

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from ..errors import InputError
 from ._rotations import axis_angle_to_matrix, euler_to_matrix, matrix_to_quaternion
@@ -99,7 +99,7 @@ def so3_grid(angular_step_deg: float) -> Float[np.ndarray, "r 3 3"]:
     psi = np.arange(n_psi, dtype=np.float64) * (360.0 / n_psi)
     rot, psi_ = np.repeat(rot, n_psi), np.tile(psi, n_dir)
     tilt = np.repeat(tilt, n_psi)
-    return euler_to_matrix(rot, tilt, psi_)
+    return np.asarray(euler_to_matrix(rot, tilt, psi_))
 
 
 def local_offsets(step_deg: float, radius_deg: float) -> Float[np.ndarray, "k 3 3"]:
@@ -160,7 +160,8 @@ def shift_grid(max_shift_angstrom: float, step_angstrom: float, disc: bool = Fal
     return g[np.argsort(r, kind="stable")]
 
 
-def geodesic_distance_deg(a: Float[Array, "... 3 3"], b: Float[Array, "... 3 3"]) -> Float[Array, "..."]:
+def geodesic_distance_deg(a: Float[ArrayLike, "... 3 3"],
+                          b: Float[ArrayLike, "... 3 3"]) -> Float[Array, "..."] | Float[np.ndarray, "..."]:
     """The rotation angle of ``a b^T`` in degrees (``[0, 180]``; broadcasting over leading axes), the geodesic
     distance on SO(3). Accurate at small and large angles: ``theta = 2 atan2(|a - b|_F / sqrt 8,
     sqrt((1 + tr(a b^T)) / 4))`` (float64: 1e-9 relative below 179 degrees; within 1e-6 degrees of 180, where
@@ -234,10 +235,10 @@ def _fit_global(est: np.ndarray, true: np.ndarray, iterations: int) -> tuple[np.
         err = geodesic_distance_deg(est @ g, true)
         w = 1.0 / np.maximum(err, 1e-3)
         g = _procrustes(np.einsum("n,nji,njk->ik", w, est, true))
-    return g, geodesic_distance_deg(est @ g, true)
+    return g, np.asarray(geodesic_distance_deg(est @ g, true))
 
 
-def align_rotations(est: Float[np.ndarray, "n 3 3"], true: Float[np.ndarray, "n 3 3"], mirror: bool = False,
+def align_rotations(est: Float[ArrayLike, "n 3 3"], true: Float[ArrayLike, "n 3 3"], mirror: bool = False,
                     iterations: int = 20) -> RotationAlignment:
     """Align estimated poses to the true ones up to the global ambiguity of a reconstruction, and the pose
     errors after it.
@@ -257,9 +258,12 @@ def align_rotations(est: Float[np.ndarray, "n 3 3"], true: Float[np.ndarray, "n 
     if e.ndim != 3 or e.shape[1:] != (3, 3) or t.shape != e.shape or len(e) == 0:
         raise InputError(f"est and true must both have the shape (n, 3, 3) with n >= 1, got {e.shape} and "
                          f"{t.shape}")
-    cands = []
+    best: RotationAlignment | None = None
     for mirrored in ((False, True) if mirror else (False,)):
         ee = MIRROR @ e @ MIRROR if mirrored else e
         g, err = _fit_global(ee, t, iterations)
-        cands.append(RotationAlignment(g, mirrored, err, float(np.median(err)), float(np.mean(err))))
-    return min(cands, key=lambda c: (c.median_deg, c.mean_deg))  # the first of equals, as before
+        cand = RotationAlignment(g, mirrored, err, float(np.median(err)), float(np.mean(err)))
+        if best is None or (cand.median_deg, cand.mean_deg) < (best.median_deg, best.mean_deg):
+            best = cand
+    assert best is not None
+    return best

@@ -32,5 +32,6 @@ from ._strategies import (
     MinibatchStrategy as MinibatchStrategy, PSGD as PSGD, SGD as SGD, Adam as Adam, Solution as Solution,
     OnePassStrategy as OnePassStrategy, CG as CG, Backproject as Backproject, STRATEGIES as STRATEGIES,
     STRATEGY_NAMES as STRATEGY_NAMES, make_strategy as make_strategy, strategy_name as strategy_name,
-    initial_step_size as initial_step_size,
+    initial_step_size as initial_step_size, batch_step_size as batch_step_size,
+    scale_by_shell_schedule as scale_by_shell_schedule, ShellScheduleState as ShellScheduleState,
 )

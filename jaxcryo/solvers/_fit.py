@@ -22,12 +22,13 @@ from __future__ import annotations
 import time
 from contextlib import closing
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import ArrayLike, Complex, Float, Int
 from tqdm.auto import tqdm
 
 from .. import parallel
@@ -36,7 +37,8 @@ from ..data._batch import (RawBatch, check_batch_inputs, complex_dtype, epoch_ba
 from ..errors import DivergenceError
 from ..leastsq._loss import batch_filters, objective, value_and_grad
 from ..ndimage._metrics import fsc as fsc_fn
-from ..forward._projection import Projector
+from ..forward._projection import Projector, fourier_to_volume, volume_to_fourier
+from ..leastsq._priors import Prior
 
 
 def _read(source, idx, mask, mesh, to_device: bool) -> RawBatch:
@@ -56,7 +58,7 @@ class FitState:
     volume_f: Any
     opt_state: Any
     epoch: int
-    rng_state: dict
+    rng_state: Mapping[str, Any]
     history: list = field(default_factory=list)
 
 
@@ -67,9 +69,14 @@ class FitResult:
     state: FitState
 
 
-def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam: float = 0.0,
-              vol_mask=None, dtype=jnp.float32, donate: bool = True, mesh=None) -> Callable:
+def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam: "float | Prior" = 0.0,
+              vol_mask: Float[ArrayLike, "n n n"] | None = None, dtype=jnp.float32, donate: bool = True, mesh=None,
+              support: Float[ArrayLike, "n n n"] | None = None) -> Callable:
     """The jitted step ``(volume_f, opt_state, raw_batch) -> (volume_f, opt_state, loss)``.
+
+    ``support``: a real-space ``(n, n, n)`` mask multiplied into the map after every update (a support
+    constraint, e.g. a soft sphere of the particle's diameter); ``vol_mask`` is the objective's own (see
+    :func:`jaxcryo.leastsq.objective`).
 
     The optimiser's ``update`` receives the extra arguments ``obj_fn`` (the minibatch objective), ``grad``
     (the gradient), ``value`` (the loss), ``batch`` (the minibatch :class:`~jaxcryo.data.Batch`) and
@@ -85,19 +92,23 @@ def make_step(optimizer: optax.GradientTransformation, projector: Projector, lam
     """
     opt = optax.with_extra_args_support(optimizer)
     axis = parallel.AXIS if parallel.mesh_size(mesh) > 1 else None
+    mask = None if support is None else jnp.asarray(support, jnp.float32)
 
     def step(vol_f, opt_state, raw: RawBatch):
         batch = to_batch(raw, dtype)
         filters = batch_filters(batch, projector)
         fn = objective(batch, projector, lam, vol_mask, filters, axis_name=axis)
         val, g = value_and_grad(fn)(vol_f)
-        extra = dict(obj_fn=fn, grad=g, value=val, batch=batch, filters=filters)
+        extra: dict[str, Any] = dict(obj_fn=fn, grad=g, value=val, batch=batch, filters=filters)
         if axis is not None:
             extra["axis_name"] = axis
         updates, opt_state = opt.update(g, opt_state, vol_f, **extra)
-        return optax.apply_updates(vol_f, updates), opt_state, val
+        vol_f = cast(jax.Array, optax.apply_updates(vol_f, updates))
+        if mask is not None:
+            vol_f = volume_to_fourier(fourier_to_volume(vol_f) * mask)
+        return vol_f, opt_state, val
 
-    if axis is None:
+    if axis is None or mesh is None:
         return jax.jit(step, donate_argnums=(0, 1) if donate else ())
     return parallel.ShardedStep(step, mesh, donate)
 
@@ -108,14 +119,14 @@ def fit(
     projector: Projector,
     epochs: int = 10,
     batch_size: int = 256,
-    lam: float = 0.0,
-    indices: np.ndarray | None = None,
-    init=None,
+    lam: "float | Prior" = 0.0,
+    indices: Int[ArrayLike, " m"] | None = None,
+    init: Complex[ArrayLike, "n n n"] | None = None,
     seed: int = 0,
-    vol_mask=None,
+    vol_mask: Float[ArrayLike, "n n n"] | None = None,
     dtype=jnp.float32,
     callback: Callable[[dict, Any], None] | None = None,
-    reference_f=None,
+    reference_f: Complex[ArrayLike, "n n n"] | None = None,
     pixel_size: float | None = None,
     progress: bool = False,
     state: FitState | None = None,

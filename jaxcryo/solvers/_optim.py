@@ -23,10 +23,6 @@ from ..leastsq._linalg import default_threshold
 from ..leastsq._loss import gradient
 from ._diagonals import Averaging, batch_diagonal, fixed_diagonal, hutchinson_diagonal, scale_by_diagonal
 
-# Where modules not yet switched to ``._diagonals`` / ``jaxcryo.leastsq`` import them from (remove once they are).
-from ._diagonals import hutchinson_estimate as hutchinson_estimate, shell_mean as shell_mean  # noqa: E402,F401
-from ..leastsq._hessian import minibatch_diagonal as minibatch_diagonal  # noqa: E402,F401
-
 
 # --------------------------------------------------------------------------------------------------
 # Preconditioned Armijo backtracking line search

@@ -1,0 +1,156 @@
+"""The settings, state and checkpoints of a refinement (:func:`jaxcryo.poses.refine`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+
+from ..forward._operators import make_operator
+from ..forward._particles import ParticleMetadata
+from ..solvers._reconstruct import ReconstructResult
+from ..solvers._strategies import MinibatchStrategy, Plan, make_strategy, strategy_name
+from ._checkpoints import load_run, save_run
+from ._validate import fail, integers, non_negative, positive
+
+#: The ``kind`` of a refinement checkpoint.
+KIND = "refine"
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """The choices of a refinement (all angles in degrees, lengths in Å unless named ``_px``); invalid values
+    raise :class:`~jaxcryo.errors.InputError` naming the parameter.
+
+    Attributes:
+        init_resolution: the reference is low-pass filtered to this resolution first (RELION's
+            ``--ini_high``).
+        global_step: angular sampling of the global search (when the particles have no poses).
+        local_step: the angular step of the first local search (``local_only``: the expected pose error / 2).
+        min_step: the finest angular step.
+        local_radius_steps: local searches cover ``+- local_radius_steps`` steps around each pose.
+        max_shift_px: the global translation search covers ``+- max_shift_px`` pixels.
+        global_shift_step_px: its step.
+        local_shift_steps: local shift grids cover ``+- local_shift_steps`` steps of the current shift step
+            (which starts at ``local_shift_step_px`` and halves with the angular step, down to 0.25 px).
+        kmax_margin: shells searched beyond the current resolution.
+        iterations: iterations at most.
+        patience: iterations at the finest step without a one-shell improvement before stopping.
+        epochs_per_iteration: epochs of the volume update per iteration.
+        optimizer: the volume updates' strategy, a registry name (``"psgd"``: preconditioned SGD, by each
+            minibatch's exact diagonal for operators with a local stencil, else Hutchinson; ``"sgd"``) or a
+            :class:`~jaxcryo.solvers.MinibatchStrategy` value; resolved once (:func:`update_strategy`).
+        top_k: pose assignment of the local searches: 1 = hard (each image at its best candidate); K > 1 =
+            soft: each image enters the volume update at its K most likely candidates with their posterior
+            weights (:func:`assign_poses`); the particles' poses are the best candidates either way.
+        lam: Tikhonov weight of the volume updates.
+        batch_size: images per step of the volume updates and of the pose scoring.
+        interp: slice operator name for scoring and updates.
+        fsc_weighting: score against each half map weighted per shell by ``sqrt(2 FSC / (1 + FSC))`` of the
+            last half-map FSC (the map's SNR weighting, as RELION's and cryoSPARC's references for alignment),
+            not against the raw half map, whose noisy high shells add pose error.
+        score_oversample: the scoring operator oversamples the map this many times (with the gridding
+            correction): plain trilinear slices bias the best pose by degrees, which the volume updates (plain
+            operator: exact batch diagonal) do not suffer from.
+        score_memory: score entries (images x candidates) held at once by a search at most (the pose search
+            scores fewer images per call than ``batch_size`` below it).
+        seed: half-set split and data order.
+    """
+
+    init_resolution: float = 30.0
+    global_step: float = 15.0
+    local_step: float = 2.5
+    min_step: float = 0.6
+    local_radius_steps: float = 2.0
+    max_shift_px: float = 6.0
+    global_shift_step_px: float = 2.0
+    local_shift_step_px: float = 1.0
+    local_shift_steps: int = 2
+    kmax_margin: int = 4
+    iterations: int = 12
+    patience: int = 1
+    epochs_per_iteration: int = 2
+    optimizer: "str | MinibatchStrategy" = "psgd"
+    top_k: int = 1
+    lam: float = 1e-3
+    batch_size: int = 200
+    interp: str = "trilinear"
+    fsc_weighting: bool = True
+    score_oversample: int = 2
+    score_memory: int = 1 << 26
+    seed: int = 0
+
+    def __post_init__(self):
+        integers(self, ("iterations", "epochs_per_iteration", "top_k", "batch_size", "score_oversample",
+                        "score_memory"), 1)
+        integers(self, ("local_shift_steps", "kmax_margin", "patience", "seed"), 0)
+        positive(self, ("init_resolution", "global_step", "local_step", "min_step", "local_radius_steps",
+                        "global_shift_step_px", "local_shift_step_px"))
+        non_negative(self, ("max_shift_px", "lam"))
+        if self.global_step > 90:
+            fail(self, "global_step", "expected at most 90 degrees")
+        if not isinstance(make_strategy(self.optimizer), MinibatchStrategy):
+            fail(self, "optimizer", "expected a minibatch strategy (psgd, sgd, adam)")
+        make_operator(self.interp)  # an unknown operator name: InputError (interp)
+
+    def to_dict(self) -> dict:
+        """The settings as JSON data (the optimizer by its registry name)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["optimizer"] = self.optimizer if isinstance(self.optimizer, str) else strategy_name(self.optimizer)
+        return d
+
+
+@dataclass
+class RefineState:
+    """Everything a refinement carries between iterations (checkpointed as data). ``plans``: the volume
+    updates' measured :class:`~jaxcryo.solvers.Plan` per half-set size (measured once per run)."""
+
+    half_maps: list  # two centred Fourier volumes (complex64)
+    rotations: np.ndarray | None  # (n, 3, 3) RELION matrices, None before the first global search
+    shifts: np.ndarray  # (n, 2) Å
+    resolution: float  # Å, half-map FSC 0.143 (the initial low-pass before the first iteration)
+    step: float  # current angular step (degrees)
+    shift_step_px: float
+    iteration: int = 0
+    stalls: int = 0
+    history: list = field(default_factory=list)
+    plans: dict = field(default_factory=dict)
+
+
+class RefineResult(NamedTuple):
+    metadata: ParticleMetadata  # the particles with the refined poses (and rlnRandomSubset)
+    state: RefineState
+    history: list
+    final: ReconstructResult  # the closing known-pose reconstruction
+
+
+def _trees(state: RefineState) -> dict:
+    n = len(state.shifts)
+    rot = np.zeros((n, 3, 3)) if state.rotations is None else state.rotations
+    return {"half_maps": [jnp.asarray(v) for v in state.half_maps], "rotations": rot, "shifts": state.shifts}
+
+
+def save_state(stem: "str | Path", state: RefineState, settings: RefineSettings, local_only: bool) -> None:
+    """Checkpoint ``state`` at ``stem`` (``.npz`` + ``.json``, atomically): maps and poses as arrays, the
+    rest (and the measured step sizes) as JSON."""
+    plans = {str(k): p.eta for k, p in state.plans.items()}
+    save_run(Path(stem), KIND, settings.to_dict(), _trees(state), {
+        "local_only": local_only, "has_rotations": state.rotations is not None, "resolution": state.resolution,
+        "step": state.step, "shift_step_px": state.shift_step_px, "iteration": state.iteration,
+        "stalls": state.stalls, "history": state.history, "plans": plans})
+
+
+def load_state(stem: "str | Path", template: RefineState, settings: RefineSettings) -> tuple[RefineState, bool]:
+    """The state checkpointed at ``stem`` (shapes from ``template``) and its ``local_only``; the settings must
+    be those of the checkpoint but for ``iterations``."""
+    trees, meta = load_run(Path(stem), KIND, settings.to_dict(), _trees(template), may_change=("iterations",))
+    plans = {int(k): Plan(float(eta)) for k, eta in meta.get("plans", {}).items()}
+    state = RefineState(list(trees["half_maps"]), np.asarray(trees["rotations"]) if meta["has_rotations"] else None,
+                        np.asarray(trees["shifts"]), float(meta["resolution"]), float(meta["step"]),
+                        float(meta["shift_step_px"]), int(meta["iteration"]), int(meta["stalls"]),
+                        list(meta["history"]), plans)
+    return state, bool(meta["local_only"])
