@@ -283,3 +283,20 @@ def test_postprocess_cli_bad_parameters_and_identical_halves_exit_2(tmp_path, ca
         assert "--randomise-at-fsc" not in err[0]
     assert not (tmp_path / "bad" / "postprocess.json").exists()
     assert not (tmp_path / "bad" / "postprocess.mrc").exists()
+
+
+def test_postprocess_cli_auto_mask_failure_leaves_no_mask_and_names_the_files(tmp_path, capsys):
+    """Review fix: with --auto-mask, mask.mrc was written before post-processing, so a run refused later left it
+    behind; the refusal named --randomise-at-fsc, a flag the command does not have."""
+    sig, a, b = _signal_and_noise(shell=10)
+    rng = np.random.default_rng(2)
+    write_map(tmp_path / "half1.mrc", a, PX)
+    write_map(tmp_path / "half2.mrc", a + 1e-3 * rng.standard_normal(a.shape), PX)  # FSC > 0.8 everywhere
+    out = tmp_path / "pp"
+    capsys.readouterr()
+    assert main(["postprocess", str(tmp_path / "half1.mrc"), str(tmp_path / "half2.mrc"), "--auto-mask",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "half1.mrc" in err[0] and "half2.mrc" in err[0] and "0.8" in err[0], err
+    assert "--randomise-at-fsc" not in err[0]
+    assert not (out / "mask.mrc").exists() and not (out / "postprocess.json").exists()

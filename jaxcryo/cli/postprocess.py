@@ -106,8 +106,6 @@ def run(args) -> int:
             mask = auto_mask(0.5 * (checked[0] + checked[1]), px)
         except InputError as e:
             raise InputError(f"{args.half1}, {args.half2}: automatic mask: {e}") from None
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_map(args.out / "mask.mrc", mask, px)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -122,6 +120,9 @@ def run(args) -> int:
         print(f"jaxcryo postprocess: warning: {w.message}", file=sys.stderr)
     extra = {"half1": str(args.half1), "half2": str(args.half2),
              "mask": str(args.out / "mask.mrc") if args.auto_mask else (str(args.mask) if args.mask else None)}
+    if args.auto_mask:  # written with the results, so that a failed run leaves no mask behind
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_map(args.out / "mask.mrc", mask, px)
     paths = write_outputs(result, args.out, extra)
     fit = (f" (fit {result.fit_from:.2f}-{result.fit_to:.2f} Å)" if result.bfactor_fitted else "")
     print(f"corrected FSC=0.143: {result.resolution_0143:.2f} Å   FSC=0.5: {result.resolution_05:.2f} Å   "
