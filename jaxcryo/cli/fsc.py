@@ -28,7 +28,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..errors import InputError
     from ..io.atomic import atomic_write_text
-    from ..io._validate import COMPARED, read_volume, require_same_grid
+    from ..io._validate import COMPARED, check_values, read_volume, require_same_grid
     from ..ndimage._metrics import fsc, soft_sphere_mask
     from ..plotting import plot_fsc
 
@@ -36,8 +36,11 @@ def run(args) -> int:
         raise InputError(f"--apix must be > 0, got {args.apix}")
     if args.mask_radius is not None and not args.mask_radius > 0:
         raise InputError(f"--mask-radius must be > 0 pixels, got {args.mask_radius}")
-    first, second = read_volume(args.map1, COMPARED), read_volume(args.map2, COMPARED)
+    # the grids first (a box mismatch names both files), then each map's values
+    first, second = read_volume(args.map1, COMPARED, values=False), read_volume(args.map2, COMPARED, values=False)
     require_same_grid(first, second, pixel_size=args.apix is None)  # --apix: the user's pixel size for both
+    for vol in (first, second):
+        check_values(vol.data, vol.label, COMPARED)
     a, b, pa = first.data, second.data, first.pixel_size
     px = args.apix if args.apix is not None else pa
     if not px:

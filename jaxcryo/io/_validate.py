@@ -114,7 +114,7 @@ def check_values(data: np.ndarray, label: str, role: MapRole | str = MAP) -> Non
         raise InputError(f"{label}: all {data.size} voxels are {lo:g}; an empty map")
 
 
-def read_volume(path, role: MapRole | str = MAP) -> Volume:
+def read_volume(path, role: MapRole | str = MAP, values: bool = True) -> Volume:
     """Read and check a map (MRC, or a ``.npy`` array ``[z, y, x]`` without a pixel size) -> :class:`Volume`.
 
     ``role``: a :class:`MapRole` or its name (``"reference"``, ``"half map"``, ``"mask"``, ``"volume to
@@ -123,6 +123,8 @@ def read_volume(path, role: MapRole | str = MAP) -> Volume:
     unreadable file, data that is not a cubic 3D map, anisotropic voxels, a negative or non-finite pixel size
     in the header, non-finite values, and values that do not suit the role (:func:`check_values`).
     A missing pixel size (0 in the header) gives ``pixel_size=None`` and a warning, as :func:`read_map`.
+    ``values=False`` leaves the values unchecked, for a caller that first compares two maps' grids
+    (:func:`require_same_grid`, whose message names both files) and then calls :func:`check_values`.
     """
     role = _role(role)
     path = Path(path)
@@ -136,7 +138,8 @@ def read_volume(path, role: MapRole | str = MAP) -> Volume:
     except InputError as e:  # the reader's message starts with the path: say what the map is for
         raise InputError(f"{role.name} {e}") from None
     vol = Volume(data, px, path, role)
-    check_values(data, vol.label, role)
+    if values:
+        check_values(data, vol.label, role)
     return vol
 
 
