@@ -257,7 +257,11 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
     higher shell than the corrected one, the unmasked FSC is used instead, with a warning
     (``unmasked_fallback``), as RELION 3.1 does unless ``force_mask`` (``--force_mask``). Raises
     :class:`InputError` for maps of different boxes, non-finite values, a mask of another box, outside [0, 1]
-    or empty, or an unmasked FSC that never falls below ``randomise_at_fsc``.
+    or empty, half maps of one value everywhere or (without a mask) identical, a non-finite or out-of-range
+    ``bfactor``, ``fit_from``, ``fit_to``, ``low_pass`` or ``randomise_at_fsc``, or an unmasked FSC that never
+    falls below ``randomise_at_fsc``. Warns when the phase-randomised FSC is above 0.10 at the resolution
+    (as RELION: the mask is too sharp) and when the corrected FSC never falls below 0.143 (the resolution is
+    then the pixel size's limit, not a measurement).
     """
     if not pixel_size or not pixel_size > 0:
         raise InputError(f"pixel_size must be > 0 Å, got {pixel_size}")
