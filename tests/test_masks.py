@@ -115,3 +115,23 @@ def test_mask_cli_round_trip_and_bad_input(tmp_path, capsys):
     assert main(["mask", str(tmp_path / "map.mrc"), "--out", str(tmp_path / "m3.mrc"), "--threshold", "9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "map.mrc" in err[0] and "threshold" in err[0]
+
+
+def test_auto_mask_refuses_non_finite_extension_and_edge_and_a_box_without_solvent(tmp_path, capsys):
+    """Review fixes: a NaN extension or soft edge was silently ignored (no extension, a hard edge); a box too
+    small to have solvent corners gave a NaN threshold and numpy warnings."""
+    vol = np.zeros((16,) * 3, np.float32)
+    vol[5:11, 5:11, 5:11] = 1.0
+    with pytest.raises(InputError, match="extend"):
+        auto_mask(vol, 1.0, lowpass=None, threshold=0.5, extend=float("nan"))
+    with pytest.raises(InputError, match="soft_edge"):
+        auto_mask(vol, 1.0, lowpass=None, threshold=0.5, soft_edge=float("nan"))
+    with pytest.raises(InputError, match="no solvent"):
+        auto_threshold(np.ones((1, 1, 1)))
+    write_map(tmp_path / "map.mrc", vol, 1.0)
+    for flag in ("--extend", "--soft-edge", "--lowpass"):
+        capsys.readouterr()
+        assert main(["mask", str(tmp_path / "map.mrc"), "--out", str(tmp_path / "m.mrc"), flag, "nan"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0], (flag, err)
+    assert not (tmp_path / "m.mrc").exists()

@@ -227,3 +227,76 @@ def test_no_bfactor_fit_for_a_map_worse_than_fit_from():
     with pytest.warns(UserWarning, match="fewer than two shells"):
         r = jc.postprocess(a, b, pixel_size=PX)
     assert r.bfactor == 0.0 and not r.bfactor_fitted and r.fit_from is None
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"bfactor": float("nan")}, "bfactor"), ({"bfactor": float("inf")}, "bfactor"),
+    ({"low_pass": float("nan")}, "low_pass"), ({"low_pass": -5.0}, "low_pass"),
+    ({"fit_from": float("nan")}, "fit_from"), ({"fit_from": 10.0, "fit_to": 12.0}, "fit_to"),
+    ({"randomise_at_fsc": 1.5}, "randomise_at_fsc"), ({"randomise_at_fsc": float("nan")}, "randomise_at_fsc"),
+])
+def test_postprocess_refuses_non_finite_or_out_of_range_parameters(kwargs, param):
+    """Review fix: a NaN or inf B-factor made a NaN map; a NaN low-pass crashed in shell_of (ValueError)."""
+    sig, a, b = _signal_and_noise(shell=10)
+    with pytest.raises(InputError) as e:
+        jc.postprocess(a, b, pixel_size=PX, **kwargs)
+    assert e.value.param == param and param in str(e.value)
+
+
+def test_mask_tolerance_is_the_mask_readers_and_constant_or_identical_halves_are_refused():
+    """Review fixes: a mask 5e-4 above 1 passed read_volume (tolerance 1e-3) but postprocess refused it (1e-6),
+    printing "found [0, 1]"; half maps of one value, or two identical ones without a mask, gave a confident
+    resolution (the box size, or Nyquist)."""
+    sig, a, b = _signal_and_noise(shell=10)
+    mask = auto_mask(sig, PX)
+    r = jc.postprocess(a, b, pixel_size=PX, mask=1.0005 * mask, bfactor=0.0)
+    assert r.mask.max() == 1.0
+    with pytest.raises(InputError, match=r"mask.*\[0, 1\], found \[0, 1\.01\]"):
+        jc.postprocess(a, b, pixel_size=PX, mask=1.01 * mask)
+    with pytest.raises(InputError, match="half1: all .* voxels are 0; an empty map"):
+        jc.postprocess(np.zeros_like(a), b, pixel_size=PX)
+    with pytest.raises(InputError, match="identical"):
+        jc.postprocess(a, a.copy(), pixel_size=PX)
+
+
+def test_fsc_that_never_falls_below_0143_warns_that_the_resolution_is_a_limit():
+    rng = np.random.default_rng(5)
+    sig = rng.standard_normal((N,) * 3)  # signal at every shell
+    a, b = sig + 0.1 * rng.standard_normal(sig.shape), sig + 0.1 * rng.standard_normal(sig.shape)
+    with pytest.warns(UserWarning, match="does not fall below 0.143 up to the last shell"):
+        r = jc.postprocess(a, b, pixel_size=PX, bfactor=0.0)
+    assert r.resolution_0143 == 2 * PX
+
+
+def test_postprocess_cli_bad_parameters_and_identical_halves_exit_2(tmp_path, capsys):
+    """Review fixes: ``--bfactor nan`` wrote a NaN map with exit 0, ``--low-pass nan`` ended in a traceback,
+    and identical half maps named a flag that does not exist (``--randomise-at-fsc``), not the files."""
+    _write_halves(tmp_path)
+    h1, h2 = str(tmp_path / "half1.mrc"), str(tmp_path / "half2.mrc")
+    for args, named in ((["--bfactor", "nan"], "--bfactor"), (["--low-pass", "nan"], "--low-pass"),
+                        (["--fit-from", "nan"], "--fit-from"), ([h1, "--auto-mask"], "half1.mrc")):
+        capsys.readouterr()
+        argv = ["postprocess", h1, *(args if args[0] == h1 else [h2, *args]), "--out", str(tmp_path / "bad")]
+        assert main(argv) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0] and "Traceback" not in err[0], (args, err)
+        assert "--randomise-at-fsc" not in err[0]
+    assert not (tmp_path / "bad" / "postprocess.json").exists()
+    assert not (tmp_path / "bad" / "postprocess.mrc").exists()
+
+
+def test_postprocess_cli_auto_mask_failure_leaves_no_mask_and_names_the_files(tmp_path, capsys):
+    """Review fix: with --auto-mask, mask.mrc was written before post-processing, so a run refused later left it
+    behind; the refusal named --randomise-at-fsc, a flag the command does not have."""
+    sig, a, b = _signal_and_noise(shell=10)
+    rng = np.random.default_rng(2)
+    write_map(tmp_path / "half1.mrc", a, PX)
+    write_map(tmp_path / "half2.mrc", a + 1e-3 * rng.standard_normal(a.shape), PX)  # FSC > 0.8 everywhere
+    out = tmp_path / "pp"
+    capsys.readouterr()
+    assert main(["postprocess", str(tmp_path / "half1.mrc"), str(tmp_path / "half2.mrc"), "--auto-mask",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "half1.mrc" in err[0] and "half2.mrc" in err[0] and "0.8" in err[0], err
+    assert "--randomise-at-fsc" not in err[0]
+    assert not (out / "mask.mrc").exists() and not (out / "postprocess.json").exists()

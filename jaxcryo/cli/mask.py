@@ -32,16 +32,22 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import math
+
     from ..errors import InputError
     from ..io import MAP, read_volume, write_map
     from ..ndimage._masks import auto_mask, auto_threshold, low_pass
 
     if args.apix is not None and not args.apix > 0:
         raise InputError(f"--apix must be > 0, got {args.apix}")
-    if args.lowpass < 0:
+    if not args.lowpass >= 0:  # NaN too
         raise InputError(f"--lowpass must be >= 0 Å (0: no filter), got {args.lowpass}")
-    if args.soft_edge < 0:
+    if not args.soft_edge >= 0:  # NaN too
         raise InputError(f"--soft-edge must be >= 0 pixels, got {args.soft_edge}")
+    if not math.isfinite(args.extend):
+        raise InputError(f"--extend must be a finite number of pixels, got {args.extend}")
+    if args.threshold is not None and not math.isfinite(args.threshold):
+        raise InputError(f"--threshold must be a finite number, got {args.threshold}")
     vol, px = read_volume(args.map, MAP)[:2]  # finite, cubic 3D, a valid pixel size: or one line naming the file
     px = args.apix if args.apix is not None else px
     if not px:

@@ -57,7 +57,7 @@ def write_outputs(result, out_dir, extra: dict | None = None, plot_prefix: str =
 
 
 def read_half_maps(path1: Path, path2: Path, apix: float | None):
-    """(half1, half2, pixel size) from two MRC files, the half maps as checked :class:`jaxcryo.io.Volume`\ s;
+    """(half1, half2, pixel size) from two MRC files, the half maps as checked :class:`jaxcryo.io.Volume` objects;
     InputError naming the file for non-finite or non-cubic maps, different boxes or pixel sizes, or no pixel
     size."""
     from ..errors import InputError
@@ -73,6 +73,8 @@ def read_half_maps(path1: Path, path2: Path, apix: float | None):
 
 def run(args) -> int:
     import warnings
+
+    import numpy as np
 
     from ..errors import InputError
     from ..io import MASK, read_volume, require_same_grid, write_map
@@ -96,22 +98,31 @@ def run(args) -> int:
         mask = m.data
     names = (str(args.half1), str(args.half2), str(args.mask))
     checked = check_half_maps(a, b, mask, names=names)  # one line naming the file at fault
+    if np.array_equal(checked[0], checked[1]):
+        raise InputError(f"{args.half1}, {args.half2}: the two half maps are identical; their FSC is 1 at every "
+                         "shell (give two independent half maps)")
     if args.auto_mask:
         try:
             mask = auto_mask(0.5 * (checked[0] + checked[1]), px)
         except InputError as e:
             raise InputError(f"{args.half1}, {args.half2}: automatic mask: {e}") from None
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_map(args.out / "mask.mrc", mask, px)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = postprocess(a, b, pixel_size=px, mask=mask, bfactor=args.bfactor, fit_from=args.fit_from,
-                             fit_to=args.fit_to, low_pass=args.low_pass, force_mask=args.force_mask,
-                             seed=args.seed)
+        try:
+            result = postprocess(a, b, pixel_size=px, mask=mask, bfactor=args.bfactor, fit_from=args.fit_from,
+                                 fit_to=args.fit_to, low_pass=args.low_pass, force_mask=args.force_mask,
+                                 seed=args.seed)
+        except InputError as e:
+            if e.param != "randomise_at_fsc":  # the only parameter without a flag: name the files instead
+                raise
+            raise InputError(f"{args.half1}, {args.half2}: {e.render('the randomisation threshold')}") from None
     for w in caught:
         print(f"jaxcryo postprocess: warning: {w.message}", file=sys.stderr)
     extra = {"half1": str(args.half1), "half2": str(args.half2),
              "mask": str(args.out / "mask.mrc") if args.auto_mask else (str(args.mask) if args.mask else None)}
+    if args.auto_mask:  # written with the results, so that a failed run leaves no mask behind
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_map(args.out / "mask.mrc", mask, px)
     paths = write_outputs(result, args.out, extra)
     fit = (f" (fit {result.fit_from:.2f}-{result.fit_to:.2f} Å)" if result.bfactor_fitted else "")
     print(f"corrected FSC=0.143: {result.resolution_0143:.2f} Å   FSC=0.5: {result.resolution_05:.2f} Å   "

@@ -221,7 +221,8 @@ def _first_bad(values, n: int) -> int | None:
     return int(np.flatnonzero(bad)[0]) if bad.any() else None
 
 
-def check_batch_inputs(raw: RawBatch, idx, metadata, volume=None) -> None:
+def check_batch_inputs(raw: RawBatch, idx: Int[ArrayLike, " batch"], metadata,
+                       volume: ArrayLike | None = None) -> None:
     """Raise :class:`InputError` naming the first non-finite input of a step whose loss was not finite: the
     image of a particle (its index in ``metadata``, its stack and image number), its pose, origin, a CTF field
     or weight, or ``volume`` (the starting volume). Returns (nothing found: the fault is the step size) when

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from jaxtyping import ArrayLike, Num
 
 from ..errors import InputError, why
 from .mrc import read_map
@@ -91,7 +92,7 @@ def _read_npy(path: Path) -> np.ndarray:
     return np.asarray(vol, np.float32)
 
 
-def check_values(data: np.ndarray, label: str, role: MapRole | str = MAP) -> None:
+def check_values(data: Num[ArrayLike, "..."], label: str, role: MapRole | str = MAP) -> None:
     """Raise :class:`InputError` (starting with ``label``) unless ``data`` suits ``role``: all values finite;
     a mask in [0, 1] and not all 0; any other map not one value everywhere."""
     role = _role(role)
@@ -124,6 +125,8 @@ def read_volume(path, role: MapRole | str = MAP, values: bool = True) -> Volume:
     in the header, non-finite values, and values that do not suit the role (:func:`check_values`;
     ``values=False`` leaves that check to the caller, e.g. to compare two maps' grids first).
     A missing pixel size (0 in the header) gives ``pixel_size=None`` and a warning, as :func:`read_map`.
+    ``values=False`` leaves the values unchecked, for a caller that first compares two maps' grids
+    (:func:`require_same_grid`, whose message names both files) and then calls :func:`check_values`.
     """
     role = _role(role)
     path = Path(path)

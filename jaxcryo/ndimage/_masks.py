@@ -130,6 +130,8 @@ def auto_threshold(volume: Float[ArrayLike, "n n n"]) -> float:
     v = np.asarray(volume, np.float64)
     n = v.shape[-1]
     solvent = v[radius_grid(n, 3) > n / 2]
+    if solvent.size < 2:
+        raise InputError(f"auto_threshold: a box of {n} has no solvent corners to measure; give the threshold")
     mu, sd = float(solvent.mean()), float(solvent.std())
     return mu + max(5.0 * sd, 0.1 * (float(v.max()) - mu))
 
@@ -154,8 +156,10 @@ def auto_mask(volume: Float[ArrayLike, "n n n"], pixel_size: float, lowpass: flo
         raise InputError(f"auto_mask: expected a cubic 3D map, got shape {v.shape}")
     if not np.all(np.isfinite(v)):
         raise InputError("auto_mask: the map has non-finite values (NaN or inf)")
-    if soft_edge < 0:
+    if not (np.isfinite(soft_edge) and soft_edge >= 0):
         raise InputError(f"auto_mask: soft_edge must be >= 0 voxels, got {soft_edge}")
+    if not np.isfinite(extend):
+        raise InputError(f"auto_mask: extend must be a finite number of voxels, got {extend}")
     if lowpass:
         v = low_pass(v, pixel_size, lowpass)
     t = auto_threshold(v) if threshold is None else float(threshold)

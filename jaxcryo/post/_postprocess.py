@@ -12,9 +12,10 @@ import dataclasses
 import warnings
 
 import numpy as np
-from jaxtyping import ArrayLike, Float
+from jaxtyping import ArrayLike, Bool, Float
 
 from ..errors import InputError
+from ..io._validate import MASK_TOLERANCE
 from ..ndimage._fourier import radius_grid, shell_index
 from ..ndimage._masks import frequency_edge, shell_of
 from ..ndimage._metrics import first_shell_below, fsc, resolution_at
@@ -115,10 +116,12 @@ class PostprocessResult:
         }
 
 
-def check_half_maps(half1, half2, mask=None, names=("half1", "half2", "mask")) -> tuple:
+def check_half_maps(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n"],
+                    mask: Float[ArrayLike, "n n n"] | None = None, names=("half1", "half2", "mask")) -> tuple:
     """The half maps (and mask) as float64 arrays, or :class:`InputError` naming the one at fault (``names``:
-    parameter or file names): not cubic 3D, different boxes, non-finite values, a mask of another box, with
-    values outside [0, 1] (RELION's tolerance 1e-6) or all zero."""
+    parameter or file names): not cubic 3D, different boxes, non-finite values, one value everywhere (an empty
+    map), a mask of another box, with values outside [0, 1] (beyond :data:`jaxcryo.io._validate.MASK_TOLERANCE`, the
+    slack :func:`jaxcryo.io.read_volume` allows a mask file) or all zero."""
     out = []
     for a, name in ((half1, names[0]), (half2, names[1])):
         a = np.asarray(a, np.float64)
@@ -126,6 +129,8 @@ def check_half_maps(half1, half2, mask=None, names=("half1", "half2", "mask")) -
             raise InputError(f"{name}: expected a cubic 3D map, got shape {a.shape}")
         if not np.all(np.isfinite(a)):
             raise InputError(f"{name}: the map has non-finite values (NaN or inf)")
+        if a.size and a.min() == a.max():
+            raise InputError(f"{name}: all {a.size} voxels are {float(a.flat[0]):g}; an empty map")
         out.append(a)
     if out[0].shape != out[1].shape:
         raise InputError(f"{names[1]}: box {out[1].shape[0]} differs from {names[0]}'s {out[0].shape[0]}; "
@@ -137,8 +142,8 @@ def check_half_maps(half1, half2, mask=None, names=("half1", "half2", "mask")) -
         if not np.all(np.isfinite(m)):
             raise InputError(f"{names[2]}: the mask has non-finite values (NaN or inf)")
         lo, hi = float(m.min()), float(m.max())
-        if lo < -1e-6 or hi > 1 + 1e-6:
-            raise InputError(f"{names[2]}: mask values must lie in [0, 1], found [{lo:.4g}, {hi:.4g}]")
+        if lo < -MASK_TOLERANCE or hi > 1 + MASK_TOLERANCE:
+            raise InputError(f"{names[2]}: mask values must lie in [0, 1], found [{lo:.6g}, {hi:.6g}]")
         if hi <= 0:
             raise InputError(f"{names[2]}: the mask is empty (all zero)")
         out.append(np.clip(m, 0.0, 1.0))
@@ -158,7 +163,8 @@ def randomise_phases(volume: Float[ArrayLike, "n n n"], shell: int, rng: np.rand
     return np.fft.ifftn(f).real
 
 
-def corrected_fsc(fsc_masked, fsc_randomised, shell: int) -> np.ndarray:
+def corrected_fsc(fsc_masked: Float[ArrayLike, " shells"], fsc_randomised: Float[ArrayLike, " shells"],
+                  shell: int) -> np.ndarray:
     """Chen et al. 2013: ``(FSC_t - FSC_n) / (1 - FSC_n)`` from shell ``shell + 2`` on, the masked FSC below
     (RELION 3.1's ``calculateFSCtrue``)."""
     t, r = np.asarray(fsc_masked, np.float64), np.asarray(fsc_randomised, np.float64)
@@ -169,7 +175,7 @@ def corrected_fsc(fsc_masked, fsc_randomised, shell: int) -> np.ndarray:
     return out
 
 
-def fsc_weights(fsc_curve) -> np.ndarray:
+def fsc_weights(fsc_curve: Float[ArrayLike, " shells"]) -> np.ndarray:
     """Per shell ``sqrt(2 F / (1 + F))`` up to the last shell before the FSC first falls below
     :data:`FSC_WEIGHT_FLOOR`, 0 from there on (RELION's ``applyFscWeighting``)."""
     f = np.asarray(fsc_curve, np.float64)
@@ -192,7 +198,8 @@ def _ln_mean_amplitude(f_abs, shells, nsh) -> np.ndarray:
         return np.log(total / count)
 
 
-def guinier_fit(x, y, used) -> tuple[float, float, float]:
+def guinier_fit(x: Float[ArrayLike, " shells"], y: Float[ArrayLike, " shells"],
+                used: Bool[ArrayLike, " shells"]) -> tuple[float, float, float]:
     """Least-squares line through ``(x[used], y[used])``: (slope, intercept, correlation coefficient r^2)."""
     x, y = np.asarray(x, np.float64)[used], np.asarray(y, np.float64)[used]
     if x.size < 2:
@@ -202,6 +209,23 @@ def guinier_fit(x, y, used) -> tuple[float, float, float]:
     sxx, syy, sxy = ((x - xm) ** 2).sum(), ((y - ym) ** 2).sum(), ((x - xm) * (y - ym)).sum()
     slope = sxy / sxx
     return float(slope), float(ym - slope * xm), float(sxy * sxy / (sxx * syy)) if syy > 0 else 1.0
+
+
+def _check_parameters(bfactor, fit_from, fit_to, low_pass, randomise_at_fsc) -> None:
+    """InputError naming the parameter of :func:`postprocess` that is not a finite number in its range."""
+    def bad(name, value, want):
+        raise InputError(f"{{param}} must be {want}, got {value}", param=name)
+
+    if bfactor is not None and not np.isfinite(bfactor):
+        bad("bfactor", bfactor, "a finite number of Å²")
+    if not (np.isfinite(fit_from) and fit_from > 0):
+        bad("fit_from", fit_from, "a resolution > 0 Å")
+    if not (np.isfinite(fit_to) and 0 <= fit_to < fit_from):
+        bad("fit_to", fit_to, f"0 (no limit) or a resolution > 0 Å finer than fit_from = {fit_from:g} Å")
+    if low_pass is not None and not (np.isfinite(low_pass) and low_pass >= 0):
+        bad("low_pass", low_pass, "a resolution > 0 Å, 0 (no filter) or None")
+    if not (np.isfinite(randomise_at_fsc) and 0 < randomise_at_fsc < 1):
+        bad("randomise_at_fsc", randomise_at_fsc, "an FSC value between 0 and 1")
 
 
 def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n"], *, pixel_size: float,
@@ -233,13 +257,21 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
     higher shell than the corrected one, the unmasked FSC is used instead, with a warning
     (``unmasked_fallback``), as RELION 3.1 does unless ``force_mask`` (``--force_mask``). Raises
     :class:`InputError` for maps of different boxes, non-finite values, a mask of another box, outside [0, 1]
-    or empty, or an unmasked FSC that never falls below ``randomise_at_fsc``.
+    or empty, half maps of one value everywhere or (without a mask) identical, a non-finite or out-of-range
+    ``bfactor``, ``fit_from``, ``fit_to``, ``low_pass`` or ``randomise_at_fsc``, or an unmasked FSC that never
+    falls below ``randomise_at_fsc``. Warns when the phase-randomised FSC is above 0.10 at the resolution
+    (as RELION: the mask is too sharp) and when the corrected FSC never falls below 0.143 (the resolution is
+    then the pixel size's limit, not a measurement).
     """
     if not pixel_size or not pixel_size > 0:
         raise InputError(f"pixel_size must be > 0 Å, got {pixel_size}")
+    _check_parameters(bfactor, fit_from, fit_to, low_pass, randomise_at_fsc)
     if mask is None:
         a, b = check_half_maps(half1, half2)
         m = None
+        if np.array_equal(a, b):
+            raise InputError("half1, half2: the two half maps are identical; their FSC is 1 at every shell "
+                             "(give two independent half maps)")
     else:
         a, b, m = check_half_maps(half1, half2, mask)
     n = a.shape[0]
@@ -269,6 +301,15 @@ def postprocess(half1: Float[ArrayLike, "n n n"], half2: Float[ArrayLike, "n n n
                 corrected, fallback = unmasked.fsc, True
     res0143 = resolution_at(freq, corrected, 0.143, pixel_size)
     res05 = resolution_at(freq, corrected, 0.5, pixel_size)
+    last = first_shell_below(corrected, 0.143) - 1  # RELION's resolution shell: the last one at or above 0.143
+    if last >= nsh - 1:
+        warnings.warn(f"the FSC does not fall below 0.143 up to the last shell ({n * pixel_size / (nsh - 1):.3g} "
+                      f"Å): the resolution reported ({res0143:.3g} Å) is the pixel size's limit, not a measurement",
+                      stacklevel=2)
+    if f_random is not None and not fallback and 0 < last < nsh and f_random[last] > 0.1:
+        warnings.warn(f"the phase-randomised FSC is {f_random[last]:.2f} (> 0.10) at the estimated resolution: "
+                      "the resolution may be wrong; use a softer mask with fewer features (as RELION warns)",
+                      stacklevel=2)
 
     shells = np.fft.ifftshift(shell_index(n, 3))
     f = np.fft.fftn(0.5 * (a + b))
