@@ -57,7 +57,7 @@ def write_outputs(result, out_dir, extra: dict | None = None, plot_prefix: str =
 
 
 def read_half_maps(path1: Path, path2: Path, apix: float | None):
-    """(half1, half2, pixel size) from two MRC files, the half maps as checked :class:`jaxcryo.io.Volume`\ s;
+    """(half1, half2, pixel size) from two MRC files, the half maps as checked :class:`jaxcryo.io.Volume` objects;
     InputError naming the file for non-finite or non-cubic maps, different boxes or pixel sizes, or no pixel
     size."""
     from ..errors import InputError
