@@ -125,8 +125,7 @@ def run(args) -> int:
                "resolution_05": res.resolution_05, "wall_seconds": None,
                "resolution_0143_unmasked": final.fsc_half.resolution_0143,
                "resolution_05_unmasked": final.fsc_half.resolution_05,
-               "resolution_from": ("corrected masked FSC (postprocess.json)" if res.postprocess is not None
-                                   else "unmasked half-map FSC (postprocess failed)"),
+               "resolution_from": resolution_from(res),
                "handedness": "kept from the reference (a refinement cannot change the hand of its reference)"}
     if final.fsc_ref is not None:
         summary["truth_resolution_05"] = final.fsc_ref.resolution_05
@@ -176,6 +175,16 @@ def read_mask(path: Path, box: int, pixel_size: float, particles: Path) -> np.nd
     grid = Volume(np.broadcast_to(np.float32(0), (box,) * 3), pixel_size, particles, MapRole("particles"))
     require_same_grid(grid, m)
     return m.data
+
+
+def resolution_from(res) -> str:
+    """Which FSC ``summary.resolution_0143``/``resolution_05`` come from."""
+    if res.postprocess is None:
+        return "unmasked half-map FSC (the postprocess could not run: run.json's postprocess.error)"
+    if res.postprocess.unmasked_fallback:
+        return ("corrected masked FSC (postprocess.json), which fell back to the unmasked FSC: it reached a "
+                "higher shell, as RELION")
+    return "corrected masked FSC (postprocess.json)"
 
 
 def postprocess_record(res, mask_path: Path | None) -> dict:
