@@ -37,9 +37,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, parse_args, run_timed, save_figure, use_agg, write_json  # noqa: E402
+from _common import machine_info, parse_args, run_timed, use_agg, write_json  # noqa: E402
 
 import jaxcryo as jc  # noqa: E402
+from jaxcryo.plotting import save_figure  # noqa: E402
 from jaxcryo.ndimage import auto_threshold, first_shell_below, low_pass  # noqa: E402
 
 #: Mask settings given to both programs (RELION's mask-creation GUI defaults).

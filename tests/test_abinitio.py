@@ -183,3 +183,33 @@ def test_bad_input(sim, tmp_path, capsys):
         abinitio(ArrayDataset(s.metadata, imgs), AbinitioSettings(steps=1), progress=False)
     with pytest.raises(InputError, match="no particles"):
         abinitio(ArrayDataset(s.metadata.subset(np.arange(0)), imgs[:0]), AbinitioSettings(steps=1), progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN")
+def test_skip_bad_leaves_out_nan_images(tmp_path, capsys):
+    """The library's particle check (jaxcryo.data.usable_particles): NaN images fail naming --skip-bad, or with
+    --skip-bad are left out, reported, and missing from particles.star."""
+    from jaxcryo.data._simulate import simulate
+    from jaxcryo.data._sources import write_dataset
+
+    s = simulate(n_particles=24, box=16, snr=1.0, seed=0)
+    imgs = s.images.copy()
+    imgs[[2, 9], 3, 5] = np.nan
+    star = write_dataset(tmp_path / "nan", s.metadata, imgs)
+    args = ["abinitio", str(star), "--steps", "2", "--batch-size", "8", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "n")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 image(s)" in err and "particle 3" in err and "--skip-bad" in err
+    assert not (tmp_path / "n").exists()
+    out = tmp_path / "ok"
+    assert main(args + ["--out", str(out), "--skip-bad"]) == 0
+    assert "skipping 2 image(s)" in capsys.readouterr().err
+    est = read_particles(out / "particles.star")
+    assert len(est) == 22 and np.all(np.isfinite(est.rotations))
+    summary = json.loads((out / "run.json").read_text())["summary"]
+    assert summary["skipped_bad_images"] == 2 and summary["particles_used"] == 22
+    # the library
+    res = abinitio(ArrayDataset(s.metadata, imgs), AbinitioSettings(steps=1, batch_size=8, skip_bad=True),
+                   progress=False)
+    assert res.skipped == 2 and list(res.indices) == [i for i in range(24) if i not in (2, 9)]
+    assert len(res.metadata) == 22 and len(res.scores) == 22

@@ -101,3 +101,84 @@ def test_bad_input(simset, tmp_path, capsys):
     assert main(["refine", str(tmp_path / "nan.star"), "--reference", str(simset / "ground_truth.mrc"),
                  "--out", str(tmp_path / "n"), "--local-only", "--quiet"]) == 2
     assert "NaN" in capsys.readouterr().err
+
+
+def _refine_once(simset, out, *flags):
+    return main(["refine", str(simset / "particles_perturbed.star"), "--reference", str(simset / "ground_truth.mrc"),
+                 "--out", str(out), "--local-only", "--iterations", "1", "--batch-size", "100", "--quiet", *flags])
+
+
+def test_refine_postprocesses_its_half_maps(simset, tmp_path):
+    """Issue 18 item 3: the reported resolution is the corrected masked FSC of jaxcryo.post.postprocess (soft
+    spherical mask by default, --mask when given), and the postprocessed maps lie beside the half maps."""
+    from jaxcryo.ndimage import spherical_mask
+    from jaxcryo.post import postprocess
+
+    vol, px = read_map(simset / "ground_truth.mrc")
+    n = vol.shape[0]
+    for name, flags in (("default", ()), ("masked", ("--mask", str(tmp_path / "mask.mrc")))):
+        mask = spherical_mask(n, 0.9 * n * px, px) if name == "default" else spherical_mask(n, 0.6 * n * px, px, 3)
+        if flags:
+            write_map(tmp_path / "mask.mrc", mask, px)
+        out = tmp_path / name
+        assert _refine_once(simset, out, *flags) == 0
+        for f in ("half1.mrc", "half2.mrc", "map.mrc", "fsc.json", "fsc.png", "postprocess.mrc",
+                  "postprocess_masked.mrc", "postprocess.json", "postprocess_fsc.png", "postprocess_guinier.png",
+                  "history.json", "convergence.png", "run.json", "particles.star"):
+            assert (out / f).exists(), (name, f)
+        run = json.loads((out / "run.json").read_text())
+        pp = json.loads((out / "postprocess.json").read_text())
+        fsc = json.loads((out / "fsc.json").read_text())
+        s = run["summary"]
+        # the same postprocess, recomputed from the written half maps with the mask the run used
+        again = postprocess(read_map(out / "half1.mrc")[0], read_map(out / "half2.mrc")[0], pixel_size=px,
+                            mask=mask, fit_from=10.0, seed=0)
+        assert s["resolution_0143"] == pp["resolution_0143"] == pytest.approx(again.resolution_0143, rel=1e-5)
+        assert s["resolution_05"] == pp["resolution_05"] == pytest.approx(again.resolution_05, rel=1e-5)
+        assert s["resolution_from"].startswith("corrected masked FSC")
+        # the unmasked half-map values are kept (and fsc.json is still the unmasked curve)
+        assert s["resolution_0143_unmasked"] == fsc["resolution_0143"]
+        assert s["resolution_05_unmasked"] == fsc["resolution_05"]
+        assert pp["fsc_corrected"] == pytest.approx([float(x) for x in again.fsc_corrected], abs=1e-5)
+        pmap, ppx = read_map(out / "postprocess.mrc")
+        masked, _ = read_map(out / "postprocess_masked.mrc")
+        assert ppx == pytest.approx(px, rel=1e-4)
+        np.testing.assert_allclose(masked, pmap * mask, atol=1e-5 * np.abs(pmap).max())
+        assert run["postprocess"]["mask"] == (flags[1] if flags else None)
+        assert run["postprocess"]["spherical_mask_diameter"] == (None if flags else pytest.approx(0.9 * n * px))
+
+
+def test_refine_bad_mask_exits_2_naming_the_file(simset, tmp_path, capsys):
+    vol, px = read_map(simset / "ground_truth.mrc")
+    n = vol.shape[0]
+    write_map(tmp_path / "big.mrc", np.full((n,) * 3, 1.5, np.float32), px)       # values outside [0, 1]
+    write_map(tmp_path / "box.mrc", np.ones((n // 2,) * 3, np.float32), px)       # another box
+    write_map(tmp_path / "apix.mrc", np.ones((n,) * 3, np.float32), 2 * px)      # another pixel size
+    for f, words in (("big.mrc", "[0, 1]"), ("box.mrc", "box"), ("apix.mrc", "pixel size")):
+        out = tmp_path / f"o_{f}"
+        assert _refine_once(simset, out, "--mask", str(tmp_path / f)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f in err and words in err, err
+        assert not out.exists()  # refused before any work
+    assert main(["refine", str(simset / "particles_perturbed.star"), "--reference", str(simset / "ground_truth.mrc"),
+                 "--out", str(tmp_path / "d"), "--particle-diameter", "-5", "--quiet"]) == 2
+    assert "--particle-diameter" in capsys.readouterr().err
+
+
+def test_refine_falls_back_when_postprocess_cannot_run():
+    """Identical half maps: the unmasked FSC never falls below 0.8, postprocess raises InputError; the result
+    keeps the unmasked half-map resolution and says why."""
+    from types import SimpleNamespace
+
+    from jaxcryo.poses import RefineResult, RefineSettings, finish_refinement
+
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((16, 16, 16)).astype(np.float32)
+    half = SimpleNamespace(resolution_0143=7.5, resolution_05=9.0)
+    told = []
+    res = finish_refinement(RefineResult(SimpleNamespace(pixel_size=2.0), None, [],  # type: ignore[arg-type]
+                                         SimpleNamespace(half1=v, half2=v, fsc_half=half)),  # type: ignore[arg-type]
+                            RefineSettings(particle_diameter=20.0), warn=told.append)
+    assert res.postprocess is None and "0.8" in res.postprocess_error and told == [res.postprocess_error]
+    assert res.resolution_0143 == 7.5 and res.resolution_05 == 9.0
+    assert res.mask_diameter == 20.0 and res.mask.shape == (16, 16, 16)

@@ -16,11 +16,9 @@ import numpy as np
 from ..poses import HANDEDNESS, AbinitioSettings, abinitio, prepare_reference, truth_metrics
 from ..errors import InputError
 from ..rotations._grids import align_rotations
-from ..io.atomic import atomic_write_text
 from ..io._validate import TRUTH, read_volume
-from ..io.mrc import write_map
+from ..io.outputs import ConvergencePlot, OutputFiles, output_folder, write_outputs
 from ..io.star import write_star
-from ..plotting import plot_convergence
 from ..data._sources import ParticleDataset
 
 
@@ -65,6 +63,9 @@ def register(sub) -> None:
                         "sees); the minibatches do not depend on it. On CPU, "
                         "XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint (written after every step)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out particles whose image has NaN/inf instead of failing (particles.star then "
+                        "lists the particles used)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -72,7 +73,7 @@ def register(sub) -> None:
 def _settings(args, n_particles: int) -> AbinitioSettings:
     fields = dict(batch_size=args.batch_size, init_resolution=args.init_resolution,
                   final_resolution=args.final_resolution, angular_step=args.angular_step, max_shift_px=args.max_shift,
-                  particle_diameter=args.particle_diameter, seed=args.seed)
+                  particle_diameter=args.particle_diameter, seed=args.seed, skip_bad=args.skip_bad)
     if args.epochs is not None:
         return AbinitioSettings.for_epochs(args.epochs, n_particles, **fields)
     return AbinitioSettings(**({} if args.steps is None else {"steps": args.steps}), **fields)
@@ -80,9 +81,7 @@ def _settings(args, n_particles: int) -> AbinitioSettings:
 
 def run(args) -> int:
     t0 = time.perf_counter()
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder; --out needs a folder")
+    out = output_folder(args.out, create=False)
     if args.truth is not None and args.true_poses is None:
         raise InputError("--truth needs --true-poses (the map is aligned to the truth through the poses)")
     for f, flag in ((args.truth, "--truth"), (args.true_poses, "--true-poses")):
@@ -93,12 +92,6 @@ def run(args) -> int:
     if len(md) == 0:
         raise InputError(f"{args.particles}: no particles")
     settings = _settings(args, len(md))
-    ds.validate(check_images=True)
-    bad = ds.find_bad_images()
-    if bad.any():
-        first = int(np.flatnonzero(bad)[0])
-        raise InputError(f"{md.image_files[first]}: {int(bad.sum())} image(s) contain NaN/inf "
-                         f"(first: particle {first + 1})")
     px = float(md.pixel_size)
     truth = tmd = None
     if args.true_poses is not None:
@@ -110,41 +103,48 @@ def run(args) -> int:
     if args.truth is not None:
         vol, tpx = read_volume(args.truth, TRUTH)[:2]  # checked: finite, cubic, pixel size
         truth = prepare_reference(vol, tpx, md.box, px)
-    out.mkdir(parents=True, exist_ok=True)
-    try:
+
+    def warn(msg):
+        print(f"jaxcryo abinitio: warning: {msg}", file=sys.stderr)
+
+    try:  # the library checks the particles (stacks, finite images) before it writes anything
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             res = abinitio(ds, settings, progress=not args.quiet, truth=truth,
                            true_rotations=None if tmd is None else tmd.rotations, devices=args.devices,
-                           checkpoint=out / "checkpoint", resume=args.resume)
+                           checkpoint=out / "checkpoint", resume=args.resume, warn=warn)
     except KeyboardInterrupt:
         print(f"jaxcryo abinitio: interrupted; continue with --resume ({out / 'checkpoint'}.npz)", file=sys.stderr)
         return 130
-    write_map(out / "map.mrc", res.volume, px)
-    write_star(out / "particles.star", res.metadata)
-    atomic_write_text(out / "history.json", json.dumps(res.history, indent=1))
+    used = res.metadata
+    if tmd is not None and res.indices is not None:  # --skip-bad left some out
+        tmd = tmd.subset(res.indices)
+    write_star(out / "particles.star", used)
     summary = {"particles": len(md), "steps": settings.steps, "final_frequency_limit_shell": res.final_kmax,
                "final_resolution_limit": md.box * px / res.final_kmax,
                "mean_final_score": float(np.mean(res.scores)), "initial_step_size": res.eta0,
                "abinitio_seconds": res.seconds}
+    if res.skipped:
+        summary.update(particles_used=len(used), skipped_bad_images=res.skipped)
     metrics = None
     if tmd is not None:
         if truth is not None:
-            metrics = truth_metrics(res.volume, np.asarray(res.metadata.rotations), truth, np.asarray(tmd.rotations), px,
-                                    res.metadata.shifts, tmd.shifts)
+            metrics = truth_metrics(res.volume, np.asarray(used.rotations), truth, np.asarray(tmd.rotations), px,
+                                    used.shifts, tmd.shifts)
         else:
-            a = align_rotations(np.asarray(res.metadata.rotations), np.asarray(tmd.rotations), mirror=True)
+            a = align_rotations(np.asarray(used.rotations), np.asarray(tmd.rotations), mirror=True)
             metrics = {"pose_error_median_deg": float(a.median_deg), "pose_error_mean_deg": float(a.mean_deg),
                        "mirrored": bool(a.mirrored)}
     keys = ("resolution_limit", "mean_best_score", "mean_pose_change_deg", "fsc05_truth_shell", "pose_error_median_deg")
-    plot_convergence({"ab initio": res.history}, out / "abinitio.png", x_keys=("step",), y_keys=keys,
-                     title="ab initio per minibatch step")
     summary["wall_seconds"] = time.perf_counter() - t0
-    atomic_write_text(out / "run.json", json.dumps({
-        "command": "abinitio", "argv": sys.argv, "settings": dataclasses.asdict(settings), "handedness": HANDEDNESS,
-        "devices": res.devices, "devices_requested": args.devices,
-        "summary": summary, "truth_metrics": metrics}, indent=1))
-    msg = (f"jaxcryo abinitio: {len(md)} particles, {settings.steps} steps, {summary['wall_seconds']:.0f} s; "
+    write_outputs(out, pixel_size=px, maps={"map.mrc": res.volume}, history=res.history,
+                  convergence=ConvergencePlot({"ab initio": res.history}, x_keys=("step",), y_keys=keys,
+                                              title="ab initio per minibatch step"),
+                  run={"command": "abinitio", "argv": sys.argv, "settings": dataclasses.asdict(settings),
+                       "handedness": HANDEDNESS, "devices": res.devices, "devices_requested": args.devices,
+                       "summary": summary, "truth_metrics": metrics},
+                  files=OutputFiles(convergence="abinitio.png"))
+    msg = (f"jaxcryo abinitio: {len(used)} particles, {settings.steps} steps, {summary['wall_seconds']:.0f} s; "
            f"map low-pass at {summary['final_resolution_limit']:.1f} A (hand undetermined)")
     if metrics is not None and "fsc05_shell" in metrics:
         hand = ", mirrored" if metrics["mirrored"] else ""

@@ -13,13 +13,12 @@ import numpy as np
 
 from ..errors import InputError
 from ..rotations._grids import align_rotations
-from ..io.atomic import atomic_write_text
-from ..io._validate import REFERENCE, TRUTH, read_volume
-from ..io.mrc import write_map
+from ..io._validate import MASK, REFERENCE, TRUTH, MapRole, Volume, read_volume, require_same_grid
+from ..io.outputs import ConvergencePlot, fsc_json, output_folder, write_json, write_outputs
 from ..io.star import write_star
-from ..plotting import plot_convergence, plot_fsc
-from ..poses import RefineSettings, half_map_volumes, refine
+from ..poses import DIAMETER_FRACTION, RefineSettings, half_map_volumes, refine
 from ..data._sources import ParticleDataset
+from .postprocess import write_outputs as write_postprocess_outputs
 
 def register(sub) -> None:
     d = RefineSettings()
@@ -32,9 +31,13 @@ def register(sub) -> None:
             "updates each half map with preconditioned SGD (or --optimizer sgd) on the known-pose objective, "
             "and uses the half-map FSC to set the next frequency limit and angular step, until the resolution "
             "stops improving. Ends with a known-pose reconstruction from the refined poses (jaxcryo "
-            "reconstruct's defaults). Writes DIR/particles.star (refined poses, rlnRandomSubset), half1.mrc, "
-            "half2.mrc, map.mrc, fsc.json/fsc.png, history.json/convergence.png, run.json and a checkpoint "
-            "after every iteration (--resume)."
+            "reconstruct's defaults) and the postprocess of its half maps (jaxcryo postprocess: masked FSC "
+            "corrected by phase randomisation, with --mask or a soft spherical mask; B-factor sharpening): the "
+            "reported resolution is the corrected masked FSC's. Writes DIR/particles.star (refined poses, "
+            "rlnRandomSubset), half1.mrc, half2.mrc, map.mrc, fsc.json/fsc.png (unmasked half maps), "
+            "postprocess.mrc, postprocess_masked.mrc, postprocess.json, postprocess_fsc.png, "
+            "postprocess_guinier.png, history.json/convergence.png, run.json and a checkpoint after every "
+            "iteration (--resume)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -66,6 +69,11 @@ def register(sub) -> None:
                    help="local devices to split the pose scoring and the volume updates over (default: all JAX "
                         "sees); --batch-size is the global batch, so the result does not depend on it beyond "
                         "rounding. On CPU, XLA_FLAGS=--xla_force_host_platform_device_count=N makes N devices")
+    p.add_argument("--mask", type=Path, default=None,
+                   help="solvent mask (MRC, values in [0, 1], the particles' box and pixel size) of the closing "
+                        "postprocess; default: a soft spherical mask of --particle-diameter")
+    p.add_argument("--particle-diameter", type=float, default=None,
+                   help=f"diameter (A) of the default spherical mask; default: {DIAMETER_FRACTION:g} x the box")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -73,15 +81,14 @@ def register(sub) -> None:
 
 def run(args) -> int:
     t0 = time.perf_counter()
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder; --out needs a folder")
+    out = output_folder(args.out, create=False)
     if not args.reference.exists():
         raise InputError(f"{args.reference}: no such file (--reference)")
     settings = RefineSettings(init_resolution=args.init_resolution, global_step=args.global_step,
                               local_step=args.local_step, min_step=args.min_step, max_shift_px=args.max_shift,
                               iterations=args.iterations, epochs_per_iteration=args.epochs_per_iteration,
-                              optimizer=args.optimizer, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed)
+                              optimizer=args.optimizer, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
+                              particle_diameter=args.particle_diameter)
     ds = ParticleDataset.from_file(args.particles, datadir=args.datadir)
     md = ds.metadata
     if len(md) == 0:
@@ -89,6 +96,7 @@ def run(args) -> int:
     ds.validate(check_images=True)
     ref, ref_px = read_volume(args.reference, REFERENCE)[:2]  # checked: finite, cubic, pixel size
     truth = read_volume(args.truth, TRUTH).data if args.truth is not None else None
+    mask = read_mask(args.mask, md.box, float(md.pixel_size), args.particles) if args.mask is not None else None
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "checkpoint"
 
@@ -97,14 +105,14 @@ def run(args) -> int:
             print(f"jaxcryo refine: warning: {msg}", file=sys.stderr)
 
     def on_iteration(st):
-        atomic_write_text(out / "history.json", json.dumps(st.history, indent=1))
+        write_json(out / "history.json", st.history)
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             res = refine(ds, ref, settings, local_only=args.local_only, reference_pixel_size=ref_px,
                          progress=not args.quiet, on_iteration=on_iteration, warn=warn, truth=truth,
-                         devices=args.devices, checkpoint=stem, resume=args.resume)
+                         devices=args.devices, checkpoint=stem, resume=args.resume, mask=mask)
     except KeyboardInterrupt:
         print(f"jaxcryo refine: interrupted; continue with --resume ({stem}.npz)", file=sys.stderr)
         return 130
@@ -112,16 +120,14 @@ def run(args) -> int:
     local_only = bool(json.loads((stem.with_suffix(".json")).read_text()).get("local_only", args.local_only))
     final = res.final
     h1, h2 = half_map_volumes(res.state)
-    write_map(out / "half1.mrc", final.half1 if final.half1 is not None else h1, px)
-    write_map(out / "half2.mrc", final.half2 if final.half2 is not None else h2, px)
-    write_map(out / "map.mrc", final.volume, px)
     write_star(out / "particles.star", res.metadata)
-    fsc = final.fsc_half.to_dict()
-    summary = {"iterations": res.state.iteration, "resolution_0143": final.fsc_half.resolution_0143,
-               "resolution_05": final.fsc_half.resolution_05, "wall_seconds": None,
+    summary = {"iterations": res.state.iteration, "resolution_0143": res.resolution_0143,
+               "resolution_05": res.resolution_05, "wall_seconds": None,
+               "resolution_0143_unmasked": final.fsc_half.resolution_0143,
+               "resolution_05_unmasked": final.fsc_half.resolution_05,
+               "resolution_from": resolution_from(res),
                "handedness": "kept from the reference (a refinement cannot change the hand of its reference)"}
     if final.fsc_ref is not None:
-        fsc["reference"] = final.fsc_ref.to_dict()
         summary["truth_resolution_05"] = final.fsc_ref.resolution_05
     if args.true_poses is not None:
         from ..data._sources import read_particles
@@ -130,28 +136,68 @@ def run(args) -> int:
         if tmd.rotations is None or len(tmd) != len(md):
             raise InputError(f"{args.true_poses}: expected poses for the same {len(md)} particles (--true-poses)")
         summary["pose_errors"] = pose_errors(res.metadata, tmd)
-    atomic_write_text(out / "fsc.json", json.dumps(fsc, indent=1))
-    curves = {"half maps": final.fsc_half}
-    if final.fsc_ref is not None:
-        curves["map vs truth"] = final.fsc_ref
-    plot_fsc(curves, out / "fsc.png", title="FSC after refinement")
-    atomic_write_text(out / "history.json", json.dumps(res.history, indent=1))
-    plot_convergence({settings.to_dict()["optimizer"]: [dict(h, epoch=h["iteration"]) for h in res.history]}, out / "convergence.png",
-                     x_keys=("epoch",), y_keys=("resolution", "mean_pose_change_deg", "fsc05_truth_shell"),
-                     title="refinement per iteration")
+    post = postprocess_record(res, args.mask)
+    if res.postprocess is not None:
+        post["files"] = [p.name for p in write_postprocess_outputs(res.postprocess, out, {
+            "half1": str(out / "half1.mrc"), "half2": str(out / "half2.mrc"), "mask": post["mask"],
+            "spherical_mask_diameter": res.mask_diameter},
+            plot_prefix="postprocess_")]
     summary["wall_seconds"] = time.perf_counter() - t0
     n_devices = res.history[-1].get("devices", 1) if res.history else 1
-    atomic_write_text(out / "run.json", json.dumps({"command": "refine", "argv": sys.argv,
-                                                    "settings": settings.to_dict(),
-                                                    "local_only": local_only, "devices": n_devices,
-                                                    "devices_requested": args.devices,
-                                                    "summary": summary}, indent=1))
+    write_outputs(out, pixel_size=px,
+                  maps={"half1.mrc": final.half1 if final.half1 is not None else h1,
+                        "half2.mrc": final.half2 if final.half2 is not None else h2, "map.mrc": final.volume},
+                  fsc=fsc_json(final.fsc_half, final.fsc_ref),
+                  fsc_curves={"half maps": final.fsc_half, "map vs truth": final.fsc_ref},
+                  fsc_title="FSC after refinement", history=res.history,
+                  convergence=ConvergencePlot({settings.to_dict()["optimizer"]: [dict(h, epoch=h["iteration"])
+                                                                                for h in res.history]},
+                                              x_keys=("epoch",),
+                                              y_keys=("resolution", "mean_pose_change_deg", "fsc05_truth_shell"),
+                                              title="refinement per iteration"),
+                  run={"command": "refine", "argv": sys.argv, "settings": settings.to_dict(),
+                       "local_only": local_only, "devices": n_devices, "devices_requested": args.devices,
+                       "summary": summary, "postprocess": post})
+    what = "corrected masked FSC" if res.postprocess is not None else "half-map FSC"
     print(f"jaxcryo refine: {len(md)} particles, {res.state.iteration} iterations, {summary['wall_seconds']:.0f} s; "
-          f"half-map FSC 0.143: {summary['resolution_0143']:.2f} A"
+          f"{what} 0.143: {summary['resolution_0143']:.2f} A (unmasked half maps: "
+          f"{summary['resolution_0143_unmasked']:.2f} A)"
           + (f"; vs truth 0.5: {summary['truth_resolution_05']:.2f} A" if "truth_resolution_05" in summary else "")
           + (f"; pose error median {summary['pose_errors']['median_deg']:.2f} deg" if "pose_errors" in summary else "")
-          + f" -> {out}/map.mrc, {out}/particles.star")
+          + f" -> {out}/map.mrc, {out}/postprocess.mrc, {out}/particles.star")
     return 0
+
+
+def read_mask(path: Path, box: int, pixel_size: float, particles: Path) -> np.ndarray:
+    """The mask at ``path`` (``--mask``), checked (values in [0, 1], not empty, finite) and on the particles'
+    grid (``box`` px of ``pixel_size`` Å, those of ``particles``); InputError naming the file otherwise."""
+    m = read_volume(path, MASK)
+    grid = Volume(np.broadcast_to(np.float32(0), (box,) * 3), pixel_size, particles, MapRole("particles"))
+    require_same_grid(grid, m)
+    return m.data
+
+
+def resolution_from(res) -> str:
+    """Which FSC ``summary.resolution_0143``/``resolution_05`` come from."""
+    if res.postprocess is None:
+        return "unmasked half-map FSC (the postprocess could not run: run.json's postprocess.error)"
+    if res.postprocess.unmasked_fallback:
+        return ("corrected masked FSC (postprocess.json), which fell back to the unmasked FSC: it reached a "
+                "higher shell, as RELION")
+    return "corrected masked FSC (postprocess.json)"
+
+
+def postprocess_record(res, mask_path: Path | None) -> dict:
+    """``run.json``'s ``postprocess``: the mask used, the resolutions, B-factor and warnings of the closing
+    postprocess, or why there is none."""
+    p = res.postprocess
+    rec: dict = {"mask": str(mask_path) if mask_path is not None else None,
+                 "spherical_mask_diameter": res.mask_diameter, "warnings": list(res.postprocess_warnings),
+                 "error": res.postprocess_error, "files": []}
+    if p is not None:
+        rec.update(resolution_0143=p.resolution_0143, resolution_05=p.resolution_05, bfactor=p.bfactor,
+                   bfactor_fitted=p.bfactor_fitted, unmasked_fallback=p.unmasked_fallback)
+    return rec
 
 
 def pose_errors(est, true) -> dict:

@@ -81,9 +81,10 @@ def usable_particles(
         first = int(np.flatnonzero(bad)[0])
         where = md.image_files[indices[first]] if md.image_files is not None else src
         if not skip_bad:
-            raise InputError(f"{where}: {int(bad.sum())} image(s) contain NaN/inf (first: image "
-                             f"{int(md.image_indices[indices[first]]) + 1}, particle {int(indices[first]) + 1} of "
-                             f"{src}); use {{param}} to skip them", param="skip_bad")
+            raise InputError(f"{where}: {int(bad.sum())} image(s) contain NaN/inf (first: particle "
+                             f"{int(indices[first]) + 1} contains NaN or inf, image "
+                             f"{int(md.image_indices[indices[first]]) + 1} of the stack; particles from {src}); "
+                             "use {param} to skip them", param="skip_bad")
         skipped = int(bad.sum())
         indices = indices[~bad]
         if warn is not None:

@@ -62,7 +62,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 
 from .. import parallel
 from ..data._batch import RawBatch, epoch_batches, load_batch
+from ..data._checks import usable_particles
 from ..errors import DivergenceError, InputError
 from ..forward._operators import make_operator
 from ..forward._particles import ParticleMetadata
@@ -125,6 +126,8 @@ class AbinitioSettings:
         score_memory: the most score entries (images x rotations x shifts) held at once by a global search
             (minibatches are scored in chunks below it).
         seed: the start map's random poses and the minibatch order.
+        skip_bad: leave out the particles whose image has NaN or inf (reported through ``warn``) instead of
+            failing (:func:`jaxcryo.data.usable_particles`).
     """
 
     steps: int = 150
@@ -144,6 +147,7 @@ class AbinitioSettings:
     score_oversample: int = 2
     score_memory: int = 1 << 24
     seed: int = 0
+    skip_bad: bool = False
 
     def __post_init__(self):
         check_settings(self)
@@ -165,7 +169,8 @@ class AbinitioResult(NamedTuple):
     Attributes:
         volume: the final map, real space ``(n, n, n)`` float32 (low-pass filtered at the final limit; its
             hand is undetermined, :data:`HANDEDNESS`).
-        metadata: the particles with the poses of the final global search (RELION conventions).
+        metadata: the particles with the poses of the final global search (RELION conventions); with
+            ``skip_bad``, only the particles used.
         history: one record per minibatch step: ``step``, ``kmax`` (the frequency limit, shells),
             ``resolution_limit`` (Å), ``learning_rate`` (the step size of shell 1), ``seconds`` (this step),
             ``elapsed`` (since the start), ``mean_best_score`` (the minibatch's mean best log-likelihood over
@@ -178,6 +183,8 @@ class AbinitioResult(NamedTuple):
         final_kmax: the final frequency limit (shells).
         eta0: the initial step size (``learning_rate`` or the measured ``1 / lambda_max``).
         devices: the devices the run was split over.
+        skipped: particles left out for non-finite images (``skip_bad``).
+        indices: the particles used (into the source) when some were left out, else ``None``.
     """
 
     volume: np.ndarray
@@ -188,6 +195,8 @@ class AbinitioResult(NamedTuple):
     final_kmax: int
     eta0: float
     devices: int = 1
+    skipped: int = 0
+    indices: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,6 +232,8 @@ def check_settings(s: AbinitioSettings) -> None:
         fail(s, "angular_step", "expected at most 90 degrees")
     if s.particle_diameter is not None and not (is_number(s.particle_diameter) and s.particle_diameter > 0):
         fail(s, "particle_diameter", "expected a positive diameter in A")
+    if not isinstance(s.skip_bad, (bool, np.bool_)):
+        fail(s, "skip_bad", "expected True or False")
 
 
 def _support_mask(settings: AbinitioSettings, n: int, pixel_size: float) -> np.ndarray:
@@ -252,20 +263,14 @@ def shell_rates(settings: AbinitioSettings, n: int, pixel_size: float,
     return np.asarray(rows, np.float32)
 
 
-def _batch_order(n_part: int, batch: int, steps: int, seed: int, multiple: int) -> list:
-    """The minibatch of each step ``0..steps-1`` (seeded permutations, epoch after epoch)."""
+def _batch_order(indices: Int[np.ndarray, " k"], batch: int, steps: int, seed: int, multiple: int) -> list:
+    """The minibatch of each step ``0..steps-1`` over the particles ``indices`` (seeded permutations, epoch
+    after epoch)."""
     rng = np.random.default_rng([seed, 31])
     order: list = []
     while len(order) < steps:
-        order.extend(epoch_batches(np.arange(n_part), batch, rng, multiple))
+        order.extend(epoch_batches(np.asarray(indices), batch, rng, multiple))
     return order[:steps]
-
-
-def _check_batch(raw: RawBatch, md: ParticleMetadata, idx) -> None:
-    ok = np.isfinite(raw.images).all(axis=(1, 2))
-    if not ok.all():
-        bad = int(np.asarray(idx)[np.flatnonzero(~ok)[0]])
-        raise InputError(f"{md.source or 'particles'}: the image of particle {bad + 1} contains NaN or inf")
 
 
 def _search_method(s: AbinitioSettings, pixel_size: float) -> Cascade:
@@ -287,7 +292,7 @@ def _search_method(s: AbinitioSettings, pixel_size: float) -> Cascade:
 def abinitio(source, settings: AbinitioSettings = AbinitioSettings(), progress: bool = True,
              truth: Float[ArrayLike, "n n n"] | None = None, true_rotations: Float[ArrayLike, "m 3 3"] | None = None,
              devices=None, checkpoint: "str | Path | None" = None,
-             resume: bool = False) -> AbinitioResult:
+             resume: bool = False, warn: Callable[[str], None] | None = None) -> AbinitioResult:
     """An ab initio map and poses from particles without poses (module docstring).
 
     Args:
@@ -303,6 +308,9 @@ def abinitio(source, settings: AbinitioSettings = AbinitioSettings(), progress: 
         checkpoint: checkpoint stem (``DIR/checkpoint``: ``checkpoint.npz`` + ``checkpoint.json``), written
             atomically after every step; ``resume`` continues from it (to the same map as a run without
             interruption).
+        warn: told how many particles ``skip_bad`` left out.
+
+    The particles are checked first (:func:`jaxcryo.data.usable_particles`: stacks, finite images).
 
     Returns:
         :class:`AbinitioResult`. The map's hand is undetermined (:data:`HANDEDNESS`).
@@ -318,6 +326,8 @@ def abinitio(source, settings: AbinitioSettings = AbinitioSettings(), progress: 
     if n_part == 0:
         raise InputError(f"{md.source or 'particles'}: no particles")
     n, px = int(md.box), float(md.pixel_size)
+    selection = usable_particles(source, needs_poses=False, skip_bad=s.skip_bad, warn=warn)
+    use = selection.indices
     if truth is not None and np.asarray(truth).shape != (n, n, n):
         raise InputError(f"{{param}} has shape {np.asarray(truth).shape}, expected ({n}, {n}, {n}) (the "
                          "particles' box)", param="truth")
@@ -328,19 +338,17 @@ def abinitio(source, settings: AbinitioSettings = AbinitioSettings(), progress: 
     if resume and stem is None:
         raise InputError("{param} needs a checkpoint path", param="resume")
     projector = Projector(n=n, pixel_size=px, operator=make_operator("trilinear"))
-    batch = int(min(s.batch_size, n_part))
+    batch = int(min(s.batch_size, len(use)))
     scoring_op = make_operator("trilinear", oversample=s.score_oversample) if s.score_oversample > 1 else projector.operator
     engine = PoseSearch(Projector(n=n, pixel_size=px, operator=scoring_op), batch, s.score_memory, mesh)
     method = _search_method(s, px)
     kmaxes = kmax_schedule(s, n, px)
-    order = _batch_order(n_part, batch, s.steps, s.seed, n_dev)
-    problem = Problem(source, projector, np.arange(n_part), s.lam, batch, s.seed)
+    order = _batch_order(use, batch, s.steps, s.seed, n_dev)
+    problem = Problem(source, projector, use, s.lam, batch, s.seed)
 
     def read(t: int) -> RawBatch:
         idx, mask = order[t]
-        raw = load_batch(source, idx, mask)
-        _check_batch(raw, md, idx)
-        return raw
+        return load_batch(source, idx, mask)
 
     def strategy(eta0: float) -> PSGD:  # the update: PSGD by each minibatch's own diagonal, per-shell steps
         return PSGD(batch_diagonal=True, beta=0.0, shell_rates=shell_rates(s, n, px, eta0),
@@ -413,7 +421,11 @@ def abinitio(source, settings: AbinitioSettings = AbinitioSettings(), progress: 
 
     # 3. final poses: every particle against the final map at the final limit
     k = int(kmaxes[-1])
-    final = engine(method, vol, k, source, progress=progress, desc="final poses")
-    out_md = dataclasses.replace(md, rotations=final.rotations[:, 0], shifts=final.shifts[:, 0], missing_poses=None)
+    final = engine(method, vol, k, source, None if not selection.skipped else use, progress=progress,
+                   desc="final poses")
+    used_md = md if not selection.skipped else md.subset(use)
+    out_md = dataclasses.replace(used_md, rotations=final.rotations[:, 0], shifts=final.shifts[:, 0],
+                                 missing_poses=None)
     volume = np.asarray(fourier_to_volume(vol), np.float32)
-    return AbinitioResult(volume, out_md, history, final.scores[:, 0], time.perf_counter() - t_start, k, eta0, n_dev)
+    return AbinitioResult(volume, out_md, history, final.scores[:, 0], time.perf_counter() - t_start, k, eta0, n_dev,
+                          selection.skipped, use if selection.skipped else None)

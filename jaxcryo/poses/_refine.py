@@ -22,7 +22,9 @@ One iteration (:func:`refine_iteration`), for each half set independently (RELIO
 
 :func:`refine` runs the loop from a reference map low-pass filtered to ``init_resolution`` (checkpointing
 after each iteration with ``checkpoint``; ``resume`` continues from it) and finishes with a known-pose reconstruction (:func:`jaxcryo.reconstruct`, the
-default one-pass estimate with the half-map spectral prior) from the refined poses.
+default one-pass estimate with the half-map spectral prior) from the refined poses, whose half maps are
+postprocessed (:func:`finish_refinement`, :func:`jaxcryo.post.postprocess`): the final resolution is the masked FSC
+corrected by phase randomisation (Chen et al. 2013), with a soft spherical mask unless one is given.
 
 Handedness: a refinement from a reference keeps the reference's hand. Metrics against a ground truth (for
 simulated data) align poses with :func:`jaxcryo.rotations.align_rotations`.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -46,11 +49,13 @@ from ..data._sources import split_halves
 from ..errors import InputError
 from ..forward._operators import make_operator
 from ..forward._particles import ParticleMetadata
+from ..io._validate import MASK, check_values
 from ..forward._projection import Projector, fourier_to_volume, volume_to_fourier
 from ..ndimage._fourier import radius_grid, resample_real, shell_index
-from ..ndimage._masks import frequency_edge
+from ..ndimage._masks import frequency_edge, spherical_mask
 from ..ndimage._metrics import first_shell_below, fsc as fsc_fn
 from ..rotations._grids import geodesic_distance_deg, shift_grid, so3_grid
+from ..post._postprocess import FIT_FROM, postprocess
 from ..solvers._fit import fit
 from ..solvers._strategies import MinibatchStrategy, Problem, make_strategy, strategy_name
 from ._assign import SoftPoses, with_poses
@@ -245,7 +250,8 @@ def refine(source, reference: Float[np.ndarray, "m m m"], settings: RefineSettin
            local_only: bool = False, reference_pixel_size: float | None = None, progress: bool = True,
            state: RefineState | None = None, on_iteration: Callable[[RefineState], None] | None = None,
            warn: Callable[[str], None] | None = None, truth: Float[np.ndarray, "n n n"] | None = None, devices=None,
-           checkpoint: "str | Path | None" = None, resume: bool = False) -> RefineResult:
+           checkpoint: "str | Path | None" = None, resume: bool = False,
+           mask: Float[np.ndarray, "n n n"] | None = None) -> RefineResult:
     """Refine poses and maps of ``source`` from ``reference`` (module docstring).
 
     Args:
@@ -262,6 +268,8 @@ def refine(source, reference: Float[np.ndarray, "m m m"], settings: RefineSettin
         checkpoint: checkpoint stem (``DIR/checkpoint``: ``checkpoint.npz`` + ``checkpoint.json``), written
             atomically after every iteration; ``resume`` continues from it (its ``local_only`` wins) to the
             same maps and poses as a run without interruption.
+        mask: solvent mask in [0, 1] on the particles' grid for the closing postprocess (:func:`finish_refinement`);
+            ``None``: the soft spherical mask of ``settings.mask_diameter``.
     """
     from ..solvers._reconstruct import reconstruct
 
@@ -270,6 +278,12 @@ def refine(source, reference: Float[np.ndarray, "m m m"], settings: RefineSettin
         raise InputError(f"{md.source or 'particles'}: {len(md)} particle(s); refinement needs at least 2")
     _check_poses(md)
     n, px = md.box, float(md.pixel_size)
+    if mask is not None:  # checked before the work: in [0, 1], not empty, the particles' box
+        mask = np.asarray(mask, np.float32)
+        if mask.shape != (n, n, n):
+            raise InputError(f"{{param}}: shape {mask.shape}, expected the particles' box ({n}, {n}, {n})",
+                             param="mask")
+        check_values(mask, "mask", MASK)
     projector = Projector(n=n, pixel_size=px, operator=make_operator(settings.interp))
     ref = prepare_reference(reference, reference_pixel_size, n, px, warn)
     halves = split_halves(md, settings.seed)
@@ -309,7 +323,41 @@ def refine(source, reference: Float[np.ndarray, "m m m"], settings: RefineSettin
     posed.metadata = out_md
     final = reconstruct(posed, seed=settings.seed, progress=progress, reference=truth,  # the known-pose default
                         devices=parallel.mesh_size(mesh))
-    return RefineResult(out_md, state, state.history, final)
+    return finish_refinement(RefineResult(out_md, state, state.history, final), settings, mask, warn)
+
+
+def finish_refinement(result: RefineResult, settings: RefineSettings, mask: Float[np.ndarray, "n n n"] | None = None,
+           warn: Callable[[str], None] | None = None) -> RefineResult:
+    """``result`` with the postprocess of its final half maps (:func:`jaxcryo.post.postprocess`: masked FSC
+    corrected by phase randomisation, Guinier B-factor from :data:`jaxcryo.post.FIT_FROM` Å, seeded by
+    ``settings.seed``) with ``mask``, or the soft spherical mask of ``settings.mask_diameter`` Å
+    (:func:`jaxcryo.ndimage.spherical_mask`). Its warnings go to ``warn`` and ``postprocess_warnings``; when it
+    cannot run (e.g. the unmasked FSC never falls below 0.8) ``postprocess`` is None and ``postprocess_error``
+    says why: the resolution stays the unmasked half-map FSC's."""
+    final = result.final
+    px = float(result.metadata.pixel_size)
+    if final.half1 is not None and final.half2 is not None:
+        h1, h2 = final.half1, final.half2
+    else:
+        h1, h2 = half_map_volumes(result.state)
+    n = int(np.asarray(h1).shape[-1])
+    diameter = None
+    if mask is None:
+        diameter = settings.mask_diameter(n, px)
+        mask = spherical_mask(n, diameter, px)
+    post, error = None, None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            post = postprocess(h1, h2, pixel_size=px, mask=mask, fit_from=FIT_FROM, seed=settings.seed)
+        except InputError as e:
+            error = f"postprocess: {e}; the resolution is the unmasked half-map FSC's"
+    told = tuple(f"postprocess: {w.message}" for w in caught if issubclass(w.category, UserWarning))
+    for msg in told + ((error,) if error else ()):
+        if warn is not None:
+            warn(msg)
+    return result._replace(postprocess=post, postprocess_error=error, postprocess_warnings=told,
+                           mask=np.asarray(mask, np.float32), mask_diameter=diameter)
 
 
 def half_map_volumes(state: RefineState) -> list[Float[np.ndarray, "n n n"]]:

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..forward._operators import make_operator
 from ..forward._particles import ParticleMetadata
+from ..post._postprocess import PostprocessResult
 from ..solvers._reconstruct import ReconstructResult
 from ..solvers._strategies import MinibatchStrategy, Plan, make_strategy, strategy_name
 from ._checkpoints import load_run, save_run
@@ -19,6 +20,11 @@ from ._validate import fail, integers, non_negative, positive
 
 #: The ``kind`` of a refinement checkpoint.
 KIND = "refine"
+#: Without ``particle_diameter`` the postprocess's spherical mask spans this fraction of the box (its soft
+#: edge of :data:`jaxcryo.ndimage.SPHERE_SOFT_EDGE_PX` voxels lies outside).
+DIAMETER_FRACTION = 0.9
+#: Settings that only shape the closing postprocess: a resumed run may change them.
+FINISHING = ("iterations", "particle_diameter")
 
 
 @dataclass(frozen=True)
@@ -58,7 +64,9 @@ class RefineSettings:
             operator: exact batch diagonal) do not suffer from.
         score_memory: score entries (images x candidates) held at once by a search at most (the pose search
             scores fewer images per call than ``batch_size`` below it).
-        seed: half-set split and data order.
+        seed: half-set split and data order (and the phase randomisation of the closing postprocess).
+        particle_diameter: diameter (Å) of the soft spherical mask (:func:`jaxcryo.ndimage.spherical_mask`)
+            of the closing postprocess when no mask is given; ``None``: :data:`DIAMETER_FRACTION` of the box.
     """
 
     init_resolution: float = 30.0
@@ -83,6 +91,7 @@ class RefineSettings:
     score_oversample: int = 2
     score_memory: int = 1 << 26
     seed: int = 0
+    particle_diameter: float | None = None
 
     def __post_init__(self):
         integers(self, ("iterations", "epochs_per_iteration", "top_k", "batch_size", "score_oversample",
@@ -96,6 +105,15 @@ class RefineSettings:
         if not isinstance(make_strategy(self.optimizer), MinibatchStrategy):
             fail(self, "optimizer", "expected a minibatch strategy (psgd, sgd, adam)")
         make_operator(self.interp)  # an unknown operator name: InputError (interp)
+        if self.particle_diameter is not None:
+            positive(self, ("particle_diameter",))
+
+    def mask_diameter(self, box: int, pixel_size: float) -> float:
+        """The diameter (Å) of the postprocess's spherical mask: ``particle_diameter``, or
+        :data:`DIAMETER_FRACTION` x ``box`` x ``pixel_size``."""
+        if self.particle_diameter is not None:
+            return float(self.particle_diameter)
+        return DIAMETER_FRACTION * box * pixel_size
 
     def to_dict(self) -> dict:
         """The settings as JSON data (the optimizer by its registry name)."""
@@ -122,10 +140,34 @@ class RefineState:
 
 
 class RefineResult(NamedTuple):
+    """What :func:`~jaxcryo.poses.refine` returns. ``postprocess``: the closing
+    :func:`jaxcryo.post.postprocess` of the final half maps (masked FSC corrected by phase randomisation,
+    sharpened map), ``None`` when it could not run (``postprocess_error`` says why; the resolution is then the
+    unmasked half-map FSC's); ``postprocess_warnings``: its warnings (no B-factor fitted, unmasked fallback);
+    ``mask``: the mask it used (the given one, or the spherical mask of ``mask_diameter`` Å)."""
+
     metadata: ParticleMetadata  # the particles with the refined poses (and rlnRandomSubset)
     state: RefineState
     history: list
     final: ReconstructResult  # the closing known-pose reconstruction
+    postprocess: PostprocessResult | None = None
+    postprocess_error: str | None = None
+    postprocess_warnings: tuple[str, ...] = ()
+    mask: np.ndarray | None = None
+    mask_diameter: float | None = None  # Å, the spherical mask's (None: a given mask)
+
+    @property
+    def resolution_0143(self) -> float:
+        """The final resolution (Å): the corrected masked FSC's 0.143 crossing, or the unmasked half-map
+        FSC's without a postprocess."""
+        return float(self.postprocess.resolution_0143 if self.postprocess is not None
+                     else self.final.fsc_half.resolution_0143)
+
+    @property
+    def resolution_05(self) -> float:
+        """As :attr:`resolution_0143`, at FSC 0.5."""
+        return float(self.postprocess.resolution_05 if self.postprocess is not None
+                     else self.final.fsc_half.resolution_05)
 
 
 def _trees(state: RefineState) -> dict:
@@ -147,7 +189,7 @@ def save_state(stem: "str | Path", state: RefineState, settings: RefineSettings,
 def load_state(stem: "str | Path", template: RefineState, settings: RefineSettings) -> tuple[RefineState, bool]:
     """The state checkpointed at ``stem`` (shapes from ``template``) and its ``local_only``; the settings must
     be those of the checkpoint but for ``iterations``."""
-    trees, meta = load_run(Path(stem), KIND, settings.to_dict(), _trees(template), may_change=("iterations",))
+    trees, meta = load_run(Path(stem), KIND, settings.to_dict(), _trees(template), may_change=FINISHING)
     plans = {int(k): Plan(float(eta)) for k, eta in meta.get("plans", {}).items()}
     state = RefineState(list(trees["half_maps"]), np.asarray(trees["rotations"]) if meta["has_rotations"] else None,
                         np.asarray(trees["shifts"]), float(meta["resolution"]), float(meta["step"]),
