@@ -20,7 +20,8 @@ from ..io.checkpoint import load_checkpoint, save_checkpoint
 from ..io.mrc import read_map, write_map
 from ..io.star import write_star
 from ..plotting import plot_convergence, plot_fsc
-from ..poses._refine import RefineSettings, RefineState, half_map_volumes, refine
+from ..poses._diagnostics import run_warnings
+from ..poses._refine import RefineSettings, RefineState, half_map_volumes, prepare_reference, refine
 from ..data._sources import ParticleDataset
 
 CHECKPOINT_KIND = "refine"
@@ -132,7 +133,7 @@ def run(args) -> int:
     if args.resume:
         if not stem.with_suffix(".npz").exists():
             raise InputError(f"{stem}.npz: no checkpoint to resume from (--resume)")
-        from ..poses._refine import initial_state, prepare_reference
+        from ..poses._refine import initial_state
         from ..forward._projection import Projector, volume_to_fourier
 
         proj = Projector(n=md.box, pixel_size=float(md.pixel_size), operator=settings.interp)
@@ -182,6 +183,11 @@ def run(args) -> int:
         if tmd.rotations is None or len(tmd) != len(md):
             raise InputError(f"{args.true_poses}: expected poses for the same {len(md)} particles (--true-poses)")
         summary["pose_errors"] = pose_errors(res.metadata, tmd)
+    # issue 19: say when it failed (drifted map, collapse against the reference, poses stalled at a poor resolution)
+    run_warns = run_warnings(final.volume, prepare_reference(ref, ref_px, md.box, px), res.history, px,
+                             settings.init_resolution)
+    for w in run_warns:
+        print(f"jaxcryo refine: warning: {w}", file=sys.stderr)
     atomic_write_text(out / "fsc.json", json.dumps(fsc, indent=1))
     curves = {"half maps": final.fsc_half}
     if final.fsc_ref is not None:
@@ -197,7 +203,7 @@ def run(args) -> int:
                                                     "settings": dataclasses.asdict(settings),
                                                     "local_only": args.local_only, "devices": n_devices,
                                                     "devices_requested": args.devices,
-                                                    "summary": summary}, indent=1))
+                                                    "summary": summary, "warnings": run_warns}, indent=1))
     print(f"jaxcryo refine: {len(md)} particles, {res.state.iteration} iterations, {summary['wall_seconds']:.0f} s; "
           f"half-map FSC 0.143: {summary['resolution_0143']:.2f} A"
           + (f"; vs truth 0.5: {summary['truth_resolution_05']:.2f} A" if "truth_resolution_05" in summary else "")
