@@ -98,7 +98,8 @@ def find_aspire(explicit: str | None) -> str | None:
 
 
 def _helper(py: str, args: list, log: Path) -> dict:
-    r = subprocess.run([py, str(HELPER), *map(str, args)], capture_output=True, text=True)
+    # in the set's folder: ASPIRE writes its own log file (aspire.err.log) into the working directory
+    r = subprocess.run([py, str(HELPER), *map(str, args)], capture_output=True, text=True, cwd=log.parent)
     log.write_text(r.stdout + r.stderr)
     if r.returncode != 0:
         raise RuntimeError(f"{HELPER.name} {args[0]} failed, see {log}")
@@ -242,6 +243,7 @@ def _refine_row(out: Path, r: dict, truth, true_md) -> dict:
     e = pose_errors(read_particles(out / "particles.star"), true_md)
     hist = json.loads((out / "history.json").read_text())
     rj = _run_json(out)
+    row["posthoc_warnings"] = _posthoc_warnings(out, vol, hist)
     row.update(median_angular_error_deg=e["median_deg"], mean_angular_error_deg=e["mean_deg"],
                mirrored=e["mirrored"], median_shift_error_px=e["shift_error_median_px"],
                fsc05_truth_shell=fsc05_shell(vol, truth)[0], fsc_truth=fsc05_shell(vol, truth)[1],
@@ -251,6 +253,17 @@ def _refine_row(out: Path, r: dict, truth, true_md) -> dict:
                                                                "mean_pose_change_deg", "fsc05_truth_shell",
                                                                "seconds")} for h in hist])
     return row
+
+
+def _posthoc_warnings(out: Path, vol, hist) -> list | None:
+    """The warnings ``jaxcryo.poses._diagnostics`` gives for a finished run (also for runs of a jaxcryo that
+    did not write them to run.json yet); ``None`` when that module is absent."""
+    try:
+        from jaxcryo.poses._diagnostics import run_warnings
+    except ImportError:
+        return None
+    ref, _ = read_map(out.parent / "reference_30A.mrc") if "abinitio" not in out.name else (None, None)
+    return run_warnings(vol, ref, hist, PIXEL_SIZE, REFERENCE_RESOLUTION)
 
 
 def task_refine(d: Path, name: str, star: str, local: bool, extra: list, truth, true_md, variant: str) -> dict:

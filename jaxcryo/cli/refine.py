@@ -62,6 +62,12 @@ def register(sub) -> None:
     p.add_argument("--max-shift", type=float, default=d.max_shift_px, help="global translation range (+- px)")
     p.add_argument("--epochs-per-iteration", type=int, default=d.epochs_per_iteration)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--particle-diameter", type=float, default=d.particle_diameter,
+                   help="(prototype, issue 19) score against references masked by a soft sphere of this diameter "
+                        "(A), as RELION's --particle_diameter; default: no mask")
+    p.add_argument("--recentre", action="store_true",
+                   help="(prototype, issue 19) after each volume update, centre the half maps' density and move "
+                        "the particles' origins to match")
     p.add_argument("--truth", type=Path, default=None,
                    help="ground-truth map (simulations): history gains its FSC, particles.star pose errors")
     p.add_argument("--true-poses", type=Path, default=None,
@@ -125,7 +131,8 @@ def run(args) -> int:
                               local_step=args.local_step, min_step=args.min_step, max_shift_px=args.max_shift,
                               iterations=args.iterations,
                               epochs_per_iteration=args.epochs_per_iteration, optimizer=args.optimizer,
-                              top_k=args.top_k,
+                              top_k=args.top_k, particle_diameter=args.particle_diameter,
+                              recentre=args.recentre,
                               batch_size=args.batch_size, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "checkpoint"

@@ -48,6 +48,7 @@ from ..solvers._optim import harmonic_schedule, preconditioned_sgd, sgd
 from ..forward._particles import ParticleMetadata
 from ..leastsq._priors import fourier_fsc
 from ..forward._projection import Projector, fourier_to_volume, volume_to_fourier
+from ._centring import masked_fourier, recentre, solvent_mask
 from ._scoring import best_poses, score_local, score_pixels, score_poses, soft_weights
 from ..data._sources import ArrayDataset, ParticleDataset, split_halves
 from ..solvers._strategies import Problem, initial_step_size
@@ -86,6 +87,11 @@ class RefineSettings:
             correction): plain trilinear slices bias the best pose by degrees, which the volume updates (plain
             operator: exact batch diagonal) do not suffer from.
         seed: half-set split and data order.
+        particle_diameter: issue 19 prototype: the references the poses are scored against are multiplied by
+            a soft spherical solvent mask of this diameter (Å; :func:`jaxcryo.poses._centring.solvent_mask`),
+            as RELION's ``--particle_diameter``; ``None``: no mask.
+        recentre: issue 19 prototype: after each volume update, move the half maps so their density is
+            centred and the particles' origins with them (:func:`jaxcryo.poses._centring.recentre`).
     """
 
     init_resolution: float = 30.0
@@ -109,6 +115,8 @@ class RefineSettings:
     fsc_weighting: bool = True
     score_oversample: int = 2
     seed: int = 0
+    particle_diameter: float | None = None
+    recentre: bool = False
 
 
 @dataclass
@@ -409,6 +417,8 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
         v = state.half_maps[h]
         if s.fsc_weighting and prev_fsc is not None:  # the first iteration scores against the low-passed reference
             v = fsc_weighted(v, prev_fsc)
+        if s.particle_diameter is not None:  # issue 19 hook: solvent-flattened references
+            v = masked_fourier(v, solvent_mask(n, px, s.particle_diameter))
         if global_search:
             r, sh = scorer.global_search(v, src, idx, kmax, progress, f"global search, half {h + 1}")
             r, sh, w = scorer.local_search(v, src, idx, r, sh, s.global_step / 2, s.global_shift_step_px / 2, kmax,
@@ -429,6 +439,10 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
         rows = [posed.row_indices(idx) for idx in halves]
     maps = [_update_volume(posed, rows[h], projector, state.half_maps[h], s, eta_cache, progress,
                            f"{s.optimizer} update, half {h + 1}", mesh) for h in range(len(halves))]
+    centre_offset = None
+    if s.recentre:  # issue 19 hook: keep the density centred, the origins moved to match
+        maps, new_s, c = recentre(maps, new_r, new_s, px, min_offset_px=0.05 * n)  # only a drift, not the map's own
+        centre_offset = [float(x) for x in c]
     f = fourier_fsc(maps[0], maps[1])
     shells = np.arange(len(f))
     below = np.flatnonzero((f < 0.143) & (shells > 0))
@@ -447,7 +461,7 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
            "mean_pose_change_deg": change, "mean_shift_change_px": shift_change,
            "seconds": time.perf_counter() - t0, "pose_seconds": t_pose, "optimizer": s.optimizer,
            "devices": parallel.mesh_size(mesh), "top_k": k,
-           "mean_best_weight": float(np.mean(soft_w[:, 0])),
+           "mean_best_weight": float(np.mean(soft_w[:, 0])), "centre_offset_px": centre_offset,
            "half_map_fsc": [float(x) for x in f]}
     hist = list(state.history) + [rec]
     return RefineState(list(maps), new_r, new_s, res, step, shift_step, state.iteration + 1, stalls, hist)
