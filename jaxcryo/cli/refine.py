@@ -68,6 +68,10 @@ def register(sub) -> None:
     p.add_argument("--recentre", action="store_true",
                    help="(prototype, issue 19) after each volume update, centre the half maps' density and move "
                         "the particles' origins to match")
+    p.add_argument("--whiten", action="store_true",
+                   help="(prototype, issue 19) score with the per-shell noise spectrum of the residuals")
+    p.add_argument("--offset-sigma", type=float, default=d.offset_sigma_px,
+                   help="(prototype, issue 19) Gaussian prior of this width (px) on the particles' origins")
     p.add_argument("--truth", type=Path, default=None,
                    help="ground-truth map (simulations): history gains its FSC, particles.star pose errors")
     p.add_argument("--true-poses", type=Path, default=None,
@@ -132,7 +136,7 @@ def run(args) -> int:
                               iterations=args.iterations,
                               epochs_per_iteration=args.epochs_per_iteration, optimizer=args.optimizer,
                               top_k=args.top_k, particle_diameter=args.particle_diameter,
-                              recentre=args.recentre,
+                              recentre=args.recentre, whiten=args.whiten, offset_sigma_px=args.offset_sigma,
                               batch_size=args.batch_size, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "checkpoint"

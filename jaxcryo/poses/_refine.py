@@ -49,6 +49,7 @@ from ..forward._particles import ParticleMetadata
 from ..leastsq._priors import fourier_fsc
 from ..forward._projection import Projector, fourier_to_volume, volume_to_fourier
 from ._centring import masked_fourier, recentre, solvent_mask
+from ._noise import noise_spectrum, offset_log_prior, shell_filter, whiten_batch
 from ._scoring import best_poses, score_local, score_pixels, score_poses, soft_weights
 from ..data._sources import ArrayDataset, ParticleDataset, split_halves
 from ..solvers._strategies import Problem, initial_step_size
@@ -92,6 +93,10 @@ class RefineSettings:
             as RELION's ``--particle_diameter``; ``None``: no mask.
         recentre: issue 19 prototype: after each volume update, move the half maps so their density is
             centred and the particles' origins with them (:func:`jaxcryo.poses._centring.recentre`).
+        whiten: issue 19 prototype: score with the per-shell noise spectrum of the residuals at the current
+            poses (:mod:`jaxcryo.poses._noise`; the first global search: the images' own power spectrum).
+        offset_sigma_px: issue 19 prototype: a Gaussian prior of this width (px) on the origins, added to the
+            scores (scaled as log-likelihoods by the noise estimate; a white one unless ``whiten``).
     """
 
     init_resolution: float = 30.0
@@ -117,6 +122,8 @@ class RefineSettings:
     seed: int = 0
     particle_diameter: float | None = None
     recentre: bool = False
+    whiten: bool = False
+    offset_sigma_px: float | None = None
 
 
 @dataclass
@@ -227,13 +234,23 @@ class _Scorer:
     def __init__(self, projector: Projector, settings: RefineSettings, mesh=None):
         self.projector, self.s, self.mesh = projector, settings, mesh
         self.traced_batch_shapes: list[int] = []
+        self.white_2d = None
+
+    def _batch(self, raw):  # issue 19 hook: whitened images (the map is whitened by the caller)
+        b = to_batch(raw)
+        return b if self.white_2d is None else whiten_batch(b, self.white_2d)
+
+    def _prior(self, shifts):  # issue 19 hook: Gaussian prior on the origins, (..., 2) Å -> (...)
+        if self.s.offset_sigma_px is None:
+            return jnp.zeros(shifts.shape[:-1], shifts.dtype)
+        return offset_log_prior(shifts, self.s.offset_sigma_px * self.projector.pixel_size)
 
     def global_search(self, vol_f, source, idx, kmax, progress, desc):
         s, px = self.s, self.projector.pixel_size
         rots = jnp.asarray(so3_grid(s.global_step), jnp.float32)
         shifts = jnp.asarray(shift_grid(s.max_shift_px * px, s.global_shift_step_px * px), jnp.float32)
-        f = _per_image(lambda v, raw: _best(score_poses(v, to_batch(raw), self.projector, rots, shifts, kmax=kmax),
-                                            rots, shifts), self.mesh, self.traced_batch_shapes)
+        f = _per_image(lambda v, raw: _best(score_poses(v, self._batch(raw), self.projector, rots, shifts, kmax=kmax)
+                                            + self._prior(shifts), rots, shifts), self.mesh, self.traced_batch_shapes)
         return self._run(f, vol_f, source, idx, progress, desc)
 
     def local_search(self, vol_f, source, idx, rotations, shifts, step, shift_step_px, kmax, progress, desc):
@@ -247,7 +264,7 @@ class _Scorer:
         def one(v, raw, rot, sh):
             cand = local_grid(rot, step, radius)
             csh = sh[:, None, :] + grid[None]
-            sc = score_local(v, to_batch(raw), self.projector, cand, csh, kmax=kmax)
+            sc = score_local(v, self._batch(raw), self.projector, cand, csh, kmax=kmax) + self._prior(csh)[:, None, :]
             return tuple(assign_poses(sc, cand, csh, top_k, n_pix))
 
         f = _per_image(one, self.mesh, self.traced_batch_shapes)
@@ -412,6 +429,7 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
     new_r, new_s = np.zeros((len(shifts), 3, 3)), shifts.copy()
     soft_r, soft_s, soft_w = np.zeros((len(shifts), k, 3, 3)), np.zeros((len(shifts), k, 2)), np.zeros((len(shifts), k))
     prev_fsc = state.history[-1].get("half_map_fsc") if state.history else None
+    noise_log: list = []
     for h, idx in enumerate(halves):
         src = source if rots is None else _with_poses(source, rots, shifts)
         v = state.half_maps[h]
@@ -419,6 +437,14 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
             v = fsc_weighted(v, prev_fsc)
         if s.particle_diameter is not None:  # issue 19 hook: solvent-flattened references
             v = masked_fourier(v, solvent_mask(n, px, s.particle_diameter))
+        if s.whiten or s.offset_sigma_px is not None:  # issue 19 hook: scores as log-likelihoods
+            sig2 = noise_spectrum(src, idx, state.half_maps[h] if rots is not None else jnp.zeros_like(v),
+                                  projector, s.batch_size)
+            if not s.whiten:  # white: one variance, the mean over the scored shells
+                sig2 = np.full_like(sig2, np.mean(sig2[1:int(kmax) + 1]))
+            noise_log.append([float(x) for x in sig2])
+            v = v * jnp.asarray(shell_filter(1 / np.sqrt(sig2), n, 3))
+            scorer.white_2d = jnp.asarray(shell_filter(1 / np.sqrt(sig2), n, 2))
         if global_search:
             r, sh = scorer.global_search(v, src, idx, kmax, progress, f"global search, half {h + 1}")
             r, sh, w = scorer.local_search(v, src, idx, r, sh, s.global_step / 2, s.global_shift_step_px / 2, kmax,
@@ -462,6 +488,7 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
            "seconds": time.perf_counter() - t0, "pose_seconds": t_pose, "optimizer": s.optimizer,
            "devices": parallel.mesh_size(mesh), "top_k": k,
            "mean_best_weight": float(np.mean(soft_w[:, 0])), "centre_offset_px": centre_offset,
+           "noise_spectrum": noise_log or None,
            "half_map_fsc": [float(x) for x in f]}
     hist = list(state.history) + [rec]
     return RefineState(list(maps), new_r, new_s, res, step, shift_step, state.iteration + 1, stalls, hist)
