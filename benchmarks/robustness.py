@@ -310,6 +310,14 @@ def merge_rows(old: list, new: list) -> list:
     return sorted(rows.values(), key=lambda r: tuple(str(r.get(k)) for k in ROW_KEYS))
 
 
+def save(res_file: Path, rows: list, skipped: list) -> dict:
+    """Merge ``rows`` into ``res_file`` as it is now (another run may have added rows meanwhile) and write it."""
+    cur = json.loads(res_file.read_text()) if res_file.exists() else {"rows": []}
+    result = {"machine": machine_info(), "rows": merge_rows(cur["rows"], rows), "skipped": skipped}
+    write_json(res_file, result)
+    return result
+
+
 def _fmt(x, f="{:.2f}"):
     return "-" if x is None else f.format(x)
 
@@ -378,9 +386,16 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=BENCH / "results")
     p.add_argument("--work", type=Path, default=BENCH / "work" / "robustness")
     p.add_argument("--table", type=Path, default=None, help="print the Markdown table of this JSON and stop")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="merge the rows of these robustness.json files into --out's and stop")
     a = p.parse_args(argv)
     if a.table is not None:
         print(table(json.loads(a.table.read_text())["rows"]))
+        return 0
+    if a.merge is not None:
+        rows = [r for f in a.merge for r in json.loads(f.read_text())["rows"]]
+        a.out.mkdir(parents=True, exist_ok=True)
+        plot(save(a.out / "robustness.json", rows, [])["rows"], a.out / "robustness.png")
         return 0
     extra = shlex.split(a.refine_args)
     if a.quick:
@@ -434,11 +449,8 @@ def main(argv=None) -> int:
                               f"shell {row.get('fsc05_truth_shell', 'failed')} (known {row['known_pose_shell']}), "
                               f"{row.get('iterations', '-')} it., {row['wall_seconds']:.0f} s wall, "
                               f"{row['cpu_seconds']:.0f} s CPU, warnings {row.get('warnings')}", flush=True)
-                        result = {"machine": machine_info(), "rows": merge_rows(old["rows"], rows),
-                                  "skipped": skipped}
-                        write_json(res_file, result)
-    result = {"machine": machine_info(), "rows": merge_rows(old["rows"], rows), "skipped": skipped}
-    write_json(res_file, result)
+                        save(res_file, rows, skipped)
+    result = save(res_file, rows, skipped)
     plot(result["rows"], a.out / "robustness.png")
     print(f"wrote {res_file}")
     return 0

@@ -72,6 +72,8 @@ def register(sub) -> None:
                    help="(prototype, issue 19) score with the per-shell noise spectrum of the residuals")
     p.add_argument("--offset-sigma", type=float, default=d.offset_sigma_px,
                    help="(prototype, issue 19) Gaussian prior of this width (px) on the particles' origins")
+    p.add_argument("--no-scale-reference", dest="scale_reference", action="store_false",
+                   help="do not rescale the reference to the particles' intensity before the first pose search")
     p.add_argument("--truth", type=Path, default=None,
                    help="ground-truth map (simulations): history gains its FSC, particles.star pose errors")
     p.add_argument("--true-poses", type=Path, default=None,
@@ -137,6 +139,7 @@ def run(args) -> int:
                               epochs_per_iteration=args.epochs_per_iteration, optimizer=args.optimizer,
                               top_k=args.top_k, particle_diameter=args.particle_diameter,
                               recentre=args.recentre, whiten=args.whiten, offset_sigma_px=args.offset_sigma,
+                              scale_reference=args.scale_reference,
                               batch_size=args.batch_size, seed=args.seed)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / "checkpoint"

@@ -49,6 +49,7 @@ from ..forward._particles import ParticleMetadata
 from ..leastsq._priors import fourier_fsc
 from ..forward._projection import Projector, fourier_to_volume, volume_to_fourier
 from ._centring import masked_fourier, recentre, solvent_mask
+from ._scale import reference_scale
 from ._noise import noise_spectrum, offset_log_prior, shell_filter, whiten_batch
 from ._scoring import best_poses, score_local, score_pixels, score_poses, soft_weights
 from ..data._sources import ArrayDataset, ParticleDataset, split_halves
@@ -97,6 +98,9 @@ class RefineSettings:
             poses (:mod:`jaxcryo.poses._noise`; the first global search: the images' own power spectrum).
         offset_sigma_px: issue 19 prototype: a Gaussian prior of this width (px) on the origins, added to the
             scores (scaled as log-likelihoods by the noise estimate; a white one unless ``whiten``).
+        scale_reference: issue 19: before the first iteration, rescale the reference to the images' intensity
+            (:func:`jaxcryo.poses._scale.reference_scale`): the least-squares scores are not scale invariant,
+            and a reference on another scale biases every pose.
     """
 
     init_resolution: float = 30.0
@@ -124,6 +128,7 @@ class RefineSettings:
     recentre: bool = False
     whiten: bool = False
     offset_sigma_px: float | None = None
+    scale_reference: bool = True
 
 
 @dataclass
@@ -543,6 +548,14 @@ def refine(source, reference: np.ndarray, settings: RefineSettings = RefineSetti
     ref = prepare_reference(reference, reference_pixel_size, n, px, warn)
     halves = split_halves(md, settings.seed)
     mesh = parallel.resolve_mesh(devices)  # validates the count before any work
+    ref_scale = None
+    if state is None and settings.scale_reference:  # issue 19 hook: the reference on the images' scale
+        ref_scale = reference_scale(source, lowpass(volume_to_fourier(jnp.asarray(ref)), settings.init_resolution, px),
+                                    projector, settings.init_resolution, seed=settings.seed)
+        ref = ref * np.float32(ref_scale)
+        if warn is not None and not 0.5 < ref_scale < 2.0:
+            warn(f"reference: scaled by {ref_scale:.3g} to the particles' intensity (its projections' power "
+                 f"against the images')")
     if state is None:
         state = initial_state(source, volume_to_fourier(jnp.asarray(ref)), projector, settings, local_only)
     truth_f = None if truth is None else volume_to_fourier(jnp.asarray(np.asarray(truth, np.float32)))
@@ -550,6 +563,8 @@ def refine(source, reference: np.ndarray, settings: RefineSettings = RefineSetti
     bar = tqdm(total=settings.iterations, initial=state.iteration, desc="refine", unit="it", disable=not progress)
     while not done(state, settings):
         state = refine_iteration(state, source, halves, projector, settings, eta_cache, progress, mesh or 1)
+        if ref_scale is not None and state.iteration == 1:
+            state.history[-1]["reference_scale"] = ref_scale
         if truth_f is not None:
             avg = 0.5 * (state.half_maps[0] + state.half_maps[1])
             f = fourier_fsc(avg, truth_f)
