@@ -37,7 +37,7 @@ class DiagnosticThresholds:
         edge_radius: the "edge" of the box starts at this fraction of the box from its centre (0.5 = the faces).
         max_edge_fraction: warn when more than this fraction of the density lies beyond ``edge_radius``.
         min_fsc: warn when the FSC to the starting reference drops below this in any shell from 1 up to the
-            last full shell below the reference's resolution.
+            reference's resolution shell (rounded to the nearest shell; its low-pass edge still holds signal).
         poor_shell_fraction: a final half-map resolution (FSC-0.143 shell) below this fraction of the box's
             Nyquist shell is poor.
         still_fraction: poses "stopped moving" when the last iteration's mean pose change is below this
@@ -49,7 +49,7 @@ class DiagnosticThresholds:
     edge_radius: float = 0.35
     max_edge_fraction: float = 0.2
     min_fsc: float = 0.5
-    poor_shell_fraction: float = 0.5
+    poor_shell_fraction: float = 0.4
     still_fraction: float = 0.5
 
 
@@ -114,13 +114,14 @@ def reference_warnings(volume: Float[ArrayLike, "n n n"], reference: Float[Array
                        reference_resolution: float,
                        t: DiagnosticThresholds = DiagnosticThresholds()) -> list[str]:
     """A warning when the map's FSC to the starting reference (low-pass filtered to ``reference_resolution``
-    Å) drops below ``t.min_fsc`` in a shell the reference defined (shells ``1 .. k - 2``, ``k`` its
-    resolution shell; the low-pass edge is 2 shells wide). Such a map lost the reference's
-    low-resolution structure: a collapse to a featureless blob, or a reference that did not fit the data."""
+    Å by the refinement) drops below ``t.min_fsc`` in a shell the reference defined: shells ``1 .. k``, ``k``
+    its resolution shell rounded (the FSC does not depend on a per-shell filter, so a low-passed reference
+    counts as much as the full one there). Such a map lost the reference's low-resolution structure: a
+    collapse to a featureless blob, or a reference that did not fit the data."""
     n = np.asarray(volume).shape[0]
-    k = int(np.floor(n * pixel_size / reference_resolution)) - 1
+    k = int(np.floor(n * pixel_size / reference_resolution + 0.5))
     f = fsc_to_reference(volume, reference)
-    shells = np.arange(1, max(2, min(k, len(f))))
+    shells = np.arange(1, max(2, min(k + 1, len(f))))
     bad = shells[f[shells] < t.min_fsc]
     if bad.size == 0:
         return []
