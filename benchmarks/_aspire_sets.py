@@ -40,6 +40,11 @@ from pathlib import Path
 import numpy as np
 
 
+#: The settings of ``simulate`` besides the box, particle count, SNR and volume (Å, kV, mm, px).
+SIMULATION_DEFAULTS = {"pixel_size": 3.0, "seed": 0, "shift_sigma": 1.5, "shift_clip": 5.0, "defocus_min": 10000.0,
+                       "defocus_max": 25000.0, "n_defocus": 9, "voltage": 300.0, "cs": 2.7, "amp_contrast": 0.1}
+
+
 def disc_mask(box: int) -> np.ndarray:
     """ASPIRE's ``support_mask(box)``: pixels closer than ``box // 2`` to the centre."""
     g = np.arange(box) - box // 2
@@ -126,16 +131,8 @@ def main(argv=None) -> None:
     s.add_argument("--box", type=int, required=True)
     s.add_argument("--particles", type=int, required=True)
     s.add_argument("--snr", type=float, required=True, help="ASPIRE's definition (WhiteNoiseAdder.from_snr)")
-    s.add_argument("--pixel-size", type=float, default=3.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shift-sigma", type=float, default=1.5)
-    s.add_argument("--shift-clip", type=float, default=5.0)
-    s.add_argument("--defocus-min", type=float, default=10000.0)
-    s.add_argument("--defocus-max", type=float, default=25000.0)
-    s.add_argument("--n-defocus", type=int, default=9)
-    s.add_argument("--voltage", type=float, default=300.0)
-    s.add_argument("--cs", type=float, default=2.7)
-    s.add_argument("--amp-contrast", type=float, default=0.1)
+    for name, value in SIMULATION_DEFAULTS.items():
+        s.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     s.add_argument("--out", required=True)
     v = sub.add_parser("volume")
     v.add_argument("--box", type=int, required=True)

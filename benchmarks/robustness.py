@@ -63,6 +63,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine_info, save_figure, use_agg, write_json  # noqa: E402
+from peers import DEFAULT_ASPIRE_PYTHON, DEFAULT_VOLUME as RIBOSOME  # noqa: E402
 from refine import fsc05_shell, jaxcryo_cmd, timed  # noqa: E402
 from jaxcryo.cli.refine import pose_errors  # noqa: E402
 from jaxcryo.data._simulate import perturbed_metadata, without_poses  # noqa: E402
@@ -72,10 +73,7 @@ from jaxcryo.io.star import write_star  # noqa: E402
 from jaxcryo.ndimage import fft3c, frequency_edge, ifft3c, radius_grid  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
-REPO = BENCH.parent
 HELPER = BENCH / "_aspire_sets.py"
-RIBOSOME = REPO.parent / "shared" / "data" / "aspire" / "clean70SRibosome_vol.npy"
-DEFAULT_ASPIRE_PYTHON = Path("/work/aspire-venv/bin/python")
 PIXEL_SIZE = 3.0
 PERTURB_DEG, PERTURB_PX = 5.0, 1.5
 REFERENCE_RESOLUTION = 30.0
