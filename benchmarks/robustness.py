@@ -6,7 +6,7 @@ Usage::
     python benchmarks/robustness.py --generators aspire --snr 0.5 0.1 0.05 --seeds 0 --tasks local global
     python benchmarks/robustness.py --generators aspire jaxcryo --snr 0.5 0.1 0.05 0.02 --seeds 0 1 2 \\
         --tasks local global abinitio --box 64 --particles 5000 --volumes asym ribosome
-    python benchmarks/robustness.py ... --variant mask --refine-args "--particle-diameter 150"   # a tried fix
+    python benchmarks/robustness.py ... --variant mask --refine-args="--particle-diameter 150"   # a tried fix
     python benchmarks/robustness.py --quick --out DIR --work DIR2     # CI: jaxcryo set, box 32, known + local
     python benchmarks/robustness.py --table benchmarks/results/robustness.json   # README table from the JSON
 
@@ -323,7 +323,7 @@ def _fmt(x, f="{:.2f}"):
 def table(rows: list) -> str:
     """The README's Markdown table."""
     lines = ["| generator | volume | SNR (ASPIRE) | SNR (jaxcryo) | seed | task | variant | median err (°) | "
-             "shift err (px) | FSC-0.5 shell / known | RELION known | iter. | wall s | CPU s | warnings |",
+             "shift err (px) | FSC-0.5 shell / known | RELION known | iter. | wall s | CPU s | warnings (posthoc) |",
              "|" + "---|" * 15]
     for r in rows:
         known = r.get("known_pose_shell")
@@ -335,7 +335,7 @@ def table(rows: list) -> str:
             f"{_fmt(r.get('median_shift_error_px'))} | {r.get('fsc05_truth_shell', 'failed')} / {known} | "
             f"{'-' if rel is None else f'{rel} ({relt:.0f} s)'} | {r.get('iterations', '-')} | "
             f"{_fmt(r.get('wall_seconds'), '{:.0f}')} | {_fmt(r.get('cpu_seconds'), '{:.0f}')} | "
-            f"{len(r.get('warnings') or [])} |")
+            f"{_fmt(None if r.get('posthoc_warnings') is None else len(r['posthoc_warnings']), '{}')} |")
     return "\n".join(lines)
 
 
@@ -375,7 +375,8 @@ def main(argv=None) -> int:
     p.add_argument("--particles", type=int, default=5000)
     p.add_argument("--shift-sigma", type=float, default=1.5, help="offset standard deviation (px)")
     p.add_argument("--variant", default="default", help="label of these rows (e.g. a tried fix)")
-    p.add_argument("--refine-args", default="", help="extra arguments for every jaxcryo refine (one string)")
+    p.add_argument("--refine-args", default="",
+                   help="extra arguments for every jaxcryo refine, one string (write --refine-args=\"--whiten\")")
     p.add_argument("--abinitio-args", default="", help="extra arguments for jaxcryo abinitio (one string)")
     p.add_argument("--aspire-python", default=None)
     p.add_argument("--no-relion", action="store_true", help="skip relion_reconstruct")
@@ -392,6 +393,11 @@ def main(argv=None) -> int:
         return 0
     if a.merge is not None:
         rows = [r for f in a.merge for r in json.loads(f.read_text())["rows"]]
+        for r in rows:  # the warnings of today's diagnostics, also for rows run before them
+            out = Path(str(r.get("log", ""))).with_suffix("")
+            if r["task"] != "known" and (out / "map.mrc").exists() and (out / "history.json").exists():
+                r["posthoc_warnings"] = _posthoc_warnings(out, read_map(out / "map.mrc")[0],
+                                                          json.loads((out / "history.json").read_text()))
         a.out.mkdir(parents=True, exist_ok=True)
         plot(save(a.out / "robustness.json", rows, [])["rows"], a.out / "robustness.png")
         return 0
