@@ -350,10 +350,13 @@ def plot(rows: list, path: Path) -> None:
         if r["task"] != "known" and "fsc05_truth_shell" in r:
             groups.setdefault((r["generator"], r["volume"], r["task"], r["variant"]), []).append(r)
     for (g, v, t, var), rs in sorted(groups.items()):
-        rs = sorted(rs, key=lambda r: r["snr"])
+        if len({r["snr"] for r in rs}) < 2:  # a variant tried at one SNR: in the table, not the plot
+            continue
+        rs = sorted(rs, key=lambda r: (r["snr"], r["seed"]))
         lab = f"{g}/{v} {t}" + ("" if var == "default" else f" [{var}]")
-        ax[0].plot([r["snr"] for r in rs], [r.get("median_angular_error_deg") for r in rs], "o-", label=lab)
-        ax[1].plot([r["snr"] for r in rs], [r["fsc05_truth_shell"] - r["known_pose_shell"] for r in rs], "o-",
+        style = ("o-" if g == "aspire" else "s--")
+        ax[0].plot([r["snr"] for r in rs], [r.get("median_angular_error_deg") for r in rs], style, label=lab)
+        ax[1].plot([r["snr"] for r in rs], [r["fsc05_truth_shell"] - r["known_pose_shell"] for r in rs], style,
                    label=lab)
     ax[0].set(xscale="log", yscale="log", xlabel="SNR (ASPIRE's definition)", ylabel="median angular error (deg)")
     ax[1].axhline(-1, color="k", lw=0.8, ls=":")
