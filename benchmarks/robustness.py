@@ -361,7 +361,8 @@ def plot(rows: list, path: Path) -> None:
     ax[0].set(xscale="log", yscale="log", xlabel="SNR (ASPIRE's definition)", ylabel="median angular error (deg)")
     ax[1].axhline(-1, color="k", lw=0.8, ls=":")
     ax[1].set(xscale="log", xlabel="SNR (ASPIRE's definition)", ylabel="FSC-0.5 shell - known-pose shell")
-    ax[1].legend(fontsize=7)
+    if ax[1].get_legend_handles_labels()[0]:  # nothing to draw with a single SNR (e.g. --quick)
+        ax[1].legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
 
