@@ -33,7 +33,7 @@ SUBCOMMANDS = ("simulate", "project", "fsc", "reconstruct", "refine", "abinitio"
 DISTRIBUTED = ("reconstruct",)
 
 #: Library parameters whose flag is not ``--`` + the name with ``-`` for ``_``.
-FLAGS = {"lam": "--lambda", "max_shift_px": "--max-shift"}
+FLAGS = {"lam": "--lambda", "max_shift_px": "--max-shift", "offset_sigma_px": "--offset-sigma"}
 
 
 def flag_for(param: str) -> str:

@@ -74,6 +74,19 @@ def register(sub) -> None:
                         "postprocess; default: a soft spherical mask of --particle-diameter")
     p.add_argument("--particle-diameter", type=float, default=None,
                    help=f"diameter (A) of the default spherical mask; default: {DIAMETER_FRACTION:g} x the box")
+    p.add_argument("--no-scale-reference", dest="scale_reference", action="store_false",
+                   help="do not rescale the reference to the particles' intensity before the first pose search")
+    p.add_argument("--solvent-mask", action="store_true",
+                   help="(prototype, issue 19) score against references masked by a soft sphere of "
+                        "--particle-diameter, as RELION's --particle_diameter")
+    p.add_argument("--recentre", action="store_true",
+                   help="(prototype, issue 19) after each volume update, centre the half maps' density and move "
+                        "the particles' origins to match")
+    p.add_argument("--whiten", action="store_true",
+                   help="(prototype, issue 19) score with the per-shell noise spectrum of the residuals")
+    p.add_argument("--offset-sigma", type=float, default=d.offset_sigma_px,
+                   help="(prototype, issue 19) Gaussian prior of this width (px) on each particle's origin, "
+                        "centred at its current one")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -88,7 +101,9 @@ def run(args) -> int:
                               local_step=args.local_step, min_step=args.min_step, max_shift_px=args.max_shift,
                               iterations=args.iterations, epochs_per_iteration=args.epochs_per_iteration,
                               optimizer=args.optimizer, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
-                              particle_diameter=args.particle_diameter)
+                              particle_diameter=args.particle_diameter, scale_reference=args.scale_reference,
+                              solvent_mask=args.solvent_mask, recentre=args.recentre, whiten=args.whiten,
+                              offset_sigma_px=args.offset_sigma)
     ds = ParticleDataset.from_file(args.particles, datadir=args.datadir)
     md = ds.metadata
     if len(md) == 0:
@@ -116,6 +131,8 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print(f"jaxcryo refine: interrupted; continue with --resume ({stem}.npz)", file=sys.stderr)
         return 130
+    for w in res.warnings:  # issue 19: said even with --quiet (and in run.json's warnings)
+        print(f"jaxcryo refine: warning: {w}", file=sys.stderr)
     px = float(md.pixel_size)
     local_only = bool(json.loads((stem.with_suffix(".json")).read_text()).get("local_only", args.local_only))
     final = res.final
@@ -157,7 +174,7 @@ def run(args) -> int:
                                               title="refinement per iteration"),
                   run={"command": "refine", "argv": sys.argv, "settings": settings.to_dict(),
                        "local_only": local_only, "devices": n_devices, "devices_requested": args.devices,
-                       "summary": summary, "postprocess": post})
+                       "summary": summary, "postprocess": post, "warnings": list(res.warnings)})
     what = "corrected masked FSC" if res.postprocess is not None else "half-map FSC"
     print(f"jaxcryo refine: {len(md)} particles, {res.state.iteration} iterations, {summary['wall_seconds']:.0f} s; "
           f"{what} 0.143: {summary['resolution_0143']:.2f} A (unmasked half maps: "

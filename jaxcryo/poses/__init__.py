@@ -14,7 +14,7 @@ from ._refine import (
     lowpass as lowpass, prepare_reference as prepare_reference, fsc_weighted as fsc_weighted,
     search_method as search_method, update_strategy as update_strategy, refine_iteration as refine_iteration,
     done as done, initial_state as initial_state, refine as refine, half_map_volumes as half_map_volumes,
-    finish_refinement as finish_refinement,
+    finish_refinement as finish_refinement, scale_reference as scale_reference,
 )
 from ._scoring import (
     score_pixels as score_pixels, score_poses as score_poses, score_local as score_local,

@@ -59,6 +59,10 @@ from ..post._postprocess import FIT_FROM, postprocess
 from ..solvers._fit import fit
 from ..solvers._strategies import MinibatchStrategy, Problem, make_strategy, strategy_name
 from ._assign import SoftPoses, with_poses
+from ._centring import masked_fourier, recentre, solvent_mask
+from ._diagnostics import run_warnings
+from ._noise import score_options
+from ._scale import reference_scale
 from ._checkpoints import checkpoint_stem
 from ._search import AbstractSearchMethod, Cascade, GlobalSearch, LocalSearch, PoseSearch
 from ._state import RefineResult, RefineSettings, RefineState, load_state, save_state
@@ -183,13 +187,20 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
     soft_r, soft_s, soft_w = np.zeros((len(shifts), k, 3, 3)), np.zeros((len(shifts), k, 2)), np.zeros((len(shifts), k))
     prev_fsc = state.history[-1].get("half_map_fsc") if state.history else None
     src = source if rots is None else with_poses(source, rots, shifts)
+    noise_log: list = []
     for h, idx in enumerate(halves):
         v = state.half_maps[h]
         if s.fsc_weighting and prev_fsc is not None:  # the first iteration scores against the low-passed reference
             v = fsc_weighted(v, prev_fsc)
+        if s.solvent_mask:  # issue 19 prototype: solvent-flattened references
+            v = masked_fourier(v, solvent_mask(n, px, s.mask_diameter(n, px)))
+        weights, sigma, spectrum = score_options(s, src, idx, state.half_maps[h], projector, kmax, not global_search)
+        if spectrum is not None:
+            noise_log.append(spectrum)
         found = engine(method, v, kmax, src, idx, rotations=None if rots is None else rots[idx],
                        shifts=None if rots is None else shifts[idx], progress=progress,
-                       desc=f"{'global' if global_search else 'local'} search, half {h + 1}")
+                       desc=f"{'global' if global_search else 'local'} search, half {h + 1}",
+                       shell_weights=weights, offset_sigma=sigma)
         new_r[idx], new_s[idx] = found.rotations[:, 0], found.shifts[:, 0]  # the best candidate (soft: first of top K)
         soft_r[idx], soft_s[idx], soft_w[idx] = found.rotations, found.shifts, found.weights
     change = None if rots is None else float(np.mean(geodesic_distance_deg(rots, new_r)))
@@ -203,6 +214,10 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
     name = s.optimizer if isinstance(s.optimizer, str) else strategy_name(s.optimizer)
     maps = [_update_volume(posed, rows[h], projector, state.half_maps[h], s, strategy, plans, progress,
                            f"{name} update, half {h + 1}", mesh) for h in range(len(halves))]
+    centre_offset = None
+    if s.recentre:  # issue 19 prototype: keep the density centred, the origins moved to match (a drift only)
+        maps, new_s, c = recentre(maps, new_r, new_s, px, min_offset_px=0.05 * n)
+        centre_offset = [float(x) for x in c]
     f = fsc_fn(np.asarray(maps[0]), np.asarray(maps[1]), pixel_size=px, fourier=True)
     k143, res = first_shell_below(f.fsc, 0.143), float(f.resolution_0143)
     improved = n * px / res - n * px / state.resolution >= 1.0 - 1e-9
@@ -218,7 +233,8 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
            "mean_pose_change_deg": change, "mean_shift_change_px": shift_change,
            "seconds": time.perf_counter() - t0, "pose_seconds": t_pose, "optimizer": name,
            "devices": parallel.mesh_size(mesh), "top_k": k,
-           "mean_best_weight": float(np.mean(soft_w[:, 0])),
+           "mean_best_weight": float(np.mean(soft_w[:, 0])), "centre_offset_px": centre_offset,
+           "noise_spectrum": noise_log or None,
            "half_map_fsc": [float(x) for x in f.fsc]}
     hist = list(state.history) + [rec]
     return RefineState(list(maps), new_r, new_s, res, step, shift_step, state.iteration + 1, stalls, hist, plans)
@@ -291,6 +307,7 @@ def refine(source, reference: Float[np.ndarray, "m m m"], settings: RefineSettin
     stem = checkpoint_stem(checkpoint)
     if resume and stem is None:
         raise InputError("{param} needs a checkpoint path", param="resume")
+    ref_scale = None  # issue 19: the reference on the particles' scale before the first search
     if state is None:
         ref_f = volume_to_fourier(jnp.asarray(ref))
         if resume:
@@ -298,11 +315,15 @@ def refine(source, reference: Float[np.ndarray, "m m m"], settings: RefineSettin
             template = initial_state(source, ref_f, projector, settings, local_only and md.rotations is not None)
             state, local_only = load_state(stem, template, settings)
         else:
-            state = initial_state(source, ref_f, projector, settings, local_only)
+            ref_scale = scale_reference(source, ref_f, projector, settings, warn)
+            state = initial_state(source, ref_f if ref_scale is None else ref_f * ref_scale, projector, settings,
+                                  local_only)
     truth_f = None if truth is None else volume_to_fourier(jnp.asarray(np.asarray(truth, np.float32)))
     bar = tqdm(total=settings.iterations, initial=state.iteration, desc="refine", unit="it", disable=not progress)
     while not done(state, settings):
         state = refine_iteration(state, source, halves, projector, settings, state.plans, progress, mesh or 1)
+        if ref_scale is not None and state.iteration == 1:
+            state.history[-1]["reference_scale"] = ref_scale
         if truth_f is not None:
             avg = 0.5 * (state.half_maps[0] + state.half_maps[1])
             f = fsc_fn(np.asarray(avg), np.asarray(truth_f), pixel_size=px, fourier=True)
@@ -323,7 +344,26 @@ def refine(source, reference: Float[np.ndarray, "m m m"], settings: RefineSettin
     posed.metadata = out_md
     final = reconstruct(posed, seed=settings.seed, progress=progress, reference=truth,  # the known-pose default
                         devices=parallel.mesh_size(mesh))
-    return finish_refinement(RefineResult(out_md, state, state.history, final), settings, mask, warn)
+    result = finish_refinement(RefineResult(out_md, state, state.history, final), settings, mask, warn)
+    # issue 19: say when it failed (a drifted map, a collapse against the reference, a stall at a poor resolution)
+    return result._replace(warnings=tuple(run_warnings(np.asarray(final.volume), ref, state.history, px,
+                                                       settings.init_resolution)))
+
+
+def scale_reference(source, reference_f: Complex[Array, "n n n"], projector: Projector, settings: RefineSettings,
+                    warn: Callable[[str], None] | None = None) -> float | None:
+    """The factor that puts the reference (centred Fourier volume, before its low-pass) on the particles'
+    intensity scale (:func:`jaxcryo.poses._scale.reference_scale` of the low-passed reference, seeded by
+    ``settings.seed``), or ``None`` without ``settings.scale_reference``; a factor outside [0.5, 2] is told
+    to ``warn``."""
+    if not settings.scale_reference:
+        return None
+    lp = lowpass(reference_f, settings.init_resolution, projector.pixel_size)
+    a = reference_scale(source, lp, projector, settings.init_resolution, seed=settings.seed)
+    if warn is not None and not 0.5 < a < 2.0:
+        warn(f"reference: scaled by {a:.3g} to the particles' intensity (its projections' power against the "
+             f"images')")
+    return a
 
 
 def finish_refinement(result: RefineResult, settings: RefineSettings, mask: Float[np.ndarray, "n n n"] | None = None,

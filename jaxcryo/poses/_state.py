@@ -67,6 +67,21 @@ class RefineSettings:
         seed: half-set split and data order (and the phase randomisation of the closing postprocess).
         particle_diameter: diameter (Å) of the soft spherical mask (:func:`jaxcryo.ndimage.spherical_mask`)
             of the closing postprocess when no mask is given; ``None``: :data:`DIAMETER_FRACTION` of the box.
+            The same diameter (:meth:`mask_diameter`) shapes the solvent mask of ``solvent_mask``.
+        scale_reference: issue 19: before the first iteration, rescale the reference to the images' intensity
+            (:func:`jaxcryo.poses._scale.reference_scale`): the least-squares scores are not scale invariant,
+            and a reference on another scale (another program's map) biases every pose.
+        solvent_mask: issue 19 prototype: the references the poses are scored against are multiplied by a soft
+            spherical solvent mask of :meth:`mask_diameter` Å (:func:`jaxcryo.poses._centring.solvent_mask`),
+            as RELION's ``--particle_diameter``.
+        recentre: issue 19 prototype: after each volume update, move the half maps so that their density is
+            centred, and the particles' origins with them (:func:`jaxcryo.poses._centring.recentre`).
+        whiten: issue 19 prototype: score with the per-shell noise spectrum of the residuals at the current
+            poses (:mod:`jaxcryo.poses._noise`; the first global search: the images' own power spectrum), as the
+            :class:`~jaxcryo.poses.Scorer`'s ``shell_weights``.
+        offset_sigma_px: issue 19 prototype: a Gaussian prior of this width (px) on the origins, centred at each
+            image's current origin (the :class:`~jaxcryo.poses.Scorer`'s ``offset_sigma``), on the scale of
+            log-likelihoods by the noise estimate (a white one unless ``whiten``); ``None``: flat.
     """
 
     init_resolution: float = 30.0
@@ -92,6 +107,11 @@ class RefineSettings:
     score_memory: int = 1 << 26
     seed: int = 0
     particle_diameter: float | None = None
+    scale_reference: bool = True
+    solvent_mask: bool = False
+    recentre: bool = False
+    whiten: bool = False
+    offset_sigma_px: float | None = None
 
     def __post_init__(self):
         integers(self, ("iterations", "epochs_per_iteration", "top_k", "batch_size", "score_oversample",
@@ -107,6 +127,8 @@ class RefineSettings:
         make_operator(self.interp)  # an unknown operator name: InputError (interp)
         if self.particle_diameter is not None:
             positive(self, ("particle_diameter",))
+        if self.offset_sigma_px is not None:
+            positive(self, ("offset_sigma_px",))
 
     def mask_diameter(self, box: int, pixel_size: float) -> float:
         """The diameter (Å) of the postprocess's spherical mask: ``particle_diameter``, or
@@ -155,6 +177,7 @@ class RefineResult(NamedTuple):
     postprocess_warnings: tuple[str, ...] = ()
     mask: np.ndarray | None = None
     mask_diameter: float | None = None  # Å, the spherical mask's (None: a given mask)
+    warnings: tuple[str, ...] = ()  # issue 19: drift, collapse, stall (jaxcryo.poses._diagnostics)
 
     @property
     def resolution_0143(self) -> float:

@@ -1,0 +1,468 @@
+"""Robustness matrix (issue 19): refinement and ab initio on sets that jaxcryo was not tuned on, over an SNR
+ladder, from two simulators, with the known-pose map (and RELION's ``relion_reconstruct``) as the yardstick.
+
+Usage::
+
+    python benchmarks/robustness.py --generators aspire --snr 0.5 0.1 0.05 --seeds 0 --tasks local global
+    python benchmarks/robustness.py --generators aspire jaxcryo --snr 0.5 0.1 0.05 0.02 --seeds 0 1 2 \\
+        --tasks local global abinitio --box 64 --particles 5000 --volumes asym ribosome
+    python benchmarks/robustness.py ... --variant mask --refine-args="--particle-diameter 150"   # a tried fix
+    python benchmarks/robustness.py --quick --out DIR --work DIR2     # CI: jaxcryo set, box 32, known + local
+    python benchmarks/robustness.py --table benchmarks/results/robustness.json   # README table from the JSON
+
+Each (generator, volume, box, particles, SNR, seed) set is made once under ``--work`` (default
+``benchmarks/work/robustness/``, ignored by git) and reused. Rows are merged into ``--out/robustness.json`` by
+their key (set, task, variant), so runs can be added one at a time; ``robustness.png`` plots the median
+angular error and the FSC-0.5 shell (against the known-pose shell) over the SNR.
+
+Sets (3 Å/px, uniform poses, CTF 300 kV / Cs 2.7 mm with defocus 1-2.5 µm):
+
+* ``aspire`` (needs a Python with ASPIRE: ``--aspire-python``, ``$JAXCRYO_ASPIRE_PYTHON`` or
+  ``/work/aspire-venv/bin/python``; skipped with a reason otherwise): ``benchmarks/_aspire_sets.py simulate``,
+  ``RadialCTFFilter`` at 9 defoci, amplitude contrast 0.1, Gaussian offsets σ = ``--shift-sigma`` px clipped to
+  ±5 px, ``WhiteNoiseAdder.from_snr(snr)``, written by ASPIRE's STAR export. Its truth is flipped to RELION's CTF
+  sign (ASPIRE's is the opposite, ``shared/CONVENTIONS.md``).
+* ``jaxcryo``: ``jaxcryo simulate --volume`` of the same map (RELION's sign; defocus uniform, amplitude contrast
+  0.07, shifts uniform ±σ·√3 px, the same standard deviation), at the SNR *converted to jaxcryo's definition*.
+
+SNR: ``--snr`` values are in ASPIRE's definition: the mean squared pixel of the clean images inside the disc of
+radius box/2, over the noise variance. ``jaxcryo simulate --snr`` means the mean over images of the variance of
+the whole clean image, over the noise variance. The harness measures the ratio r = jaxcryo / ASPIRE on clean
+images of each jaxcryo set (``jaxcryo simulate --snr inf``, same seed), simulates at ``snr * r`` and checks the
+ASPIRE-definition SNR of the result (``snr_aspire_measured``); ASPIRE sets report both definitions too.
+
+Volumes: ``asym`` = ASPIRE's ``AsymmetricVolume(L=box, C=1, K=64, seed=seed)``, ``phantom`` = jaxcryo's built-in
+map (``jaxcryo`` generator only; ``--quick``), ``ribosome`` = ``shared/data/aspire/clean70SRibosome_vol.npy`` resampled to the box.
+
+Tasks, each run through the ``jaxcryo`` command line (so the harness does not depend on the engine's
+internals): ``known`` (``jaxcryo reconstruct`` with the true poses, always run first; plus ``relion_reconstruct
+--ctf`` when installed, ``--no-relion`` skips it), ``local`` (``refine --local-only`` from poses rotated 5° about
+random axes and shifts moved 1.5 px = 4.5 Å), ``global`` (``refine`` from no poses with the truth low-passed to
+30 Å as the reference), ``abinitio`` (``abinitio --max-shift 6`` from no poses, then ``refine --local-only`` from
+its map). Per row: median/mean angular error after the best global rotation and hand
+(``jaxcryo.cli.refine.pose_errors``; for ab initio the map is aligned to the truth first), median shift error
+(px; when no global rotation was needed), FSC-0.5 shell to the truth against the known-pose shell, iterations,
+``run.json``'s warnings, wall and CPU seconds (user + system of the command's process tree; the machine may be
+shared, see ``load_average``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_info, save_figure, use_agg, write_json  # noqa: E402
+from peers import DEFAULT_ASPIRE_PYTHON, DEFAULT_VOLUME as RIBOSOME  # noqa: E402
+from refine import fsc05_shell, jaxcryo_cmd, timed  # noqa: E402
+from jaxcryo.cli.refine import pose_errors  # noqa: E402
+from jaxcryo.data._simulate import perturbed_metadata, without_poses  # noqa: E402
+from jaxcryo.data._sources import read_particles  # noqa: E402
+from jaxcryo.io.mrc import read_map, write_map  # noqa: E402
+from jaxcryo.io.star import write_star  # noqa: E402
+from jaxcryo.ndimage import fft3c, frequency_edge, ifft3c, radius_grid  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+HELPER = BENCH / "_aspire_sets.py"
+PIXEL_SIZE = 3.0
+PERTURB_DEG, PERTURB_PX = 5.0, 1.5
+REFERENCE_RESOLUTION = 30.0
+TASKS = ("local", "global", "abinitio")
+SNR_DEFINITION = ("ASPIRE: mean squared clean pixel inside the disc of radius box/2 / noise variance "
+                  "(WhiteNoiseAdder.from_snr)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Sets
+# --------------------------------------------------------------------------------------------------
+def find_aspire(explicit: str | None) -> str | None:
+    """A Python interpreter that imports ASPIRE, or ``None``."""
+    for c in (explicit, os.environ.get("JAXCRYO_ASPIRE_PYTHON"), str(DEFAULT_ASPIRE_PYTHON)):
+        if c and Path(c).exists():
+            r = subprocess.run([c, "-c", "import aspire"], capture_output=True)
+            if r.returncode == 0:
+                return c
+    return None
+
+
+def _helper(py: str, args: list, log: Path) -> dict:
+    # in the set's folder: ASPIRE writes its own log file (aspire.err.log) into the working directory
+    r = subprocess.run([py, str(HELPER), *map(str, args)], capture_output=True, text=True, cwd=log.parent)
+    log.write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise RuntimeError(f"{HELPER.name} {args[0]} failed, see {log}")
+    return json.loads(next(x for x in r.stdout.splitlines() if x.startswith("RESULT "))[7:])
+
+
+def lowpassed(vol: np.ndarray, resolution: float, pixel_size: float) -> np.ndarray:
+    """``vol`` low-pass filtered at ``resolution`` Å (raised-cosine edge of 2 shells)."""
+    n = vol.shape[0]
+    edge = frequency_edge(radius_grid(n, 3), n * pixel_size / resolution, 2.0)
+    return np.asarray(np.real(ifft3c(fft3c(np.asarray(vol, np.float32)) * np.asarray(edge))), np.float32)
+
+
+def _stack(star: Path) -> np.ndarray:
+    import mrcfile
+
+    md = read_particles(star)
+    files = sorted(set(md.image_files))
+    assert len(files) == 1, files
+    with mrcfile.open(star.parent / files[0], permissive=True) as m:
+        return np.asarray(m.data, np.float32)[np.asarray(md.image_indices)]
+
+
+def aspire_snr(clean: np.ndarray, noise_var: float) -> float:
+    """ASPIRE's SNR definition: mean squared clean pixel inside the disc of radius box/2, over the noise variance."""
+    box = clean.shape[-1]
+    g = np.arange(box) - box // 2
+    disc = np.hypot(g[:, None], g[None, :]) < box // 2
+    return float(np.mean(clean[:, disc] ** 2)) / noise_var
+
+
+def _derived_files(d: Path, star: Path, truth: np.ndarray, seed: int) -> None:
+    write_map(d / "truth.mrc", truth, PIXEL_SIZE)
+    write_map(d / "reference_30A.mrc", lowpassed(truth, REFERENCE_RESOLUTION, PIXEL_SIZE), PIXEL_SIZE)
+    md = read_particles(star)
+    write_star(d / "particles_perturbed.star", perturbed_metadata(md, PERTURB_DEG, PERTURB_PX, seed))
+    write_star(d / "particles_noposes.star", without_poses(md))
+
+
+def make_set(key: dict, work: Path, aspire_py: str | None, shift_sigma: float) -> dict:
+    """The set of ``key`` (made once, then read from ``DIR/set.json``)."""
+    d = work / set_name(key)
+    if (d / "set.json").exists():
+        return json.loads((d / "set.json").read_text())
+    d.mkdir(parents=True, exist_ok=True)
+    gen, vol, box, n, snr, seed = (key[k] for k in ("generator", "volume", "box", "particles", "snr", "seed"))
+    t0 = time.perf_counter()
+    if gen == "aspire":
+        if aspire_py is None:
+            raise RuntimeError("ASPIRE not available")
+        v = "asym" if vol == "asym" else str(RIBOSOME)
+        info = _helper(aspire_py, ["simulate", "--volume", v, "--box", box, "--particles", n, "--snr", snr,
+                                   "--seed", seed, "--shift-sigma", shift_sigma, "--pixel-size", PIXEL_SIZE,
+                                   "--out", d], d / "aspire.log")
+        star = d / "particles.star"
+        truth = np.load(d / "truth_relion.npy")
+    else:
+        src = d / "volume.mrc"
+        if vol == "asym" and aspire_py is not None:
+            _helper(aspire_py, ["volume", "--box", box, "--seed", seed, "--out", d / "volume.npy"], d / "aspire.log")
+            write_map(src, np.load(d / "volume.npy"), PIXEL_SIZE)
+            vname = f"AsymmetricVolume(L={box}, C=1, K=64, seed={seed})"
+        elif vol == "ribosome":
+            write_map(src, np.asarray(np.load(RIBOSOME), np.float32), PIXEL_SIZE * box / np.load(RIBOSOME).shape[0])
+            vname = str(RIBOSOME)
+        elif vol == "phantom":
+            src, vname = None, "jaxcryo.phantom"
+        else:
+            raise RuntimeError("ASPIRE not available (the asym volume needs it)")
+        common = ["simulate", "--box", box, "--n-particles", n, "--seed", seed, "--pixel-size", PIXEL_SIZE,
+                  "--max-shift", shift_sigma * np.sqrt(3) * PIXEL_SIZE, "--quiet"] + (["--volume", src] if src else [])
+        r = timed(jaxcryo_cmd() + common + ["--snr", "inf", "--out", d / "clean"], d / "simulate_clean.log")
+        if r["returncode"] != 0:
+            raise RuntimeError(f"jaxcryo simulate failed, see {r['log']}")
+        clean = _stack(d / "clean" / "particles.star")
+        ratio = float(np.mean(np.var(clean, axis=(1, 2)))) / aspire_snr(clean, 1.0)
+        r = timed(jaxcryo_cmd() + common + ["--snr", snr * ratio, "--out", d], d / "simulate.log")
+        if r["returncode"] != 0:
+            raise RuntimeError(f"jaxcryo simulate failed, see {r['log']}")
+        star = d / "particles.star"
+        noise_var = float(np.var(_stack(star) - clean))
+        truth, _ = read_map(d / "ground_truth.mrc")
+        shutil.rmtree(d / "clean")
+        info = {"generator": "jaxcryo", "simulator": "jaxcryo simulate", "volume": vname, "box": box,
+                "particles": n, "pixel_size": PIXEL_SIZE, "seed": seed, "snr_aspire": snr,
+                "snr_jaxcryo": snr * ratio, "jaxcryo_over_aspire": ratio,
+                "snr_aspire_measured": aspire_snr(clean, noise_var),
+                "snr_jaxcryo_measured": float(np.mean(np.var(clean, axis=(1, 2)))) / noise_var,
+                "shifts": {"distribution": "uniform", "half_width_px": shift_sigma * np.sqrt(3)},
+                "truth": "ground_truth.mrc (RELION's CTF sign)"}
+    _derived_files(d, star, truth, seed)
+    info.update(dir=str(d), star=str(star), snr_definition=SNR_DEFINITION, make_seconds=time.perf_counter() - t0)
+    (d / "set.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def set_name(key: dict) -> str:
+    return f"{key['generator']}_{key['volume']}_b{key['box']}_n{key['particles']}_snr{key['snr']:g}_s{key['seed']}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------------
+def _load_average() -> float | None:
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return None
+
+
+def _run_json(out: Path) -> dict:
+    f = out / "run.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def task_known(d: Path, truth, relion: bool) -> dict:
+    r = timed(jaxcryo_cmd() + ["reconstruct", d / "particles.star", "--out", d / "known", "--quiet"],
+              d / "known.log")
+    row = {**r, "load_average": _load_average()}
+    if r["returncode"] == 0:
+        vol, _ = read_map(d / "known" / "map.mrc")
+        row["fsc05_truth_shell"], row["fsc_truth"] = fsc05_shell(vol, truth)
+    exe = shutil.which("relion_reconstruct")
+    if relion and exe:
+        rr = timed([exe, "--i", "particles.star", "--o", "relion_known.mrc", "--ctf"], d / "relion_known.log",
+                   cwd=d)
+        row["relion"] = {**rr}
+        if rr["returncode"] == 0:
+            rv, _ = read_map(d / "relion_known.mrc")
+            row["relion"]["fsc05_truth_shell"] = fsc05_shell(rv, truth)[0]
+    elif relion:
+        row["relion"] = {"available": False, "reason": "relion_reconstruct not on the PATH"}
+    return row
+
+
+def _refine_row(out: Path, r: dict, truth, true_md) -> dict:
+    row = {**r, "load_average": _load_average()}
+    if r["returncode"] != 0:
+        return row
+    vol, _ = read_map(out / "map.mrc")
+    e = pose_errors(read_particles(out / "particles.star"), true_md)
+    hist = json.loads((out / "history.json").read_text())
+    rj = _run_json(out)
+    row["posthoc_warnings"] = _posthoc_warnings(out, vol, hist)
+    row.update(median_angular_error_deg=e["median_deg"], mean_angular_error_deg=e["mean_deg"],
+               mirrored=e["mirrored"], median_shift_error_px=e["shift_error_median_px"],
+               fsc05_truth_shell=fsc05_shell(vol, truth)[0], fsc_truth=fsc05_shell(vol, truth)[1],
+               iterations=len(hist), half_map_resolution=rj.get("summary", {}).get("resolution_0143"),
+               warnings=rj.get("warnings", []),
+               history=[{k: v for k, v in h.items() if k in ("iteration", "resolution", "step_deg",
+                                                               "mean_pose_change_deg", "fsc05_truth_shell",
+                                                               "seconds")} for h in hist])
+    return row
+
+
+def _posthoc_warnings(out: Path, vol, hist) -> list | None:
+    """The warnings ``jaxcryo.poses._diagnostics`` gives for a finished run (also for runs of a jaxcryo that
+    did not write them to run.json yet); ``None`` when that module is absent."""
+    try:
+        from jaxcryo.poses._diagnostics import run_warnings
+    except ImportError:
+        return None
+    ref, _ = read_map(out.parent / "reference_30A.mrc") if "abinitio" not in out.name else (None, None)
+    return run_warnings(vol, ref, hist, PIXEL_SIZE, REFERENCE_RESOLUTION)
+
+
+def task_refine(d: Path, name: str, star: str, local: bool, extra: list, truth, true_md, variant: str) -> dict:
+    out = d / f"{name}__{variant}"
+    cmd = jaxcryo_cmd() + ["refine", d / star, "--reference", d / "reference_30A.mrc", "--out", out, "--quiet",
+                           "--truth", d / "truth.mrc"] + (["--local-only"] if local else []) + extra
+    return _refine_row(out, timed(cmd, d / f"{name}__{variant}.log"), truth, true_md)
+
+
+def task_abinitio(d: Path, extra: list, ab_extra: list, truth, true_md, variant: str) -> dict:
+    ab = d / f"abinitio__{variant}"
+    a = timed(jaxcryo_cmd() + ["abinitio", d / "particles_noposes.star", "--out", ab, "--quiet", "--max-shift", "6"]
+              + ab_extra, d / f"abinitio__{variant}.log")
+    if a["returncode"] != 0:
+        return {**a, "stage": "abinitio"}
+    out = d / f"abinitio_refine__{variant}"
+    r = timed(jaxcryo_cmd() + ["refine", ab / "particles.star", "--reference", ab / "map.mrc", "--out", out,
+                               "--quiet", "--local-only"] + extra, d / f"abinitio_refine__{variant}.log")
+    row = _refine_row(out, r, truth, true_md)
+    row.update(command=a["command"] + " ; " + r["command"], wall_seconds=a["wall_seconds"] + r["wall_seconds"],
+               cpu_seconds=a["cpu_seconds"] + r["cpu_seconds"], abinitio_wall_seconds=a["wall_seconds"])
+    if r["returncode"] == 0:
+        from jaxcryo.poses import truth_metrics  # the map is in its own frame and hand: align it
+
+        vol, _ = read_map(out / "map.mrc")
+        m = truth_metrics(vol, read_particles(out / "particles.star").rotations, truth, true_md.rotations,
+                          PIXEL_SIZE)
+        row.update(fsc05_truth_shell=m["fsc05_shell"], fsc_truth=m["fsc"], mirrored=m["mirrored"],
+                   median_angular_error_deg=m["pose_error_median_deg"],
+                   mean_angular_error_deg=m["pose_error_mean_deg"])
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+ROW_KEYS = ("generator", "volume", "box", "particles", "snr", "seed", "task", "variant")
+
+
+def merge_rows(old: list, new: list) -> list:
+    key = lambda r: tuple(r.get(k) for k in ROW_KEYS)  # noqa: E731
+    rows = {key(r): r for r in old}
+    rows.update({key(r): r for r in new})
+    return sorted(rows.values(), key=lambda r: tuple(str(r.get(k)) for k in ROW_KEYS))
+
+
+def save(res_file: Path, rows: list, skipped: list) -> dict:
+    """Merge ``rows`` into ``res_file`` as it is now (another run may have added rows meanwhile) and write it."""
+    cur = json.loads(res_file.read_text()) if res_file.exists() else {"rows": []}
+    result = {"machine": machine_info(), "rows": merge_rows(cur["rows"], rows), "skipped": skipped}
+    write_json(res_file, result)
+    return result
+
+
+def _fmt(x, f="{:.2f}"):
+    return "-" if x is None else f.format(x)
+
+
+def table(rows: list) -> str:
+    """The README's Markdown table."""
+    lines = ["| generator | volume | SNR (ASPIRE) | SNR (jaxcryo) | seed | task | variant | median err (°) | "
+             "shift err (px) | FSC-0.5 shell / known | RELION known | iter. | wall s | CPU s | warnings (posthoc) |",
+             "|" + "---|" * 15]
+    for r in rows:
+        known = r.get("known_pose_shell")
+        rel = (r.get("relion") or {}).get("fsc05_truth_shell") if r["task"] == "known" else None
+        relt = (r.get("relion") or {}).get("wall_seconds") if r["task"] == "known" else None
+        lines.append(
+            f"| {r['generator']} | {r['volume']} | {r['snr']:g} | {_fmt(r.get('snr_jaxcryo'), '{:.3g}')} | "
+            f"{r['seed']} | {r['task']} | {r['variant']} | {_fmt(r.get('median_angular_error_deg'))} | "
+            f"{_fmt(r.get('median_shift_error_px'))} | {r.get('fsc05_truth_shell', 'failed')} / {known} | "
+            f"{'-' if rel is None else f'{rel} ({relt:.0f} s)'} | {r.get('iterations', '-')} | "
+            f"{_fmt(r.get('wall_seconds'), '{:.0f}')} | {_fmt(r.get('cpu_seconds'), '{:.0f}')} | "
+            f"{_fmt(None if r.get('posthoc_warnings') is None else len(r['posthoc_warnings']), '{}')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list, path: Path) -> None:
+    use_agg()
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4))
+    ax = fig.subplots(1, 2)
+    groups = {}
+    for r in rows:
+        if r["task"] != "known" and "fsc05_truth_shell" in r:
+            groups.setdefault((r["generator"], r["volume"], r["task"], r["variant"]), []).append(r)
+    for (g, v, t, var), rs in sorted(groups.items()):
+        if len({r["snr"] for r in rs}) < 2:  # a variant tried at one SNR: in the table, not the plot
+            continue
+        rs = sorted(rs, key=lambda r: (r["snr"], r["seed"]))
+        lab = f"{g}/{v} {t}" + ("" if var == "default" else f" [{var}]")
+        style = ("o-" if g == "aspire" else "s--")
+        ax[0].plot([r["snr"] for r in rs], [r.get("median_angular_error_deg") for r in rs], style, label=lab)
+        ax[1].plot([r["snr"] for r in rs], [r["fsc05_truth_shell"] - r["known_pose_shell"] for r in rs], style,
+                   label=lab)
+    ax[0].set(xscale="log", yscale="log", xlabel="SNR (ASPIRE's definition)", ylabel="median angular error (deg)")
+    ax[1].axhline(-1, color="k", lw=0.8, ls=":")
+    ax[1].set(xscale="log", xlabel="SNR (ASPIRE's definition)", ylabel="FSC-0.5 shell - known-pose shell")
+    if ax[1].get_legend_handles_labels()[0]:  # nothing to draw with a single SNR (e.g. --quick)
+        ax[1].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--generators", nargs="+", default=["aspire"], choices=("aspire", "jaxcryo"))
+    p.add_argument("--volumes", nargs="+", default=["asym"], choices=("asym", "ribosome", "phantom"),
+                   help="phantom: jaxcryo's built-in map (jaxcryo generator only)")
+    p.add_argument("--snr", nargs="+", type=float, default=[0.5, 0.1, 0.05], help="ASPIRE's definition")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--tasks", nargs="+", default=["local", "global"], choices=TASKS)
+    p.add_argument("--box", type=int, default=64)
+    p.add_argument("--particles", type=int, default=5000)
+    p.add_argument("--shift-sigma", type=float, default=1.5, help="offset standard deviation (px)")
+    p.add_argument("--variant", default="default", help="label of these rows (e.g. a tried fix)")
+    p.add_argument("--refine-args", default="",
+                   help="extra arguments for every jaxcryo refine, one string (write --refine-args=\"--whiten\")")
+    p.add_argument("--abinitio-args", default="", help="extra arguments for jaxcryo abinitio (one string)")
+    p.add_argument("--aspire-python", default=None)
+    p.add_argument("--no-relion", action="store_true", help="skip relion_reconstruct")
+    p.add_argument("--quick", action="store_true",
+                   help="CI: jaxcryo set of the phantom, box 32, 300 particles, SNR 0.5, known + local (2 iterations)")
+    p.add_argument("--out", type=Path, default=BENCH / "results")
+    p.add_argument("--work", type=Path, default=BENCH / "work" / "robustness")
+    p.add_argument("--table", type=Path, default=None, help="print the Markdown table of this JSON and stop")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="merge the rows of these robustness.json files into --out's and stop")
+    a = p.parse_args(argv)
+    if a.table is not None:
+        print(table(json.loads(a.table.read_text())["rows"]))
+        return 0
+    if a.merge is not None:
+        rows = [r for f in a.merge for r in json.loads(f.read_text())["rows"]]
+        for r in rows:  # the warnings of today's diagnostics, also for rows run before them
+            out = Path(str(r.get("log", ""))).with_suffix("")
+            if r["task"] != "known" and (out / "map.mrc").exists() and (out / "history.json").exists():
+                r["posthoc_warnings"] = _posthoc_warnings(out, read_map(out / "map.mrc")[0],
+                                                          json.loads((out / "history.json").read_text()))
+        a.out.mkdir(parents=True, exist_ok=True)
+        plot(save(a.out / "robustness.json", rows, [])["rows"], a.out / "robustness.png")
+        return 0
+    extra = shlex.split(a.refine_args)
+    if a.quick:
+        a.generators, a.volumes, a.box, a.particles, a.snr, a.seeds = ["jaxcryo"], ["phantom"], 32, 300, [0.5], [0]
+        a.tasks, a.no_relion = ["local"], True
+        extra = ["--iterations", "2", "--batch-size", "100"] + extra
+    aspire_py = None if a.quick else find_aspire(a.aspire_python)
+    a.out.mkdir(parents=True, exist_ok=True)
+    a.work.mkdir(parents=True, exist_ok=True)
+    res_file = a.out / "robustness.json"
+    old = json.loads(res_file.read_text()) if res_file.exists() else {"rows": [], "skipped": []}
+    rows, skipped = [], []
+    for gen in a.generators:
+        if gen == "aspire" and aspire_py is None:
+            skipped.append({"generator": "aspire", "reason": "no Python with ASPIRE (--aspire-python, "
+                            "$JAXCRYO_ASPIRE_PYTHON, /work/aspire-venv/bin/python)"})
+            print("aspire: skipped (no Python with ASPIRE)")
+            continue
+        for vol in a.volumes:
+            if (vol == "phantom" and gen == "aspire") or (vol == "asym" and aspire_py is None):
+                skipped.append({"generator": gen, "volume": vol, "reason": "the phantom is jaxcryo's only; asym "
+                                "needs ASPIRE"})
+                continue
+            for snr in a.snr:
+                for seed in a.seeds:
+                    key = {"generator": gen, "volume": vol, "box": a.box, "particles": a.particles, "snr": snr,
+                           "seed": seed}
+                    s = make_set(key, a.work, aspire_py, a.shift_sigma)
+                    d = Path(s["dir"])
+                    truth, _ = read_map(d / "truth.mrc")
+                    true_md = read_particles(Path(s["star"]))
+                    base = {**key, "snr_definition": SNR_DEFINITION, "snr_jaxcryo": s.get("snr_jaxcryo_measured"),
+                            "snr_aspire_measured": s.get("snr_aspire_measured"), "set": s}
+                    prev_known = next((r for r in old["rows"] if r["task"] == "known" and
+                                       all(r.get(k) == v for k, v in key.items())), None)
+                    known = prev_known or {**base, "task": "known", "variant": "default",
+                                           **task_known(d, truth, not a.no_relion)}
+                    known["known_pose_shell"] = known.get("fsc05_truth_shell")
+                    rows.append(known)
+                    print(f"{set_name(key)}: known-pose shell {known.get('fsc05_truth_shell')}", flush=True)
+                    for t in a.tasks:
+                        if t == "abinitio":
+                            r = task_abinitio(d, extra, shlex.split(a.abinitio_args), truth, true_md, a.variant)
+                        else:
+                            star = "particles_perturbed.star" if t == "local" else "particles_noposes.star"
+                            r = task_refine(d, t, star, t == "local", extra, truth, true_md, a.variant)
+                        row = {**base, "task": t, "variant": a.variant, "refine_args": extra,
+                               "known_pose_shell": known.get("fsc05_truth_shell"), **r}
+                        rows.append(row)
+                        print(f"  {t} [{a.variant}]: median {_fmt(row.get('median_angular_error_deg'))} deg, "
+                              f"shell {row.get('fsc05_truth_shell', 'failed')} (known {row['known_pose_shell']}), "
+                              f"{row.get('iterations', '-')} it., {row['wall_seconds']:.0f} s wall, "
+                              f"{row['cpu_seconds']:.0f} s CPU, warnings {row.get('warnings')}", flush=True)
+                        save(res_file, rows, skipped)
+    result = save(res_file, rows, skipped)
+    plot(result["rows"], a.out / "robustness.png")
+    print(f"wrote {res_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

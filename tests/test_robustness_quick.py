@@ -1,0 +1,68 @@
+"""``benchmarks/robustness.py`` (issue 19) in its quick mode, and its ASPIRE side when ASPIRE is installed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+
+def test_robustness_quick(tmp_path):
+    import robustness
+
+    assert robustness.main(["--quick", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]) == 0
+    res = json.loads((tmp_path / "out" / "robustness.json").read_text())
+    rows = {r["task"]: r for r in res["rows"]}
+    assert set(rows) == {"known", "local"}
+    k, loc = rows["known"], rows["local"]
+    for r in (k, loc):
+        assert r["generator"] == "jaxcryo" and r["volume"] == "phantom" and r["seed"] == 0
+        assert r["snr"] == 0.5 and "ASPIRE" in r["snr_definition"]
+        # the set was simulated at the jaxcryo SNR that gives ASPIRE's 0.5, and measured to
+        assert r["snr_aspire_measured"] == pytest.approx(0.5, rel=0.05)
+        assert 0.2 < r["snr_jaxcryo"] < 0.5
+    assert k["fsc05_truth_shell"] >= 6 and loc["known_pose_shell"] == k["fsc05_truth_shell"]
+    assert loc["median_angular_error_deg"] < 5.0 and loc["iterations"] == 2
+    assert isinstance(loc["warnings"], list)  # run.json's warnings (issue 19 item 3)
+    assert loc["wall_seconds"] > 0 and loc["cpu_seconds"] > 0
+    assert (tmp_path / "out" / "robustness.png").exists()
+    table = robustness.table(res["rows"])
+    assert "| jaxcryo | phantom | 0.5 |" in table
+    # rows are merged by key: a second variant adds rows, it does not replace the first
+    merged = robustness.merge_rows(res["rows"], [dict(loc, variant="other")])
+    assert len(merged) == 3
+
+
+ASPIRE_PY = None
+try:
+    sys.path.insert(0, str(BENCH))
+    import robustness as _r
+
+    ASPIRE_PY = _r.find_aspire(None)
+except Exception:  # pragma: no cover
+    ASPIRE_PY = None
+
+
+@pytest.mark.skipif(ASPIRE_PY is None, reason="no Python with ASPIRE (benchmark-only peer)")
+def test_aspire_set_snr_and_sign(tmp_path):
+    """An ASPIRE set: its SNR in both definitions, and its truth in RELION's sign (known-pose map correlates
+    positively with it)."""
+    import robustness
+
+    key = {"generator": "aspire", "volume": "asym", "box": 32, "particles": 300, "snr": 0.5, "seed": 0}
+    s = robustness.make_set(key, tmp_path, ASPIRE_PY, 1.5)
+    assert s["snr_aspire_measured"] == pytest.approx(0.5, rel=1e-3)
+    assert 0.6 < s["jaxcryo_over_aspire"] < 0.95
+    d = Path(s["dir"])
+    r = subprocess.run([sys.executable, "-m", "jaxcryo", "reconstruct", str(d / "particles.star"), "--out",
+                        str(d / "known"), "--quiet"], capture_output=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from jaxcryo.io.mrc import read_map
+    from refine import fsc05_shell
+
+    shell, f = fsc05_shell(read_map(d / "known" / "map.mrc")[0], read_map(d / "truth.mrc")[0])
+    assert min(f[1:4]) > 0.5 and shell >= 6, f[:8]
