@@ -6,7 +6,7 @@ Usage::
     python benchmarks/robustness.py --generators aspire --snr 0.5 0.1 0.05 --seeds 0 --tasks local global
     python benchmarks/robustness.py --generators aspire jaxcryo --snr 0.5 0.1 0.05 0.02 --seeds 0 1 2 \\
         --tasks local global abinitio --box 64 --particles 5000 --volumes asym ribosome
-    python benchmarks/robustness.py ... --variant mask --refine-args="--particle-diameter 150"   # a tried fix
+    python benchmarks/robustness.py ... --variant mask --refine-args="--solvent-mask --particle-diameter 150"   # a tried fix
     python benchmarks/robustness.py --quick --out DIR --work DIR2     # CI: jaxcryo set, box 32, known + local
     python benchmarks/robustness.py --table benchmarks/results/robustness.json   # README table from the JSON
 
