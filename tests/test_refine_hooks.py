@@ -69,3 +69,20 @@ def test_refine_with_every_prototype(small):
     assert len(h[0]["centre_offset_px"]) == 3
     assert res.mask_diameter == 60.0  # one particle diameter: the solvent mask's and the postprocess's
     assert isinstance(res.warnings, tuple)
+
+
+def test_resume_keeps_the_solvent_mask_diameter(tmp_path):
+    """The particle diameter may change on resume (it shapes only the postprocess), unless it also shapes
+    the scored references (``solvent_mask``)."""
+    from jaxcryo.poses import RefineState, load_state, save_state
+
+    state = RefineState([jnp.zeros((8,) * 3, jnp.complex64)] * 2, None, np.zeros((4, 2)), 30.0, 7.5, 1.0)
+    for masked in (False, True):
+        s = RefineSettings(solvent_mask=masked, particle_diameter=50.0)
+        save_state(tmp_path / "ck", state, s, False)
+        other = RefineSettings(solvent_mask=masked, particle_diameter=60.0)
+        if masked:
+            with pytest.raises(InputError, match="particle_diameter"):
+                load_state(tmp_path / "ck", state, other)
+        else:
+            assert load_state(tmp_path / "ck", state, other)[0].iteration == 0

@@ -23,7 +23,8 @@ KIND = "refine"
 #: Without ``particle_diameter`` the postprocess's spherical mask spans this fraction of the box (its soft
 #: edge of :data:`jaxcryo.ndimage.SPHERE_SOFT_EDGE_PX` voxels lies outside).
 DIAMETER_FRACTION = 0.9
-#: Settings that only shape the closing postprocess: a resumed run may change them.
+#: Settings that only shape the closing postprocess: a resumed run may change them (``particle_diameter`` only
+#: without ``solvent_mask``).
 FINISHING = ("iterations", "particle_diameter")
 
 
@@ -212,7 +213,9 @@ def save_state(stem: "str | Path", state: RefineState, settings: RefineSettings,
 def load_state(stem: "str | Path", template: RefineState, settings: RefineSettings) -> tuple[RefineState, bool]:
     """The state checkpointed at ``stem`` (shapes from ``template``) and its ``local_only``; the settings must
     be those of the checkpoint but for ``iterations``."""
-    trees, meta = load_run(Path(stem), KIND, settings.to_dict(), _trees(template), may_change=FINISHING)
+    # with solvent_mask the particle diameter shapes the scored references too: then it may not change
+    may_change = tuple(k for k in FINISHING if not (settings.solvent_mask and k == "particle_diameter"))
+    trees, meta = load_run(Path(stem), KIND, settings.to_dict(), _trees(template), may_change=may_change)
     plans = {int(k): Plan(float(eta)) for k, eta in meta.get("plans", {}).items()}
     state = RefineState(list(trees["half_maps"]), np.asarray(trees["rotations"]) if meta["has_rotations"] else None,
                         np.asarray(trees["shifts"]), float(meta["resolution"]), float(meta["step"]),
