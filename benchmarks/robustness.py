@@ -62,7 +62,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_info, save_figure, use_agg, write_json  # noqa: E402
+from _common import machine_info, use_agg, write_json  # noqa: E402
 from peers import DEFAULT_ASPIRE_PYTHON, DEFAULT_VOLUME as RIBOSOME  # noqa: E402
 from refine import fsc05_shell, jaxcryo_cmd, timed  # noqa: E402
 from jaxcryo.cli.refine import pose_errors  # noqa: E402
@@ -71,6 +71,7 @@ from jaxcryo.data._sources import read_particles  # noqa: E402
 from jaxcryo.io.mrc import read_map, write_map  # noqa: E402
 from jaxcryo.io.star import write_star  # noqa: E402
 from jaxcryo.ndimage import fft3c, frequency_edge, ifft3c, radius_grid  # noqa: E402
+from jaxcryo.plotting import save_figure  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 HELPER = BENCH / "_aspire_sets.py"
