@@ -36,8 +36,8 @@ def register(sub) -> None:
             "reported resolution is the corrected masked FSC's. Writes DIR/particles.star (refined poses, "
             "rlnRandomSubset), half1.mrc, half2.mrc, map.mrc, fsc.json/fsc.png (unmasked half maps), "
             "postprocess.mrc, postprocess_masked.mrc, postprocess.json, postprocess_fsc.png, "
-            "postprocess_guinier.png, history.json/convergence.png, run.json and a checkpoint after every "
-            "iteration (--resume)."
+            "postprocess_guinier.png, history.json/convergence.png, run.json (with warnings when the map drifted, "
+            "collapsed or stalled) and a checkpoint after every iteration (--resume)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -75,7 +75,8 @@ def register(sub) -> None:
     p.add_argument("--particle-diameter", type=float, default=None,
                    help=f"diameter (A) of the default spherical mask; default: {DIAMETER_FRACTION:g} x the box")
     p.add_argument("--no-scale-reference", dest="scale_reference", action="store_false",
-                   help="do not rescale the reference to the particles' intensity before the first pose search")
+                   help="do not rescale the reference to the particles' intensity before the first pose search "
+                        "(without it: scale_reference=%(default)s)")
     p.add_argument("--solvent-mask", action="store_true",
                    help="(prototype, issue 19) score against references masked by a soft sphere of "
                         "--particle-diameter, as RELION's --particle_diameter")

@@ -26,6 +26,14 @@ default one-pass estimate with the half-map spectral prior) from the refined pos
 postprocessed (:func:`finish_refinement`, :func:`jaxcryo.post.postprocess`): the final resolution is the masked FSC
 corrected by phase randomisation (Chen et al. 2013), with a soft spherical mask unless one is given.
 
+Issue 19 (:class:`RefineSettings`): the reference is rescaled to the particles' intensity before the first
+search (:func:`scale_reference`, ``scale_reference``, on by default: the least-squares scores are not scale
+invariant); prototypes, off by default: a solvent mask on the scored references (``solvent_mask``, the one
+``particle_diameter``), a whitened likelihood and an offset prior (``whiten``, ``offset_sigma_px``: the
+:class:`~jaxcryo.poses.Scorer`'s ``shell_weights``/``offset_sigma``, :func:`jaxcryo.poses._noise.score_options`)
+and recentring (``recentre``). A finished run's drift, collapse or stall warnings
+(:func:`jaxcryo.poses._diagnostics.run_warnings`) are :attr:`RefineResult.warnings`.
+
 Handedness: a refinement from a reference keeps the reference's hand. Metrics against a ground truth (for
 simulated data) align poses with :func:`jaxcryo.rotations.align_rotations`.
 """
