@@ -86,3 +86,15 @@ def test_resume_keeps_the_solvent_mask_diameter(tmp_path):
                 load_state(tmp_path / "ck", state, other)
         else:
             assert load_state(tmp_path / "ck", state, other)[0].iteration == 0
+
+
+def test_global_refine_whitened(small):
+    """The first (global) search whitens with the images' own spectrum (no poses yet)."""
+    from jaxcryo.data._simulate import without_poses
+
+    ds = ArrayDataset(without_poses(small.metadata), small.images)
+    s = RefineSettings(iterations=1, batch_size=30, whiten=True, offset_sigma_px=2.0, global_step=30.0)
+    res = refine(ds, np.asarray(small.volume), s, progress=False)
+    h = res.history[0]
+    assert h["global_search"] and len(h["noise_spectrum"]) == 2 and min(h["noise_spectrum"][0]) > 0
+    assert res.state.rotations is not None and np.all(np.isfinite(res.state.rotations))
