@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from jaxtyping import ArrayLike, Float
 
-from ..leastsq._priors import fourier_fsc
 from ..ndimage._fourier import fft3c, ifft3c, radius_grid
 from ..ndimage._masks import frequency_edge
+from ..ndimage._metrics import fsc
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def map_warnings(volume: Float[ArrayLike, "n n n"], pixel_size: float,
 
 def fsc_to_reference(volume: Float[ArrayLike, "n n n"], reference: Float[ArrayLike, "n n n"]) -> np.ndarray:
     """The per-shell FSC ``0..n//2`` of the map and the reference (same box)."""
-    return fourier_fsc(fft3c(np.asarray(volume, np.float64)), fft3c(np.asarray(reference, np.float64)))
+    return fsc(np.asarray(volume, np.float64), np.asarray(reference, np.float64)).fsc  # the one FSC
 
 
 def reference_warnings(volume: Float[ArrayLike, "n n n"], reference: Float[ArrayLike, "n n n"], pixel_size: float,

@@ -196,12 +196,13 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
     prev_fsc = state.history[-1].get("half_map_fsc") if state.history else None
     src = source if rots is None else with_poses(source, rots, shifts)
     noise_log: list = []
+    solvent = solvent_mask(n, px, s.mask_diameter(n, px)) if s.solvent_mask else None  # once, for both halves
     for h, idx in enumerate(halves):
         v = state.half_maps[h]
         if s.fsc_weighting and prev_fsc is not None:  # the first iteration scores against the low-passed reference
             v = fsc_weighted(v, prev_fsc)
-        if s.solvent_mask:  # issue 19 prototype: solvent-flattened references
-            v = masked_fourier(v, solvent_mask(n, px, s.mask_diameter(n, px)))
+        if solvent is not None:  # issue 19 prototype: solvent-flattened references
+            v = masked_fourier(v, solvent)
         weights, sigma, spectrum = score_options(s, src, idx, state.half_maps[h], projector, kmax, not global_search)
         if spectrum is not None:
             noise_log.append(spectrum)
