@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..io.atomic import atomic_write_text
-from ..io.mrc import write_map
+from ..io.outputs import OutputFiles, write_outputs
 from ._postprocess import PostprocessResult
 
 #: The files :func:`write_postprocess` writes (the masked map only with a mask).
@@ -18,16 +16,9 @@ def write_postprocess(result: PostprocessResult, out_dir, extra: dict | None = N
     """Write ``postprocess.mrc`` (the sharpened, weighted, low-passed average), ``postprocess_masked.mrc`` (that
     times the mask, when there is one) and ``postprocess.json`` (:meth:`PostprocessResult.to_dict`, plus
     ``extra`` under the key ``inputs``) into ``out_dir``, atomically. Returns the paths written."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / MAP_NAME]
-    write_map(written[0], result.map, result.pixel_size)
-    if result.masked_map is not None:
-        written.append(out / MASKED_MAP_NAME)
-        write_map(written[-1], result.masked_map, result.pixel_size)
     d = result.to_dict()
     if extra:
         d["inputs"] = extra
-    written.append(out / JSON_NAME)
-    atomic_write_text(written[-1], json.dumps(d, indent=1) + "\n")
-    return written
+    only_json = OutputFiles(fsc_json=None, fsc_png=None, history=None, convergence=None, run=JSON_NAME)
+    return write_outputs(out_dir, pixel_size=result.pixel_size,
+                         maps={MAP_NAME: result.map, MASKED_MAP_NAME: result.masked_map}, run=d, files=only_json)
