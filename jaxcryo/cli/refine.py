@@ -45,7 +45,12 @@ def register(sub) -> None:
     p.add_argument("--reference", type=Path, required=True, help="reference map (MRC), same extent as the particles")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--local-only", action="store_true", help="start from the particles' poses (local searches only)")
-    p.add_argument("--optimizer", choices=("psgd", "sgd"), default=d.optimizer, help="volume updates")
+    p.add_argument("--optimizer", choices=("psgd", "sgd", "adam", "backproject"), default=d.optimizer,
+                   help="volume updates (backproject: the one-pass Wiener filter)")
+    p.add_argument("--warm-start", dest="reestimate", action="store_false",
+                   help="update the half maps by epochs warm-started from the last ones (Tikhonov prior) instead "
+                        "of estimating them anew each iteration with the half-map FSC's spectral prior (RELION's "
+                        "scheme; without it: reestimate=%(default)s)")
     p.add_argument("--top-k", type=int, default=d.top_k,
                    help="pose assignment: 1 = hard (best pose); K > 1 = soft, each image weighted over its K most "
                         "likely poses in the volume updates (K times the update cost)")
@@ -104,7 +109,7 @@ def run(args) -> int:
                               optimizer=args.optimizer, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,
                               particle_diameter=args.particle_diameter, scale_reference=args.scale_reference,
                               solvent_mask=args.solvent_mask, recentre=args.recentre, whiten=args.whiten,
-                              offset_sigma_px=args.offset_sigma)
+                              offset_sigma_px=args.offset_sigma, reestimate=args.reestimate)
     ds = ParticleDataset.from_file(args.particles, datadir=args.datadir)
     md = ds.metadata
     if len(md) == 0:

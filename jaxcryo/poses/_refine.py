@@ -64,8 +64,7 @@ from ..ndimage._masks import frequency_edge, spherical_mask
 from ..ndimage._metrics import first_shell_below, fsc as fsc_fn
 from ..rotations._grids import geodesic_distance_deg, shift_grid, so3_grid
 from ..post._postprocess import FIT_FROM, postprocess
-from ..solvers._fit import fit
-from ..solvers._strategies import MinibatchStrategy, Problem, make_strategy, strategy_name
+from ..solvers._strategies import strategy_name
 from ._assign import SoftPoses, with_poses
 from ._centring import masked_fourier, recentre, solvent_mask
 from ._diagnostics import run_warnings
@@ -73,6 +72,7 @@ from ._noise import score_options
 from ._scale import reference_scale
 from ._checkpoints import checkpoint_stem
 from ._search import AbstractSearchMethod, Cascade, GlobalSearch, LocalSearch, PoseSearch
+from ._volume import update_half_maps, update_strategy
 from ._state import RefineResult, RefineSettings, RefineState, load_state, save_state
 
 def lowpass(vol_f: Complex[Array, "n n n"], resolution: float, pixel_size: float,
@@ -144,28 +144,6 @@ def search_method(settings: RefineSettings, pixel_size: float, step: float, shif
     return Cascade((glob, local(s.global_step / 2, s.global_shift_step_px / 2)))
 
 
-def update_strategy(settings: RefineSettings, projector: Projector) -> MinibatchStrategy:
-    """The volume updates' strategy, resolved once: ``settings.optimizer`` from the registry, with the options
-    a refinement gives it (PSGD: by each minibatch's exact diagonal for an operator with a local stencil,
-    else Hutchinson with one probe; SGD: decaying like PSGD)."""
-    stencil = bool(projector.operator.has_local_stencil)
-    strategy = make_strategy(settings.optimizer, probes=0 if stencil else 1, batch_diagonal=stencil, harmonic=True)
-    assert isinstance(strategy, MinibatchStrategy)  # RefineSettings checked it
-    return strategy
-
-
-def _update_volume(source, idx, projector: Projector, vol_f, settings: RefineSettings, strategy: MinibatchStrategy,
-                   plans: dict, progress: bool, desc: str, mesh=None):
-    s = settings
-    problem = Problem(source, projector, idx, s.lam, min(s.batch_size, len(idx)), s.seed)
-    if len(idx) not in plans:  # the step size depends on the data's Hessian, not on small pose changes
-        plans[len(idx)] = strategy.prepare(problem)
-    res = fit(source, strategy.transformation(problem, plans[len(idx)]), projector, epochs=s.epochs_per_iteration,
-              batch_size=problem.batch_size, lam=s.lam, indices=idx, init=vol_f, seed=s.seed, progress=progress,
-              desc=desc, divergence_factor=1e8, mesh=mesh)
-    return jax.device_get(res.volume_f)  # host copy: the half maps are kept (and checkpointed) off the mesh
-
-
 def refine_iteration(state: RefineState, source, halves, projector: Projector, settings: RefineSettings,
                      plans: dict | None = None, progress: bool = False, devices=None,
                      engine: PoseSearch | None = None) -> RefineState:
@@ -221,8 +199,8 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
         posed = SoftPoses(source, soft_r, soft_s, soft_w)
         rows = [posed.row_indices(idx) for idx in halves]
     name = s.optimizer if isinstance(s.optimizer, str) else strategy_name(s.optimizer)
-    maps = [_update_volume(posed, rows[h], projector, state.half_maps[h], s, strategy, plans, progress,
-                           f"{name} update, half {h + 1}", mesh) for h in range(len(halves))]
+    maps, update_rec = update_half_maps(posed, rows, projector, state.half_maps, s, strategy, plans, progress,
+                                        name, mesh)
     centre_offset = None
     if s.recentre:  # issue 19 prototype: keep the density centred, the origins moved to match (a drift only)
         maps, new_s, c = recentre(maps, new_r, new_s, px, min_offset_px=0.05 * n)
@@ -243,7 +221,7 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
            "seconds": time.perf_counter() - t0, "pose_seconds": t_pose, "optimizer": name,
            "devices": parallel.mesh_size(mesh), "top_k": k,
            "mean_best_weight": float(np.mean(soft_w[:, 0])), "centre_offset_px": centre_offset,
-           "noise_spectrum": noise_log or None,
+           "noise_spectrum": noise_log or None, **update_rec,
            "half_map_fsc": [float(x) for x in f.fsc]}
     hist = list(state.history) + [rec]
     return RefineState(list(maps), new_r, new_s, res, step, shift_step, state.iteration + 1, stalls, hist, plans)

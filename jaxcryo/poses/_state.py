@@ -14,7 +14,7 @@ from ..forward._operators import make_operator
 from ..forward._particles import ParticleMetadata
 from ..post._postprocess import PostprocessResult
 from ..solvers._reconstruct import ReconstructResult
-from ..solvers._strategies import MinibatchStrategy, Plan, make_strategy, strategy_name
+from ..solvers._strategies import MinibatchStrategy, Plan, Strategy, make_strategy, strategy_name
 from ._checkpoints import load_run, save_run
 from ._validate import fail, integers, non_negative, positive
 
@@ -47,10 +47,15 @@ class RefineSettings:
         kmax_margin: shells searched beyond the current resolution.
         iterations: iterations at most.
         patience: iterations at the finest step without a one-shell improvement before stopping.
-        epochs_per_iteration: epochs of the volume update per iteration.
+        epochs_per_iteration: epochs of the volume update per iteration (minibatch strategies; ``cg``: its
+            iterations).
         optimizer: the volume updates' strategy, a registry name (``"psgd"``: preconditioned SGD, by each
-            minibatch's exact diagonal for operators with a local stencil, else Hutchinson; ``"sgd"``) or a
-            :class:`~jaxcryo.solvers.MinibatchStrategy` value; resolved once (:func:`update_strategy`).
+            minibatch's exact diagonal for operators with a local stencil, else Hutchinson; ``"sgd"``,
+            ``"adam"``; with ``reestimate`` also the one-pass ``"backproject"`` and ``"cg"``) or a
+            :class:`~jaxcryo.solvers.Strategy` value; resolved once (:func:`update_strategy`).
+        reestimate: each iteration estimates the half maps anew from the current poses, with the spectral
+            prior of their one-pass half-map FSC (RELION's scheme, :mod:`jaxcryo.poses._volume`); ``False``:
+            warm-started epochs on the Tikhonov objective (a minibatch strategy only).
         top_k: pose assignment of the local searches: 1 = hard (each image at its best candidate); K > 1 =
             soft: each image enters the volume update at its K most likely candidates with their posterior
             weights (:func:`assign_poses`); the particles' poses are the best candidates either way.
@@ -98,7 +103,8 @@ class RefineSettings:
     iterations: int = 12
     patience: int = 1
     epochs_per_iteration: int = 2
-    optimizer: "str | MinibatchStrategy" = "psgd"
+    optimizer: "str | Strategy" = "psgd"
+    reestimate: bool = True
     top_k: int = 1
     lam: float = 1e-3
     batch_size: int = 200
@@ -123,8 +129,9 @@ class RefineSettings:
         non_negative(self, ("max_shift_px", "lam"))
         if self.global_step > 90:
             fail(self, "global_step", "expected at most 90 degrees")
-        if not isinstance(make_strategy(self.optimizer), MinibatchStrategy):
-            fail(self, "optimizer", "expected a minibatch strategy (psgd, sgd, adam)")
+        if not self.reestimate and not isinstance(make_strategy(self.optimizer), MinibatchStrategy):
+            fail(self, "optimizer", "expected a minibatch strategy (psgd, sgd, adam) for warm-started updates "
+                 "(reestimate=False)")
         make_operator(self.interp)  # an unknown operator name: InputError (interp)
         if self.particle_diameter is not None:
             positive(self, ("particle_diameter",))
@@ -216,7 +223,7 @@ def load_state(stem: "str | Path", template: RefineState, settings: RefineSettin
     # with solvent_mask the particle diameter shapes the scored references too: then it may not change
     may_change = tuple(k for k in FINISHING if not (settings.solvent_mask and k == "particle_diameter"))
     trees, meta = load_run(Path(stem), KIND, settings.to_dict(), _trees(template), may_change=may_change)
-    plans = {int(k): Plan(float(eta)) for k, eta in meta.get("plans", {}).items()}
+    plans = {str(k): Plan(float(eta)) for k, eta in meta.get("plans", {}).items()}
     state = RefineState(list(trees["half_maps"]), np.asarray(trees["rotations"]) if meta["has_rotations"] else None,
                         np.asarray(trees["shifts"]), float(meta["resolution"]), float(meta["step"]),
                         float(meta["shift_step_px"]), int(meta["iteration"]), int(meta["stalls"]),
