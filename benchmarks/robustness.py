@@ -39,7 +39,8 @@ internals): ``known`` (``jaxcryo reconstruct`` with the true poses, always run f
 --ctf`` when installed, ``--no-relion`` skips it), ``local`` (``refine --local-only`` from poses rotated 5° about
 random axes and shifts moved 1.5 px = 4.5 Å), ``global`` (``refine`` from no poses with the truth low-passed to
 30 Å as the reference), ``abinitio`` (``abinitio --max-shift 6`` from no poses, then ``refine --local-only`` from
-its map). Per row: median/mean angular error after the best global rotation and hand
+its map), ``oracle`` (no refinement: the noise floor of per-image poses, :mod:`_oracle`: maximum-likelihood
+poses searched around the true poses against the true map; 200 images). Per row: median/mean angular error after the best global rotation and hand
 (``jaxcryo.cli.refine.pose_errors``; for ab initio the map is aligned to the truth first), median shift error
 (px; when no global rotation was needed), FSC-0.5 shell to the truth against the known-pose shell, iterations,
 ``run.json``'s warnings, wall and CPU seconds (user + system of the command's process tree; the machine may be
@@ -67,7 +68,7 @@ from peers import DEFAULT_ASPIRE_PYTHON, DEFAULT_VOLUME as RIBOSOME  # noqa: E40
 from refine import fsc05_shell, jaxcryo_cmd, timed  # noqa: E402
 from jaxcryo.cli.refine import pose_errors  # noqa: E402
 from jaxcryo.data._simulate import perturbed_metadata, without_poses  # noqa: E402
-from jaxcryo.data._sources import read_particles  # noqa: E402
+from jaxcryo.data._sources import ParticleDataset, read_particles  # noqa: E402
 from jaxcryo.io.mrc import read_map, write_map  # noqa: E402
 from jaxcryo.io.star import write_star  # noqa: E402
 from jaxcryo.ndimage import fft3c, frequency_edge, ifft3c, radius_grid  # noqa: E402
@@ -78,7 +79,7 @@ HELPER = BENCH / "_aspire_sets.py"
 PIXEL_SIZE = 3.0
 PERTURB_DEG, PERTURB_PX = 5.0, 1.5
 REFERENCE_RESOLUTION = 30.0
-TASKS = ("local", "global", "abinitio")
+TASKS = ("local", "global", "abinitio", "oracle")
 SNR_DEFINITION = ("ASPIRE: mean squared clean pixel inside the disc of radius box/2 / noise variance "
                   "(WhiteNoiseAdder.from_snr)")
 
@@ -302,6 +303,19 @@ def task_abinitio(d: Path, extra: list, ab_extra: list, truth, true_md, variant:
 ROW_KEYS = ("generator", "volume", "box", "particles", "snr", "seed", "task", "variant")
 
 
+def task_oracle(d: Path, truth) -> dict:
+    """The noise floor of per-image poses on this set (:mod:`_oracle`: maximum-likelihood poses searched
+    around the true poses against the true map)."""
+    from _oracle import oracle_errors
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    o = oracle_errors(ParticleDataset.from_file(d / "particles.star"), truth)
+    return {**o, "median_angular_error_deg": o["oracle_median_angular_error_deg"],
+            "mean_angular_error_deg": o["oracle_mean_angular_error_deg"],
+            "median_shift_error_px": o["oracle_median_shift_error_px"],
+            "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+
+
 def merge_rows(old: list, new: list) -> list:
     key = lambda r: tuple(r.get(k) for k in ROW_KEYS)  # noqa: E731
     rows = {key(r): r for r in old}
@@ -446,7 +460,9 @@ def main(argv=None) -> int:
                     rows.append(known)
                     print(f"{set_name(key)}: known-pose shell {known.get('fsc05_truth_shell')}", flush=True)
                     for t in a.tasks:
-                        if t == "abinitio":
+                        if t == "oracle":
+                            r = task_oracle(d, truth)
+                        elif t == "abinitio":
                             r = task_abinitio(d, extra, shlex.split(a.abinitio_args), truth, true_md, a.variant)
                         else:
                             star = "particles_perturbed.star" if t == "local" else "particles_noposes.star"

@@ -11,11 +11,13 @@ One iteration (:func:`refine_iteration`), for each half set independently (RELIO
    assignment, ``top_k``). The search is a method (:func:`search_method`: a :class:`~jaxcryo.poses.Cascade`
    of :class:`~jaxcryo.poses.GlobalSearch` and :class:`~jaxcryo.poses.LocalSearch`) run by the pose-search
    engine (:class:`~jaxcryo.poses.PoseSearch`: chunks under ``score_memory``, split over ``devices``);
-2. **volume**: a few epochs of minibatch optimisation of the known-pose objective with those poses, warm
-   started from the half map: preconditioned SGD (:class:`jaxcryo.solvers.PSGD`, the exact batch
-   diagonal for operators with a local stencil, else Hutchinson) or plain SGD (``optimizer="sgd"``), so
-   that a run shows what the preconditioner buys inside the refinement; the strategy is resolved once from
-   the registry (:func:`update_strategy`) and its step size measured once per run;
+2. **volume** (:func:`jaxcryo.poses._volume.update_half_maps`): each half map estimated anew from the particles
+   at their new poses, regularised by the spectral prior of its one-pass half-map FSC (RELION's ``tau^2``):
+   the one-pass Wiener filter by default (``optimizer="backproject"``), or epochs of a minibatch strategy
+   from zero on that objective (``"psgd"``: :class:`jaxcryo.solvers.PSGD`; ``"sgd"``); ``reestimate=False``
+   keeps the earlier scheme (epochs warm-started from the last half maps, Tikhonov prior), which stalled on
+   independent data (issue 19). The strategy is resolved once from the registry (:func:`update_strategy`)
+   and a minibatch step size measured once per run;
 3. **FSC** of the two half maps (:func:`jaxcryo.ndimage.fsc`): the resolution at 0.143 sets the next ``kmax``; when it improves by less than
    one shell the angular step is halved (down to ``min_step``); after ``patience`` such iterations at the
    finest step the refinement stops.
