@@ -14,7 +14,8 @@
 #
 # Environment: PY (jaxcryo's Python, default python3), ASPIRE_PY (default $PY), OUT (default
 # bench_out/gpu_robustness), WORK (default /tmp/work), SITE (default /tmp/site), WHEELS (default .whl; empty:
-# install nothing), BUDGET (seconds for the whole script, default 540), TASKS, REFINE_ARGS.
+# install nothing), BUDGET (seconds for the whole script, default 540), TASKS, REFINE_ARGS, TASK_TIMEOUT (seconds
+# for each task; default none: local, then global, then abinitio each get what is left).
 # GPU_ROBUSTNESS_QUICK=1: a CPU dry run of the same flow (box 32 at 6 Å/px, 500 particles, local only, 2 refine
 # iterations).
 set -uo pipefail
@@ -65,17 +66,19 @@ devices() {
     "$PY" -c "import jax, jaxcryo, sys; print('jax', jax.__version__, jax.default_backend(), jax.devices()); \
 print('jaxcryo', jaxcryo.__file__, '| jax_finufft imported:', 'jax_finufft' in sys.modules)"
     "$ASPIRE_PY" -c "import aspire, sys; print('aspire', aspire.__version__, 'python', sys.version.split()[0])"
+    "$PY" -c "import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in ('numpy', 'scipy', \
+'pandas', 'starfile', 'mrcfile', 'equinox', 'optax', 'jaxtyping', 'matplotlib')))"
 }
 make_set() {  # the set alone, timed on its own; robustness.py then finds it (same key, same --work)
-    "$PY" - "$WORK" "$ASPIRE_PY" "$BOX" "$PX" "$N" "$SNR" "$SEED" <<'EOF'
+    "$PY" - "$WORK" "$ASPIRE_PY" "$BOX" "$PX" "$N" "$SNR" "$SEED" $(( BUDGET - $(elapsed) - 60 )) <<'EOF'
 import json, sys, time
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
 import robustness
-work, py, box, px, n, snr, seed = sys.argv[1:]
+work, py, box, px, n, snr, seed, left = sys.argv[1:]
 key = {"generator": "aspire", "volume": "asym", "box": int(box), "pixel_size": float(px), "particles": int(n),
        "snr": float(snr), "seed": int(seed)}
-s = robustness.make_set(key, Path(work), py, 1.5)
+s = robustness.make_set(key, Path(work), py, 1.5, time.monotonic() + float(left))
 print(json.dumps({k: s.get(k) for k in ("dir", "pixel_size", "snr_aspire_measured", "snr_jaxcryo_measured",
                                        "make_seconds", "seconds")}))
 EOF
@@ -84,9 +87,10 @@ robust() {
     local left=$(( BUDGET - $(elapsed) - 25 ))  # 25 s for the plot, the copies and the wheel-less exit
     echo "robustness.py deadline: $left s"
     # shellcheck disable=SC2086  # TASKS is a list
-    timeout --kill-after=10 $(( left + 30 )) "$PY" benchmarks/robustness.py --generators aspire --volumes asym \
+    timeout --kill-after=10 $(( left + 45 )) "$PY" benchmarks/robustness.py --generators aspire --volumes asym \
         --box "$BOX" --pixel-size "$PX" --particles "$N" --snr "$SNR" --seeds "$SEED" --tasks $TASKS --no-relion \
-        --aspire-python "$ASPIRE_PY" --refine-args="$REFINE_ARGS" --deadline "$left" --out "$OUT/res" --work "$WORK"
+        --aspire-python "$ASPIRE_PY" --refine-args="$REFINE_ARGS" --deadline "$left" \
+        ${TASK_TIMEOUT:+--task-timeout "$TASK_TIMEOUT"} --out "$OUT/res" --work "$WORK"
 }
 collect() {  # set.json and the tails of the commands' logs; no maps
     local d

@@ -48,7 +48,7 @@ shared, see ``load_average``).
 
 ``--deadline S`` bounds the whole run to S seconds (a device lease): each command is stopped at the deadline
 (its row gets ``returncode: "timeout"``) and a task that would start with under ``MIN_TASK_SECONDS`` left is
-skipped (listed in ``skipped``).
+skipped (listed in ``skipped``); ``--task-timeout S`` bounds each task alike.
 """
 
 from __future__ import annotations
@@ -106,6 +106,12 @@ def find_aspire(explicit: str | None) -> str | None:
 def seconds_left(deadline: float | None) -> float | None:
     """Seconds until ``deadline`` (a ``time.monotonic()`` value; never below 1), or ``None`` without one."""
     return None if deadline is None else max(deadline - time.monotonic(), 1.0)
+
+
+def stop_time(deadline: float | None, timeout: float | None) -> float | None:
+    """The earlier of ``deadline`` and ``timeout`` seconds from now (``time.monotonic()``; ``None``: no bound)."""
+    stops = [x for x in (deadline, None if timeout is None else time.monotonic() + timeout) if x is not None]
+    return min(stops) if stops else None
 
 
 def pixel_size_of(key: dict) -> float:
@@ -424,6 +430,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-relion", action="store_true", help="skip relion_reconstruct")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole run: commands are stopped then, later tasks skipped")
+    p.add_argument("--task-timeout", type=float, default=None, help="seconds for each task (its commands)")
     p.add_argument("--quick", action="store_true",
                    help="CI: jaxcryo set of the phantom, box 32, 300 particles, SNR 0.5, known + local (2 iterations)")
     p.add_argument("--out", type=Path, default=BENCH / "results")
@@ -494,12 +501,13 @@ def main(argv=None) -> int:
                             skipped.append({**key, "task": t, "reason": f"deadline: {left:.0f} s left"})
                             print(f"  {t}: skipped ({left:.0f} s left before the deadline)", flush=True)
                             continue
+                        stop = stop_time(deadline, a.task_timeout)
                         if t == "abinitio":
                             r = task_abinitio(d, extra, shlex.split(a.abinitio_args), truth, true_md, a.variant,
-                                              deadline)
+                                              stop)
                         else:
                             star = "particles_perturbed.star" if t == "local" else "particles_noposes.star"
-                            r = task_refine(d, t, star, t == "local", extra, truth, true_md, a.variant, deadline)
+                            r = task_refine(d, t, star, t == "local", extra, truth, true_md, a.variant, stop)
                         row = {**base, "task": t, "variant": a.variant, "refine_args": extra,
                                "known_pose_shell": known.get("fsc05_truth_shell"), **r}
                         rows.append(row)
