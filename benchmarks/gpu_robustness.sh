@@ -29,6 +29,9 @@ WHEELS=${WHEELS-.whl}
 BUDGET=${BUDGET:-540}
 if [ "${GPU_ROBUSTNESS_QUICK:-0}" = 1 ]; then
     BOX=32 PX=6.0 N=500 TASKS=${TASKS:-local} REFINE_ARGS=${REFINE_ARGS:---iterations 2 --batch-size 100}
+    # XLA:CPU of jaxlib 0.11.2 on a 2-core machine deadlocked in refine's two concurrent half-map estimates
+    # (an FFT waiting for the intra-op thread pool that both executions hold); one thread per op avoids it
+    export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_multi_thread_eigen=false"
 else
     BOX=128 PX=1.5 N=10000 TASKS=${TASKS:-local global abinitio} REFINE_ARGS=${REFINE_ARGS:-}
 fi
