@@ -112,3 +112,4 @@ step make_set make_set || { collect; exit 1; }
 step robustness robust
 step collect collect
 echo "total $(elapsed) s"
+sleep 1  # let tee write the last lines into $OUT/log.txt
