@@ -9,13 +9,14 @@ Usage::
     python benchmarks/robustness.py ... --variant mask --refine-args="--solvent-mask --particle-diameter 150"   # a tried fix
     python benchmarks/robustness.py --quick --out DIR --work DIR2     # CI: jaxcryo set, box 32, known + local
     python benchmarks/robustness.py --table benchmarks/results/robustness.json   # README table from the JSON
+    python benchmarks/robustness.py --box 128 --pixel-size 1.5 --particles 10000 --snr 0.1 --deadline 500  # GPU
 
 Each (generator, volume, box, particles, SNR, seed) set is made once under ``--work`` (default
 ``benchmarks/work/robustness/``, ignored by git) and reused. Rows are merged into ``--out/robustness.json`` by
 their key (set, task, variant), so runs can be added one at a time; ``robustness.png`` plots the median
 angular error and the FSC-0.5 shell (against the known-pose shell) over the SNR.
 
-Sets (3 Å/px, uniform poses, CTF 300 kV / Cs 2.7 mm with defocus 1-2.5 µm):
+Sets (``--pixel-size``, default 3 Å/px; box 128 at 1.5 Å/px keeps box 64's 192 Å extent; uniform poses, CTF 300 kV / Cs 2.7 mm with defocus 1-2.5 µm):
 
 * ``aspire`` (needs a Python with ASPIRE: ``--aspire-python``, ``$JAXCRYO_ASPIRE_PYTHON`` or
   ``/work/aspire-venv/bin/python``; skipped with a reason otherwise): ``benchmarks/_aspire_sets.py simulate``,
@@ -45,6 +46,10 @@ poses searched around the true poses against the true map; 200 images). Per row:
 (px; when no global rotation was needed), FSC-0.5 shell to the truth against the known-pose shell, iterations,
 ``run.json``'s warnings, wall and CPU seconds (user + system of the command's process tree; the machine may be
 shared, see ``load_average``).
+
+``--deadline S`` bounds the whole run to S seconds (a device lease): each command is stopped at the deadline
+(its row gets ``returncode: "timeout"``) and a task that would start with under ``MIN_TASK_SECONDS`` left is
+skipped (listed in ``skipped``); ``--task-timeout S`` bounds each task alike.
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ HELPER = BENCH / "_aspire_sets.py"
 PIXEL_SIZE = 3.0
 PERTURB_DEG, PERTURB_PX = 5.0, 1.5
 REFERENCE_RESOLUTION = 30.0
+#: Under ``--deadline``, a task is not started with fewer seconds than this left.
+MIN_TASK_SECONDS = 20.0
 TASKS = ("local", "global", "abinitio", "oracle")
 SNR_DEFINITION = ("ASPIRE: mean squared clean pixel inside the disc of radius box/2 / noise variance "
                   "(WhiteNoiseAdder.from_snr)")
@@ -97,9 +104,26 @@ def find_aspire(explicit: str | None) -> str | None:
     return None
 
 
-def _helper(py: str, args: list, log: Path) -> dict:
+def seconds_left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (a ``time.monotonic()`` value; never below 1), or ``None`` without one."""
+    return None if deadline is None else max(deadline - time.monotonic(), 1.0)
+
+
+def stop_time(deadline: float | None, timeout: float | None) -> float | None:
+    """The earlier of ``deadline`` and ``timeout`` seconds from now (``time.monotonic()``; ``None``: no bound)."""
+    stops = [x for x in (deadline, None if timeout is None else time.monotonic() + timeout) if x is not None]
+    return min(stops) if stops else None
+
+
+def pixel_size_of(key: dict) -> float:
+    """The pixel size (Å) of a set's key or a row (rows made before ``--pixel-size`` existed: 3 Å)."""
+    return float(key.get("pixel_size") or PIXEL_SIZE)
+
+
+def _helper(py: str, args: list, log: Path, deadline: float | None = None) -> dict:
     # in the set's folder: ASPIRE writes its own log file (aspire.err.log) into the working directory
-    r = subprocess.run([py, str(HELPER), *map(str, args)], capture_output=True, text=True, cwd=log.parent)
+    r = subprocess.run([py, str(HELPER), *map(str, args)], capture_output=True, text=True, cwd=log.parent,
+                       timeout=seconds_left(deadline))
     log.write_text(r.stdout + r.stderr)
     if r.returncode != 0:
         raise RuntimeError(f"{HELPER.name} {args[0]} failed, see {log}")
@@ -131,52 +155,57 @@ def aspire_snr(clean: np.ndarray, noise_var: float) -> float:
     return float(np.mean(clean[:, disc] ** 2)) / noise_var
 
 
-def _derived_files(d: Path, star: Path, truth: np.ndarray, seed: int) -> None:
-    write_map(d / "truth.mrc", truth, PIXEL_SIZE)
-    write_map(d / "reference_30A.mrc", lowpassed(truth, REFERENCE_RESOLUTION, PIXEL_SIZE), PIXEL_SIZE)
+def _derived_files(d: Path, star: Path, truth: np.ndarray, seed: int, px: float) -> None:
+    write_map(d / "truth.mrc", truth, px)
+    write_map(d / "reference_30A.mrc", lowpassed(truth, REFERENCE_RESOLUTION, px), px)
     md = read_particles(star)
     write_star(d / "particles_perturbed.star", perturbed_metadata(md, PERTURB_DEG, PERTURB_PX, seed))
     write_star(d / "particles_noposes.star", without_poses(md))
 
 
-def make_set(key: dict, work: Path, aspire_py: str | None, shift_sigma: float) -> dict:
-    """The set of ``key`` (made once, then read from ``DIR/set.json``)."""
+def make_set(key: dict, work: Path, aspire_py: str | None, shift_sigma: float, deadline: float | None = None
+             ) -> dict:
+    """The set of ``key`` (made once, then read from ``DIR/set.json``; ``key["pixel_size"]`` defaults to 3 Å)."""
     d = work / set_name(key)
     if (d / "set.json").exists():
         return json.loads((d / "set.json").read_text())
     d.mkdir(parents=True, exist_ok=True)
     gen, vol, box, n, snr, seed = (key[k] for k in ("generator", "volume", "box", "particles", "snr", "seed"))
+    px = pixel_size_of(key)
     t0 = time.perf_counter()
     if gen == "aspire":
         if aspire_py is None:
             raise RuntimeError("ASPIRE not available")
         v = "asym" if vol == "asym" else str(RIBOSOME)
         info = _helper(aspire_py, ["simulate", "--volume", v, "--box", box, "--particles", n, "--snr", snr,
-                                   "--seed", seed, "--shift-sigma", shift_sigma, "--pixel-size", PIXEL_SIZE,
-                                   "--out", d], d / "aspire.log")
+                                   "--seed", seed, "--shift-sigma", shift_sigma, "--pixel-size", px,
+                                   "--out", d], d / "aspire.log", deadline)
         star = d / "particles.star"
         truth = np.load(d / "truth_relion.npy")
     else:
         src = d / "volume.mrc"
         if vol == "asym" and aspire_py is not None:
-            _helper(aspire_py, ["volume", "--box", box, "--seed", seed, "--out", d / "volume.npy"], d / "aspire.log")
-            write_map(src, np.load(d / "volume.npy"), PIXEL_SIZE)
+            _helper(aspire_py, ["volume", "--box", box, "--seed", seed, "--pixel-size", px, "--out", d / "volume.npy"],
+                    d / "aspire.log", deadline)
+            write_map(src, np.load(d / "volume.npy"), px)
             vname = f"AsymmetricVolume(L={box}, C=1, K=64, seed={seed})"
         elif vol == "ribosome":
-            write_map(src, np.asarray(np.load(RIBOSOME), np.float32), PIXEL_SIZE * box / np.load(RIBOSOME).shape[0])
+            write_map(src, np.asarray(np.load(RIBOSOME), np.float32), px * box / np.load(RIBOSOME).shape[0])
             vname = str(RIBOSOME)
         elif vol == "phantom":
             src, vname = None, "jaxcryo.phantom"
         else:
             raise RuntimeError("ASPIRE not available (the asym volume needs it)")
-        common = ["simulate", "--box", box, "--n-particles", n, "--seed", seed, "--pixel-size", PIXEL_SIZE,
-                  "--max-shift", shift_sigma * np.sqrt(3) * PIXEL_SIZE, "--quiet"] + (["--volume", src] if src else [])
-        r = timed(jaxcryo_cmd() + common + ["--snr", "inf", "--out", d / "clean"], d / "simulate_clean.log")
+        common = ["simulate", "--box", box, "--n-particles", n, "--seed", seed, "--pixel-size", px,
+                  "--max-shift", shift_sigma * np.sqrt(3) * px, "--quiet"] + (["--volume", src] if src else [])
+        r = timed(jaxcryo_cmd() + common + ["--snr", "inf", "--out", d / "clean"], d / "simulate_clean.log",
+                  timeout=seconds_left(deadline))
         if r["returncode"] != 0:
             raise RuntimeError(f"jaxcryo simulate failed, see {r['log']}")
         clean = _stack(d / "clean" / "particles.star")
         ratio = float(np.mean(np.var(clean, axis=(1, 2)))) / aspire_snr(clean, 1.0)
-        r = timed(jaxcryo_cmd() + common + ["--snr", snr * ratio, "--out", d], d / "simulate.log")
+        r = timed(jaxcryo_cmd() + common + ["--snr", snr * ratio, "--out", d], d / "simulate.log",
+                  timeout=seconds_left(deadline))
         if r["returncode"] != 0:
             raise RuntimeError(f"jaxcryo simulate failed, see {r['log']}")
         star = d / "particles.star"
@@ -184,20 +213,22 @@ def make_set(key: dict, work: Path, aspire_py: str | None, shift_sigma: float) -
         truth, _ = read_map(d / "ground_truth.mrc")
         shutil.rmtree(d / "clean")
         info = {"generator": "jaxcryo", "simulator": "jaxcryo simulate", "volume": vname, "box": box,
-                "particles": n, "pixel_size": PIXEL_SIZE, "seed": seed, "snr_aspire": snr,
+                "particles": n, "pixel_size": px, "seed": seed, "snr_aspire": snr,
                 "snr_jaxcryo": snr * ratio, "jaxcryo_over_aspire": ratio,
                 "snr_aspire_measured": aspire_snr(clean, noise_var),
                 "snr_jaxcryo_measured": float(np.mean(np.var(clean, axis=(1, 2)))) / noise_var,
                 "shifts": {"distribution": "uniform", "half_width_px": shift_sigma * np.sqrt(3)},
                 "truth": "ground_truth.mrc (RELION's CTF sign)"}
-    _derived_files(d, star, truth, seed)
+    _derived_files(d, star, truth, seed, px)
     info.update(dir=str(d), star=str(star), snr_definition=SNR_DEFINITION, make_seconds=time.perf_counter() - t0)
     (d / "set.json").write_text(json.dumps(info, indent=1))
     return info
 
 
 def set_name(key: dict) -> str:
-    return f"{key['generator']}_{key['volume']}_b{key['box']}_n{key['particles']}_snr{key['snr']:g}_s{key['seed']}"
+    px = pixel_size_of(key)
+    return (f"{key['generator']}_{key['volume']}_b{key['box']}_n{key['particles']}_snr{key['snr']:g}_s{key['seed']}"
+            + ("" if px == PIXEL_SIZE else f"_px{px:g}"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,9 +246,9 @@ def _run_json(out: Path) -> dict:
     return json.loads(f.read_text()) if f.exists() else {}
 
 
-def task_known(d: Path, truth, relion: bool) -> dict:
+def task_known(d: Path, truth, relion: bool, deadline: float | None = None) -> dict:
     r = timed(jaxcryo_cmd() + ["reconstruct", d / "particles.star", "--out", d / "known", "--quiet"],
-              d / "known.log")
+              d / "known.log", timeout=seconds_left(deadline))
     row = {**r, "load_average": _load_average()}
     if r["returncode"] == 0:
         vol, _ = read_map(d / "known" / "map.mrc")
@@ -225,7 +256,7 @@ def task_known(d: Path, truth, relion: bool) -> dict:
     exe = shutil.which("relion_reconstruct")
     if relion and exe:
         rr = timed([exe, "--i", "particles.star", "--o", "relion_known.mrc", "--ctf"], d / "relion_known.log",
-                   cwd=d)
+                   cwd=d, timeout=seconds_left(deadline))
         row["relion"] = {**rr}
         if rr["returncode"] == 0:
             rv, _ = read_map(d / "relion_known.mrc")
@@ -239,11 +270,11 @@ def _refine_row(out: Path, r: dict, truth, true_md) -> dict:
     row = {**r, "load_average": _load_average()}
     if r["returncode"] != 0:
         return row
-    vol, _ = read_map(out / "map.mrc")
+    vol, px = read_map(out / "map.mrc")
     e = pose_errors(read_particles(out / "particles.star"), true_md)
     hist = json.loads((out / "history.json").read_text())
     rj = _run_json(out)
-    row["posthoc_warnings"] = _posthoc_warnings(out, vol, hist)
+    row["posthoc_warnings"] = _posthoc_warnings(out, vol, hist, px)
     row.update(median_angular_error_deg=e["median_deg"], mean_angular_error_deg=e["mean_deg"],
                mirrored=e["mirrored"], median_shift_error_px=e["shift_error_median_px"],
                fsc05_truth_shell=fsc05_shell(vol, truth)[0], fsc_truth=fsc05_shell(vol, truth)[1],
@@ -255,42 +286,45 @@ def _refine_row(out: Path, r: dict, truth, true_md) -> dict:
     return row
 
 
-def _posthoc_warnings(out: Path, vol, hist) -> list | None:
+def _posthoc_warnings(out: Path, vol, hist, px: float) -> list | None:
     """The warnings ``jaxcryo.poses._diagnostics`` gives for a finished run (also for runs of a jaxcryo that
-    did not write them to run.json yet); ``None`` when that module is absent."""
+    did not write them to run.json yet) whose map has pixel size ``px``; ``None`` when that module is absent."""
     try:
         from jaxcryo.poses._diagnostics import run_warnings
     except ImportError:
         return None
     ref, _ = read_map(out.parent / "reference_30A.mrc") if "abinitio" not in out.name else (None, None)
-    return run_warnings(vol, ref, hist, PIXEL_SIZE, REFERENCE_RESOLUTION)
+    return run_warnings(vol, ref, hist, px, REFERENCE_RESOLUTION)
 
 
-def task_refine(d: Path, name: str, star: str, local: bool, extra: list, truth, true_md, variant: str) -> dict:
+def task_refine(d: Path, name: str, star: str, local: bool, extra: list, truth, true_md, variant: str,
+                deadline: float | None = None) -> dict:
     out = d / f"{name}__{variant}"
     cmd = jaxcryo_cmd() + ["refine", d / star, "--reference", d / "reference_30A.mrc", "--out", out, "--quiet",
                            "--truth", d / "truth.mrc"] + (["--local-only"] if local else []) + extra
-    return _refine_row(out, timed(cmd, d / f"{name}__{variant}.log"), truth, true_md)
+    return _refine_row(out, timed(cmd, d / f"{name}__{variant}.log", timeout=seconds_left(deadline)), truth,
+                       true_md)
 
 
-def task_abinitio(d: Path, extra: list, ab_extra: list, truth, true_md, variant: str) -> dict:
+def task_abinitio(d: Path, extra: list, ab_extra: list, truth, true_md, variant: str,
+                  deadline: float | None = None) -> dict:
     ab = d / f"abinitio__{variant}"
     a = timed(jaxcryo_cmd() + ["abinitio", d / "particles_noposes.star", "--out", ab, "--quiet", "--max-shift", "6"]
-              + ab_extra, d / f"abinitio__{variant}.log")
+              + ab_extra, d / f"abinitio__{variant}.log", timeout=seconds_left(deadline))
     if a["returncode"] != 0:
         return {**a, "stage": "abinitio"}
     out = d / f"abinitio_refine__{variant}"
     r = timed(jaxcryo_cmd() + ["refine", ab / "particles.star", "--reference", ab / "map.mrc", "--out", out,
-                               "--quiet", "--local-only"] + extra, d / f"abinitio_refine__{variant}.log")
+                               "--quiet", "--local-only"] + extra, d / f"abinitio_refine__{variant}.log",
+              timeout=seconds_left(deadline))
     row = _refine_row(out, r, truth, true_md)
     row.update(command=a["command"] + " ; " + r["command"], wall_seconds=a["wall_seconds"] + r["wall_seconds"],
                cpu_seconds=a["cpu_seconds"] + r["cpu_seconds"], abinitio_wall_seconds=a["wall_seconds"])
     if r["returncode"] == 0:
         from jaxcryo.poses import truth_metrics  # the map is in its own frame and hand: align it
 
-        vol, _ = read_map(out / "map.mrc")
-        m = truth_metrics(vol, read_particles(out / "particles.star").rotations, truth, true_md.rotations,
-                          PIXEL_SIZE)
+        vol, px = read_map(out / "map.mrc")
+        m = truth_metrics(vol, read_particles(out / "particles.star").rotations, truth, true_md.rotations, px)
         row.update(fsc05_truth_shell=m["fsc05_shell"], fsc_truth=m["fsc"], mirrored=m["mirrored"],
                    median_angular_error_deg=m["pose_error_median_deg"],
                    mean_angular_error_deg=m["pose_error_mean_deg"])
@@ -300,7 +334,11 @@ def task_abinitio(d: Path, extra: list, ab_extra: list, truth, true_md, variant:
 # --------------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------------
-ROW_KEYS = ("generator", "volume", "box", "particles", "snr", "seed", "task", "variant")
+ROW_KEYS = ("generator", "volume", "box", "pixel_size", "particles", "snr", "seed", "task", "variant")
+
+
+def _row_key(r: dict) -> tuple:
+    return tuple(pixel_size_of(r) if k == "pixel_size" else r.get(k) for k in ROW_KEYS)
 
 
 def task_oracle(d: Path, truth) -> dict:
@@ -317,10 +355,10 @@ def task_oracle(d: Path, truth) -> dict:
 
 
 def merge_rows(old: list, new: list) -> list:
-    key = lambda r: tuple(r.get(k) for k in ROW_KEYS)  # noqa: E731
+    key = _row_key
     rows = {key(r): r for r in old}
     rows.update({key(r): r for r in new})
-    return sorted(rows.values(), key=lambda r: tuple(str(r.get(k)) for k in ROW_KEYS))
+    return sorted(rows.values(), key=lambda r: tuple(map(str, _row_key(r))))
 
 
 def save(res_file: Path, rows: list, skipped: list) -> dict:
@@ -338,8 +376,9 @@ def _fmt(x, f="{:.2f}"):
 def table(rows: list) -> str:
     """The README's Markdown table."""
     lines = ["| generator | volume | SNR (ASPIRE) | SNR (jaxcryo) | seed | task | variant | median err (°) | "
-             "shift err (px) | FSC-0.5 shell / known | RELION known | iter. | wall s | CPU s | warnings (posthoc) |",
-             "|" + "---|" * 15]
+             "shift err (px) | FSC-0.5 shell / known | RELION known | iter. | wall s | CPU s | warnings (posthoc) | "
+             "box (Å/px) |",
+             "|" + "---|" * 16]
     for r in rows:
         known = r.get("known_pose_shell")
         rel = (r.get("relion") or {}).get("fsc05_truth_shell") if r["task"] == "known" else None
@@ -350,7 +389,8 @@ def table(rows: list) -> str:
             f"{_fmt(r.get('median_shift_error_px'))} | {r.get('fsc05_truth_shell', 'failed')} / {known} | "
             f"{'-' if rel is None else f'{rel} ({relt:.0f} s)'} | {r.get('iterations', '-')} | "
             f"{_fmt(r.get('wall_seconds'), '{:.0f}')} | {_fmt(r.get('cpu_seconds'), '{:.0f}')} | "
-            f"{_fmt(None if r.get('posthoc_warnings') is None else len(r['posthoc_warnings']), '{}')} |")
+            f"{_fmt(None if r.get('posthoc_warnings') is None else len(r['posthoc_warnings']), '{}')} | "
+            f"{r['box']} ({pixel_size_of(r):g}) |")
     return "\n".join(lines)
 
 
@@ -363,12 +403,13 @@ def plot(rows: list, path: Path) -> None:
     groups = {}
     for r in rows:
         if r["task"] != "known" and "fsc05_truth_shell" in r:
-            groups.setdefault((r["generator"], r["volume"], r["task"], r["variant"]), []).append(r)
-    for (g, v, t, var), rs in sorted(groups.items()):
+            groups.setdefault((r["generator"], r["volume"], r["box"], r["particles"], r["task"], r["variant"]),
+                              []).append(r)
+    for (g, v, box, n, t, var), rs in sorted(groups.items()):
         if len({r["snr"] for r in rs}) < 2:  # a variant tried at one SNR: in the table, not the plot
             continue
         rs = sorted(rs, key=lambda r: (r["snr"], r["seed"]))
-        lab = f"{g}/{v} {t}" + ("" if var == "default" else f" [{var}]")
+        lab = f"{g}/{v} b{box} n{n} {t}" + ("" if var == "default" else f" [{var}]")
         style = ("o-" if g == "aspire" else "s--")
         ax[0].plot([r["snr"] for r in rs], [r.get("median_angular_error_deg") for r in rs], style, label=lab)
         ax[1].plot([r["snr"] for r in rs], [r["fsc05_truth_shell"] - r["known_pose_shell"] for r in rs], style,
@@ -392,6 +433,8 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", default=["local", "global"], choices=TASKS)
     p.add_argument("--box", type=int, default=64)
     p.add_argument("--particles", type=int, default=5000)
+    p.add_argument("--pixel-size", type=float, default=PIXEL_SIZE,
+                   help="Å/px of the sets (and of the 30 Å reference's low-pass); in the set's name when not 3")
     p.add_argument("--shift-sigma", type=float, default=1.5, help="offset standard deviation (px)")
     p.add_argument("--variant", default="default", help="label of these rows (e.g. a tried fix)")
     p.add_argument("--refine-args", default="",
@@ -399,6 +442,9 @@ def main(argv=None) -> int:
     p.add_argument("--abinitio-args", default="", help="extra arguments for jaxcryo abinitio (one string)")
     p.add_argument("--aspire-python", default=None)
     p.add_argument("--no-relion", action="store_true", help="skip relion_reconstruct")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds for the whole run: commands are stopped then, later tasks skipped")
+    p.add_argument("--task-timeout", type=float, default=None, help="seconds for each task (its commands)")
     p.add_argument("--quick", action="store_true",
                    help="CI: jaxcryo set of the phantom, box 32, 300 particles, SNR 0.5, known + local (2 iterations)")
     p.add_argument("--out", type=Path, default=BENCH / "results")
@@ -415,14 +461,17 @@ def main(argv=None) -> int:
         for r in rows:  # the warnings of today's diagnostics, also for rows run before them
             out = Path(str(r.get("log", ""))).with_suffix("")
             if r["task"] != "known" and (out / "map.mrc").exists() and (out / "history.json").exists():
-                r["posthoc_warnings"] = _posthoc_warnings(out, read_map(out / "map.mrc")[0],
-                                                          json.loads((out / "history.json").read_text()))
+                vol, px = read_map(out / "map.mrc")
+                r["posthoc_warnings"] = _posthoc_warnings(out, vol, json.loads((out / "history.json").read_text()),
+                                                          px)
         a.out.mkdir(parents=True, exist_ok=True)
         plot(save(a.out / "robustness.json", rows, [])["rows"], a.out / "robustness.png")
         return 0
+    deadline = None if a.deadline is None else time.monotonic() + a.deadline
     extra = shlex.split(a.refine_args)
     if a.quick:
         a.generators, a.volumes, a.box, a.particles, a.snr, a.seeds = ["jaxcryo"], ["phantom"], 32, 300, [0.5], [0]
+        a.pixel_size = PIXEL_SIZE
         a.tasks, a.no_relion = ["local"], True
         extra = ["--iterations", "2", "--batch-size", "100"] + extra
     aspire_py = None if a.quick else find_aspire(a.aspire_python)
@@ -444,29 +493,37 @@ def main(argv=None) -> int:
                 continue
             for snr in a.snr:
                 for seed in a.seeds:
-                    key = {"generator": gen, "volume": vol, "box": a.box, "particles": a.particles, "snr": snr,
-                           "seed": seed}
-                    s = make_set(key, a.work, aspire_py, a.shift_sigma)
+                    key = {"generator": gen, "volume": vol, "box": a.box, "pixel_size": a.pixel_size,
+                           "particles": a.particles, "snr": snr, "seed": seed}
+                    s = make_set(key, a.work, aspire_py, a.shift_sigma, deadline)
                     d = Path(s["dir"])
                     truth, _ = read_map(d / "truth.mrc")
                     true_md = read_particles(Path(s["star"]))
                     base = {**key, "snr_definition": SNR_DEFINITION, "snr_jaxcryo": s.get("snr_jaxcryo_measured"),
                             "snr_aspire_measured": s.get("snr_aspire_measured"), "set": s}
                     prev_known = next((r for r in old["rows"] if r["task"] == "known" and
-                                       all(r.get(k) == v for k, v in key.items())), None)
+                                       _row_key(r) == _row_key({**key, "task": "known", "variant": "default"})),
+                                      None)
                     known = prev_known or {**base, "task": "known", "variant": "default",
-                                           **task_known(d, truth, not a.no_relion)}
+                                           **task_known(d, truth, not a.no_relion, deadline)}
                     known["known_pose_shell"] = known.get("fsc05_truth_shell")
                     rows.append(known)
                     print(f"{set_name(key)}: known-pose shell {known.get('fsc05_truth_shell')}", flush=True)
                     for t in a.tasks:
+                        left = seconds_left(deadline)
+                        if left is not None and left < MIN_TASK_SECONDS:
+                            skipped.append({**key, "task": t, "reason": f"deadline: {left:.0f} s left"})
+                            print(f"  {t}: skipped ({left:.0f} s left before the deadline)", flush=True)
+                            continue
+                        stop = stop_time(deadline, a.task_timeout)
                         if t == "oracle":
                             r = task_oracle(d, truth)
                         elif t == "abinitio":
-                            r = task_abinitio(d, extra, shlex.split(a.abinitio_args), truth, true_md, a.variant)
+                            r = task_abinitio(d, extra, shlex.split(a.abinitio_args), truth, true_md, a.variant,
+                                              stop)
                         else:
                             star = "particles_perturbed.star" if t == "local" else "particles_noposes.star"
-                            r = task_refine(d, t, star, t == "local", extra, truth, true_md, a.variant)
+                            r = task_refine(d, t, star, t == "local", extra, truth, true_md, a.variant, stop)
                         row = {**base, "task": t, "variant": a.variant, "refine_args": extra,
                                "known_pose_shell": known.get("fsc05_truth_shell"), **r}
                         rows.append(row)

@@ -237,6 +237,29 @@ def test_toy_projections_open_permissively(shared_data, monkeypatch):
     assert float(np.abs(s[0]).max()) > 0
 
 
+
+def test_library_deprecation_warning_keeps_strict_open(tmp_path, monkeypatch):
+    """A DeprecationWarning raised inside mrcfile (NumPy 2.5 deprecates what mrcfile 1.5.4 does to every header)
+    is not a fault of the file: a valid map still opens strictly, without the permissive-mode warning."""
+    import jaxcryo.io.mrc as mrc
+
+    v = np.arange(4 * 4 * 4, dtype=np.float32).reshape(4, 4, 4)
+    write_map(tmp_path / "ok.mrc", v, 2.0)
+    real_open = mrcfile.open
+
+    def open_warning(*a, **k):
+        warnings.warn("Setting the dtype on a NumPy array has been deprecated", DeprecationWarning)
+        return real_open(*a, **k)
+
+    monkeypatch.setattr(mrc, "_WARNED", set())
+    monkeypatch.setattr(mrc.mrcfile, "open", open_warning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        back, px = read_map(tmp_path / "ok.mrc")
+    np.testing.assert_array_equal(back, v)
+    assert px == pytest.approx(2.0)
+
+
 # ---------------------------------------------------------------- (g) STAR round trip
 def test_write_star_read_star_round_trip(tmp_path):
     md = _particles(n=7)

@@ -29,6 +29,10 @@ def _open(path, mmap: bool = False):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
+            # mrcfile's own use of NumPy (e.g. setting an array's dtype, deprecated in NumPy 2.5) says nothing
+            # about the file: only its warnings about the file make the open fall back to permissive mode
+            for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+                warnings.simplefilter("ignore", category)
             return opener(path, mode="r")
     except Exception:
         pass
