@@ -14,7 +14,8 @@
 #
 # Environment: PY (jaxcryo's Python, default python3), ASPIRE_PY (default $PY), OUT (default
 # bench_out/gpu_robustness), WORK (default /tmp/work), SITE (default /tmp/site), WHEELS (default .whl; empty:
-# install nothing), BUDGET (seconds for the whole script, default 540), TASKS, REFINE_ARGS, TASK_TIMEOUT (seconds
+# install nothing), BUDGET (seconds for the whole script, default 540), BOX, PX, N, SNR, SEED (another set than
+# the box-128 one), TASKS, REFINE_ARGS, TASK_TIMEOUT (seconds
 # for each task; default none: local, then global, then abinitio each get what is left).
 # GPU_ROBUSTNESS_QUICK=1: a CPU dry run of the same flow (box 32 at 6 Å/px, 500 particles, local only, 2 refine
 # iterations).
@@ -33,9 +34,9 @@ if [ "${GPU_ROBUSTNESS_QUICK:-0}" = 1 ]; then
     # (an FFT waiting for the intra-op thread pool that both executions hold); one thread per op avoids it
     export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_cpu_multi_thread_eigen=false"
 else
-    BOX=128 PX=1.5 N=10000 TASKS=${TASKS:-local global abinitio} REFINE_ARGS=${REFINE_ARGS:-}
+    BOX=${BOX:-128} PX=${PX:-1.5} N=${N:-10000} TASKS=${TASKS:-local global abinitio} REFINE_ARGS=${REFINE_ARGS:-}
 fi
-SNR=0.1 SEED=0
+SNR=${SNR:-0.1} SEED=${SEED:-0}
 mkdir -p "$OUT/res" "$WORK"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
