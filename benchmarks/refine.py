@@ -3,6 +3,11 @@ known-pose reconstruction of the same set, preconditioned against plain SGD volu
 (``jaxcryo abinitio`` from no poses and no reference, then ``jaxcryo refine``), and RELION's auto-refine on
 the same data when it is installed and asked for (``--relion``).
 
+Runs: ``local`` and ``global`` (today's default volume update: the one-pass Wiener filter, re-estimated each
+iteration), ``local_psgd``, ``local_sgd`` and ``global_psgd`` (``--optimizer psgd|sgd``: the preconditioned
+against the plain minibatch updates, each from zero on the same objective every iteration), ``local_soft``
+(``--top-k 3``), ``abinitio_refine``.
+
 The set (issue 11's acceptance): box 64, 5,000 particles at 3 Å/px from the built-in phantom, CTF with defocus
 1-2.5 µm, in-plane shifts uniform in +-5 px, SNR 0.5 (signal/noise variance). Copies of its STAR: poses rotated
 by 5° about random axes and shifts moved by 1.5 px (local refinement), and no poses (global). The
@@ -233,7 +238,8 @@ def compare_with_relion(runs, relion, known) -> list:
     if not isinstance(relion, dict) or not relion.get("available"):
         return []
     out = []
-    for task, ours, theirs in (("local", "local_psgd", "relion_local"), ("global", "global_psgd", "relion_global")):
+    for task, theirs in (("local", "relion_local"), ("global", "relion_global")):
+        ours = task if any(x["name"] == task for x in runs) else f"{task}_psgd"  # the default, else PSGD's
         r = next((x for x in runs if x["name"] == ours and "fsc05_truth_shell" in x), None)
         t = relion.get(theirs)
         if t is None or "fsc05_truth_shell" not in t:
@@ -283,13 +289,14 @@ def main(argv=None) -> int:
         setting = make_set(d, args.box, args.particles, args.snr, args.seed)
     truth, _ = read_map(d / "ground_truth.mrc")
     true_md = read_particles(setting["star"])
-    want = set(args.runs_only or ["local_psgd", "local_sgd", "local_soft", "global_psgd", "abinitio_refine"])
+    want = set(args.runs_only or ["local", "local_psgd", "local_sgd", "local_soft", "global", "global_psgd",
+                                  "abinitio_refine"])
     if args.skip_sgd:
         want.discard("local_sgd")
     if args.skip_abinitio or (args.quick and not args.runs_only):  # quick (CI): tests/test_abinitio.py covers it
         want.discard("abinitio_refine")
-    if args.quick and not args.runs_only:  # CI: tests/test_soft_assignment.py covers soft assignment
-        want.discard("local_soft")
+    if args.quick and not args.runs_only:  # CI: tests/test_soft_assignment.py covers soft assignment; the default
+        want -= {"local_soft", "local", "global"}  # update: tests/test_volume_update.py, tests/test_refine.py
     if prev is not None:
         known = prev["known_pose"]
     else:  # the known-pose reconstruction of the same set (the yardstick)
@@ -297,20 +304,26 @@ def main(argv=None) -> int:
         vol, _ = read_map(d / "known" / "map.mrc")
         known = {**r, "fsc05_truth_shell": fsc05_shell(vol, truth)[0]}
     runs = [] if prev is None else [r for r in prev["runs"] if r["name"] not in want]
-    if "local_psgd" in want:
-        runs.append(run_jaxcryo(d, "local_psgd", str(d / "particles_perturbed.star"), ["--local-only"] + extra, truth,
+    if "local" in want:  # today's default volume update (one-pass Wiener, re-estimated each iteration)
+        runs.append(run_jaxcryo(d, "local", str(d / "particles_perturbed.star"), ["--local-only"] + extra, truth,
                                 true_md, env))
+    if "local_psgd" in want:
+        runs.append(run_jaxcryo(d, "local_psgd", str(d / "particles_perturbed.star"),
+                                ["--local-only", "--optimizer", "psgd"] + extra, truth, true_md, env))
     if "local_sgd" in want:
         runs.append(run_jaxcryo(d, "local_sgd", str(d / "particles_perturbed.star"),
                                 ["--local-only", "--optimizer", "sgd"] + extra, truth, true_md, env))
     if "local_soft" in want:  # soft assignment: each image over its 3 most likely poses
         runs.append(run_jaxcryo(d, "local_soft", str(d / "particles_perturbed.star"),
                                 ["--local-only", "--top-k", "3"] + extra, truth, true_md, env))
+    if "global" in want:
+        runs.append(run_jaxcryo(d, "global", str(d / "particles_noposes.star"), extra, truth, true_md, env))
     if "global_psgd" in want:
-        runs.append(run_jaxcryo(d, "global_psgd", str(d / "particles_noposes.star"), extra, truth, true_md, env))
+        runs.append(run_jaxcryo(d, "global_psgd", str(d / "particles_noposes.star"), ["--optimizer", "psgd"] + extra,
+                                truth, true_md, env))
     if "abinitio_refine" in want:
         runs.append(run_abinitio_then_refine(d, extra, truth, true_md, env, args.quick))
-    order = ["local_psgd", "local_sgd", "local_soft", "global_psgd", "abinitio_refine"]
+    order = ["local", "local_psgd", "local_sgd", "local_soft", "global", "global_psgd", "abinitio_refine"]
     runs.sort(key=lambda r: order.index(r["name"]))
     result = {"machine": machine_info(), "setting": setting, "known_pose": known, "runs": runs,
               "relion": (prev["relion"] if prev is not None else
@@ -331,7 +344,9 @@ def main(argv=None) -> int:
                 "shells_allowed": 2 if ab else 1,
                 "met_fsc": r["fsc05_truth_shell"] >= known["fsc05_truth_shell"] - (2 if ab else 1),
                 "wall_seconds": r["wall_seconds"]}
-    loc_glob = [r["wall_seconds"] for r in runs if r["name"] in ("local_psgd", "global_psgd")]
+    names = {r["name"] for r in runs}
+    pair = ("local", "global") if {"local", "global"} <= names else ("local_psgd", "global_psgd")
+    loc_glob = [r["wall_seconds"] for r in runs if r["name"] in pair]
     result["goals"] = goals
     result["comparison"] = compare_with_relion(runs, result["relion"], known)
     result["local_plus_global_seconds"] = float(sum(loc_glob))
