@@ -268,6 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--relion-timeout", type=float, default=3600)
     p.add_argument("--skip-sgd", action="store_true", help="skip the plain-SGD volume-update comparison")
     p.add_argument("--skip-abinitio", action="store_true", help="skip ab initio then refine")
+    p.add_argument("--skip-soft", action="store_true", help="skip soft assignment (--top-k 3)")
     p.add_argument("--runs-only", nargs="+", default=None, help="re-run only these of an existing DIR/refine.json")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -293,6 +294,8 @@ def main(argv=None) -> int:
                                   "abinitio_refine"])
     if args.skip_sgd:
         want.discard("local_sgd")
+    if args.skip_soft:
+        want.discard("local_soft")
     if args.skip_abinitio or (args.quick and not args.runs_only):  # quick (CI): tests/test_abinitio.py covers it
         want.discard("abinitio_refine")
     if args.quick and not args.runs_only:  # CI: tests/test_soft_assignment.py covers soft assignment; the default
