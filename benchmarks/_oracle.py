@@ -1,4 +1,5 @@
-"""The oracle row of the robustness matrix (issue 19): how well *any* per-image pose estimate can do on a set.
+"""The oracle row of the robustness matrix (issue 19): how well a maximum-likelihood pose estimate of each image
+(what jaxcryo and RELION report) can do on a set, given the perfect map.
 
 Each image is searched locally around its **true** pose against the **true** map (put on the images' scale by
 :func:`jaxcryo.poses._scale.reference_scale`), with jaxcryo's likelihood (:class:`jaxcryo.poses.Scorer`, every
@@ -6,7 +7,9 @@ shell to Nyquist) and engine (:class:`jaxcryo.poses.PoseSearch`): a :class:`jaxc
 :class:`jaxcryo.poses.LocalSearch` (1° steps over ±6° with origins ±2 px in 1 px steps, then 0.25° steps
 over ±1° with origins ±0.5 px in 0.25 px steps). The median error of these maximum-likelihood poses is
 what noise alone costs: a refinement, whose map is estimated from the same noisy images, cannot be expected
-to beat it, and at low SNR it says when a fixed target (e.g. < 1.5°) is out of reach of any pose estimate.
+to beat it (beyond the prior that a local search's bounded range adds), and at low SNR it says when a fixed
+target (e.g. < 1.5°) is out of reach of per-image maximum-likelihood poses. (A posterior mean over poses could
+have a smaller error; neither program reports one.)
 """
 
 from __future__ import annotations
