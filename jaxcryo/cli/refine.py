@@ -28,7 +28,9 @@ def register(sub) -> None:
         description=(
             "Each iteration assigns poses to each half set by device-side scoring against its own half map "
             "(a global search over SO(3) x shifts when the particles have no poses, then local searches), "
-            "updates each half map with preconditioned SGD (or --optimizer sgd) on the known-pose objective, "
+            "re-estimates each half map from the particles at their new poses (the one-pass Wiener filter with "
+            "the spectral prior of the half-map FSC, as RELION; --optimizer psgd or sgd: minibatch epochs from "
+            "zero on the same objective; --warm-start: epochs from the last half maps), "
             "and uses the half-map FSC to set the next frequency limit and angular step, until the resolution "
             "stops improving. Ends with a known-pose reconstruction from the refined poses (jaxcryo "
             "reconstruct's defaults) and the postprocess of its half maps (jaxcryo postprocess: masked FSC "
