@@ -56,3 +56,45 @@ def oracle_errors(source, truth: np.ndarray, n_images: int = 200, seed: int = 0)
                 f"{a:g} deg steps over +-{b:g} deg with origins +-{c:g} px in {d:g} px" for a, b, c, d in STAGES)
                 + f"; every shell to Nyquist; the true map scaled by {scale:.4g}",
             "oracle_seconds": time.perf_counter() - t0}
+
+
+def score_margins(source, truth: np.ndarray, n_images: int = 300, thetas=(0.5, 1.0, 2.0, 3.0, 5.0),
+                  directions: int = 20, seed: int = 0) -> dict:
+    """For each angle ``theta`` (degrees): the fraction of images (the first ``n_images``) whose score against
+    ``truth`` (scaled as in :func:`oracle_errors`, every shell to Nyquist) is higher at their true pose rotated
+    by ``theta`` about a random axis (``directions`` seeded axes) than at the true pose itself."""
+    from scipy.spatial.transform import Rotation
+
+    from jaxcryo.data._batch import load_batch, to_batch
+    from jaxcryo.poses._scoring import score_local
+
+    md = source.metadata
+    n, px = md.box, float(md.pixel_size)
+    plain = Projector(n=n, pixel_size=px, operator=make_operator("trilinear"))
+    scoring = Projector(n=n, pixel_size=px, operator=make_operator("trilinear", oversample=2))
+    vol_f = volume_to_fourier(jnp.asarray(np.asarray(truth, np.float32)))
+    vol_f = vol_f * reference_scale(source, vol_f, plain, 2 * px, seed=seed)
+    b = min(n_images, len(md))
+    batch = to_batch(load_batch(source, np.arange(b)))
+    axes = np.random.default_rng(seed).normal(size=(directions, 3))
+    axes /= np.linalg.norm(axes, axis=1, keepdims=True)
+    rot = np.asarray(md.rotations[:b])
+    cands = [rot[:, None]] + [np.einsum("qij,bjk->bqik", Rotation.from_rotvec(axes * np.radians(t)).as_matrix(), rot)
+                              for t in thetas]
+    sc = np.asarray(score_local(vol_f, batch, scoring, jnp.asarray(np.concatenate(cands, 1), jnp.float32),
+                                jnp.asarray(np.asarray(md.shifts[:b], np.float32)[:, None]), kmax=n // 2 - 1))[..., 0]
+    better = sc[:, 1:].reshape(b, len(thetas), directions) > sc[:, :1, None]
+    return {f"{t:g}": float(better[:, i].mean()) for i, t in enumerate(thetas)}
+
+
+if __name__ == "__main__":  # python benchmarks/_oracle.py SETDIR ...: the floor and the score margins of sets
+    import sys
+    from pathlib import Path
+
+    from jaxcryo.data._sources import ParticleDataset
+    from jaxcryo.io.mrc import read_map
+
+    for d in map(Path, sys.argv[1:]):
+        ds, (truth, _) = ParticleDataset.from_file(d / "particles.star"), read_map(d / "truth.mrc")
+        print(d.name, "fraction of images preferring a pose theta degrees off:", score_margins(ds, truth))
+        print(d.name, oracle_errors(ds, truth))
