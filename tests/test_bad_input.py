@@ -345,7 +345,7 @@ def test_refine_nan_image_named_not_the_learning_rate(sim, tmp_path, capsys):
     out = tmp_path / "rf"
     line = refused(["refine", star, "--reference", sim / "ground_truth.mrc", "--out", out, "--quiet",
                     "--iterations", "1", "--local-only", "--batch-size", "4"], capsys,
-                   "particle 6", "particles.mrcs, image 6", "NaN", out=out)
+                   "particle 6", "particles.mrcs", "image 6", "NaN", out=out)
     assert "learning rate" not in line
 
 

@@ -64,12 +64,14 @@ def test_local_top_k_and_cascade(small):
 
 def test_settings_validate_themselves():
     for kw, param in ((dict(iterations=0), "iterations"), (dict(min_step=0.0), "min_step"),
-                      (dict(top_k=0), "top_k"), (dict(optimizer="cg"), "optimizer"),
+                      (dict(top_k=0), "top_k"), (dict(optimizer="cg", reestimate=False), "optimizer"),
                       (dict(optimizer="nope"), "optimizer"), (dict(max_shift_px=-1.0), "max_shift_px")):
         with pytest.raises(InputError) as e:
             RefineSettings(**kw)
         assert e.value.param == param, (kw, e.value.param)
     assert RefineSettings(optimizer=SGD()).to_dict()["optimizer"] == "sgd"
+    # half maps re-estimated each iteration (the default): any one-pass strategy (CG included) is a valid update
+    assert RefineSettings(optimizer="cg").to_dict()["optimizer"] == "cg"
     with pytest.raises(InputError) as e:
         AbinitioSettings(final_resolution=50.0)
     assert e.value.param == "final_resolution"

@@ -115,6 +115,23 @@ def _check_poses(md: ParticleMetadata) -> None:
         raise InputError(f"{md.source or 'particles'}: the origin of particle {bad + 1} is not finite")
 
 
+def _check_images(source) -> None:
+    """Refuse, before any work, a set with a non-finite image: a one-pass half-map update would turn it into
+    a NaN map silently (the minibatch steps would catch it only at their first step). Names the stack, the
+    particle and its image number."""
+    from ..data._checks import find_bad_images
+
+    bad = find_bad_images(source)
+    if not bad.any():
+        return
+    md = source.metadata
+    p = int(np.flatnonzero(bad)[0])
+    where = md.image_files[p] if md.image_files is not None else (md.source or "particles")
+    raise InputError(f"{where}: {int(bad.sum())} image(s) contain NaN/inf (first: particle {p + 1}, image "
+                     f"{int(md.image_indices[p]) + 1} of the stack; particles from {md.source or 'particles'}); "
+                     "remove them (jaxcryo reconstruct --skip-bad and abinitio --skip-bad leave them out)")
+
+
 def fsc_weighted(vol_f: Complex[Array, "n n n"], fsc: Float[np.ndarray, " s"]) -> Complex[Array, "n n n"]:
     """``vol_f`` (centred Fourier volume) multiplied in each shell ``s`` by ``sqrt(2 F_s / (1 + F_s))``, the
     half-map FSC ``F`` turned into the full map's correlation with the truth (``F`` clipped to [0, 1]; shells
@@ -282,6 +299,7 @@ def refine(source, reference: Float[np.ndarray, "m m m"], settings: RefineSettin
     if len(md) < 2:
         raise InputError(f"{md.source or 'particles'}: {len(md)} particle(s); refinement needs at least 2")
     _check_poses(md)
+    _check_images(source)
     n, px = md.box, float(md.pixel_size)
     if mask is not None:  # checked before the work: in [0, 1], not empty, the particles' box
         mask = np.asarray(mask, np.float32)

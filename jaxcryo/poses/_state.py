@@ -132,7 +132,8 @@ class RefineSettings:
         non_negative(self, ("max_shift_px", "lam"))
         if self.global_step > 90:
             fail(self, "global_step", "expected at most 90 degrees")
-        if not self.reestimate and not isinstance(make_strategy(self.optimizer), MinibatchStrategy):
+        strategy = make_strategy(self.optimizer)  # an unknown name: InputError (optimizer)
+        if not self.reestimate and not isinstance(strategy, MinibatchStrategy):
             fail(self, "optimizer", "expected a minibatch strategy (psgd, sgd, adam) for warm-started updates "
                  "(reestimate=False)")
         make_operator(self.interp)  # an unknown operator name: InputError (interp)
