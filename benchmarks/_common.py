@@ -275,3 +275,13 @@ def run_timed(cmd: Sequence[str], cwd=None, env: dict | None = None, log=None, t
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     return {"command": " ".join(map(str, cmd)), "wall_s": wall, "cpu_s": cpu, "loadavg_before": load,
             "returncode": rc}
+
+
+def timed(cmd, log: Path, env=None, timeout=None, cwd=None) -> dict:
+    """:func:`run_timed` with its output in ``log``, under the field names of the refinement benchmarks
+    (``refine.py``, ``robustness.py``, ``_relion.py``): wall seconds, and the CPU seconds of it and its children
+    (user + system; a fairer measure than the wall time when other work shares the machine); a timeout stops its
+    whole process group (every MPI rank), returncode ``"timeout"``."""
+    r = run_timed(cmd, cwd=cwd, env=env, log=log, timeout=timeout)
+    return {"command": r["command"], "returncode": r["returncode"], "wall_seconds": r["wall_s"],
+            "cpu_seconds": r["cpu_s"], "log": str(log)}

@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax.numpy as jnp  # noqa: E402
 
-from _common import jaxcryo_command as jaxcryo_cmd, machine_info, run_timed, write_json  # noqa: E402
+from _common import jaxcryo_command as jaxcryo_cmd, machine_info, timed, write_json  # noqa: E402
+from _relion import (MISSING as RELION_MISSING, RELION_RUNS, relion_executables, relion_result,  # noqa: E402
+                     relion_version, run_relion_folder)
 import jaxcryo as jc  # noqa: E402
 from jaxcryo.cli.refine import pose_errors  # noqa: E402
 from jaxcryo.data import perturbed_metadata, read_particles, without_poses  # noqa: E402
@@ -55,15 +55,6 @@ from jaxcryo.leastsq import fourier_fsc  # noqa: E402
 from jaxcryo.ndimage import first_shell_below  # noqa: E402
 from jaxcryo.plotting import save_figure  # noqa: E402
 from jaxcryo.poses import lowpass  # noqa: E402
-
-
-def timed(cmd, log: Path, env=None, timeout=None, cwd=None) -> dict:
-    """:func:`_common.run_timed` with its output in ``log``, under this benchmark's field names: wall seconds, and
-    the CPU seconds of it and its children (user + system; a fairer measure than the wall time when other work
-    shares the machine); a timeout stops its whole process group (every MPI rank), returncode ``"timeout"``."""
-    r = run_timed(cmd, cwd=cwd, env=env, log=log, timeout=timeout)
-    return {"command": r["command"], "returncode": r["returncode"], "wall_seconds": r["wall_s"],
-            "cpu_seconds": r["cpu_s"], "log": str(log)}
 
 
 def fsc05_shell(vol, truth) -> tuple[int, list]:
@@ -142,93 +133,33 @@ def run_abinitio_then_refine(d: Path, extra: list, truth, true_md, env, quick: b
                               "mirrored": m0["mirrored"]}}
 
 
-RELION_RUNS = ("relion_local", "relion_global")
-
-
-def _relion_outputs(o: Path) -> dict:
-    """RELION's files in ``o``: the last finished iteration (``*_itNNN_*``, also those of ``--continue`` runs,
-    named ``run_ctNN_itNNN_*``) and the final (converged) map and data."""
-    import re
-
-    its = {}
-    for f in o.glob("run*_it[0-9][0-9][0-9]_optimiser.star"):
-        its[int(re.search(r"_it(\d{3})_optimiser", f.name).group(1))] = f
-    final = [f for f in o.glob("run*_class001.mrc") if "_it" not in f.name and "half" not in f.name]
-    return {"last_iteration": max(its) if its else None, "optimiser": its[max(its)] if its else None,
-            "final_map": final[0] if final else None,
-            "final_data": final[0].with_name(final[0].name.replace("_class001.mrc", "_data.star")) if final else None}
-
-
 def _relion_evaluate(o: Path, truth, true_md) -> dict:
     """Metrics of a RELION auto-refine folder: the final map if it converged, else the average of the two
-    half maps of the last finished iteration (its ``_data.star`` for the poses)."""
-    out = _relion_outputs(o)
-    if out["final_map"] is not None:
-        vol, _ = read_map(out["final_map"])
-        data, ev = out["final_data"], {"converged": True, "evaluated": out["final_map"].name}
-    elif out["last_iteration"] is not None:
-        opt = out["optimiser"]
-        h1, _ = read_map(opt.with_name(opt.name.replace("_optimiser.star", "_half1_class001.mrc")))
-        h2, _ = read_map(opt.with_name(opt.name.replace("_optimiser.star", "_half2_class001.mrc")))
-        vol = 0.5 * (h1 + h2)
-        data = opt.with_name(opt.name.replace("_optimiser.star", "_data.star"))
-        ev = {"converged": False, "evaluated": f"{data.name} and the average of its two half maps"}
-    else:
-        return {"converged": False, "evaluated": None}
+    half maps of the last finished iteration (its ``_data.star`` for the poses; :func:`_relion.relion_result`)."""
+    vol, data, ev = relion_result(o)
+    if vol is None:
+        return ev
     shell, f = fsc05_shell(vol, truth)
     e = pose_errors(read_particles(data), true_md)
-    return {**ev, "iterations": out["last_iteration"], "fsc05_truth_shell": shell, "fsc_truth": f,
+    return {**ev, "fsc05_truth_shell": shell, "fsc_truth": f,
             "median_angular_error_deg": e["median_deg"], "mean_angular_error_deg": e["mean_deg"],
             "mirrored": e["mirrored"], "median_shift_error_px": e["shift_error_median_px"]}
 
 
 def run_relion(d: Path, truth, true_md, args, which=RELION_RUNS, prev=None) -> dict:
-    """RELION 3.1 auto-refine on the local and the global set. A run stopped by ``--relion-timeout`` is
-    continued from its last iteration (``--continue``) the next time, and its wall time is the sum of the
-    segments (``DIR/relion_*/segments.json``); an unconverged run is evaluated at its last iteration."""
-    exe = shutil.which("relion_refine_mpi")
-    mpirun = shutil.which("mpirun")
-    if exe is None or mpirun is None:
-        return {"available": False, "reason": "relion_refine_mpi or mpirun not on the PATH (Debian: apt-get install relion)"}
-    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    v = subprocess.run([shutil.which("relion_refine") or exe, "--version"], capture_output=True, text=True)
-    res = dict(prev or {}, available=True, version=(v.stdout.strip().splitlines() or ["?"])[0])
-    mpi = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "3", exe]
-    for name, star, extra in (("relion_local", "particles_perturbed.star",
-                               ["--offset_range", "3", "--offset_step", "1", "--healpix_order", "4", "--auto_local_healpix_order", "4",
-                                "--sigma_ang", "3"]),
-                              # the global search samples translations as jaxcryo's does (+-6 px in 2 px steps;
-                              # auto-refine halves the step as it refines): with 1 px steps (113 translations)
-                              # RELION's first iteration alone took an estimated 1.5 h on the 2-core CPU
-                              ("relion_global", "particles_noposes.star",
-                               ["--offset_range", "6", "--healpix_order", "2", "--offset_step", "2"])):
+    """RELION 3.1 auto-refine on the local and the global set (:mod:`_relion`). A run stopped by
+    ``--relion-timeout`` is continued from its last iteration (``--continue``) the next time, and its wall time is
+    the sum of the segments (``DIR/relion_*/segments.json``); an unconverged run is evaluated at its last
+    iteration."""
+    exes = relion_executables()
+    if exes is None:
+        return {"available": False, "reason": RELION_MISSING}
+    res = dict(prev or {}, available=True, version=relion_version(exes[1]))
+    for name in RELION_RUNS:
         if name not in which:
             continue
-        o = d / name
-        o.mkdir(exist_ok=True)
-        seg_file = o / "segments.json"
-        segments = json.loads(seg_file.read_text()) if seg_file.exists() else []
-        out = _relion_outputs(o)
-        if out["final_map"] is None:
-            if out["optimiser"] is not None:  # continue a run stopped by the time limit
-                it = out["last_iteration"]
-                cmd = mpi + ["--continue", out["optimiser"], "--o", o / f"run_ct{it}", "--j", "1"]
-            else:
-                cmd = mpi + ["--o", o / "run", "--auto_refine", "--split_random_halves", "--i", d / star,
-                             "--ref", d / "reference_30A.mrc", "--ini_high", "30",
-                             "--particle_diameter", str(0.8 * args.box * 3.0), "--ctf", "--flatten_solvent",
-                             "--zero_mask", "--j", "1", "--pad", "2",
-                             "--low_resol_join_halves", "40", "--oversampling", "1"] + extra
-            # RELION resolves the stack names in the STAR relative to its working directory: the set's folder
-            r = timed(cmd, o / f"segment{len(segments) + 1}.log", env, timeout=args.relion_timeout, cwd=d)
-            segments.append(r)
-            seg_file.write_text(json.dumps(segments, indent=1))
-        entry = {"name": name, "command": segments[0]["command"] if segments else None,
-                 "segments": segments, "wall_seconds": float(sum(s["wall_seconds"] for s in segments)),
-                 "cpu_seconds": (float(sum(s["cpu_seconds"] for s in segments))
-                                 if all("cpu_seconds" in s for s in segments) else None),
-                 "stopped_by_timeout": any(s["returncode"] == "timeout" for s in segments)}
-        entry.update(_relion_evaluate(o, truth, true_md))
+        entry = run_relion_folder(d, name, args.box, 3.0, args.relion_timeout, exes)
+        entry.update(_relion_evaluate(d / name, truth, true_md))
         res[name] = entry
     return res
 
