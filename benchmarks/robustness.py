@@ -10,6 +10,8 @@ Usage::
     python benchmarks/robustness.py --quick --out DIR --work DIR2     # CI: jaxcryo set, box 32, known + local
     python benchmarks/robustness.py --table benchmarks/results/robustness.json   # README table from the JSON
     python benchmarks/robustness.py --box 128 --pixel-size 1.5 --particles 10000 --snr 0.1 --deadline 500  # GPU
+    python benchmarks/robustness.py --generators jaxcryo --volumes ribosome --snr 0.1 \\
+        --tasks local relion_local --relion-timeout 1500     # RELION 3.1 auto-refine beside jaxcryo
 
 Each (generator, volume, box, particles, SNR, seed) set is made once under ``--work`` (default
 ``benchmarks/work/robustness/``, ignored by git) and reused. Rows are merged into ``--out/robustness.json`` by
@@ -41,11 +43,24 @@ internals): ``known`` (``jaxcryo reconstruct`` with the true poses, always run f
 random axes and shifts moved 1.5 px = 4.5 Å), ``global`` (``refine`` from no poses with the truth low-passed to
 30 Å as the reference), ``abinitio`` (``abinitio --max-shift 6`` from no poses, then ``refine --local-only`` from
 its map), ``oracle`` (no refinement: the noise floor of per-image poses, :mod:`_oracle`: maximum-likelihood
-poses searched around the true poses against the true map; 200 images). Per row: median/mean angular error after the best global rotation and hand
+poses searched around the true poses against the true map; 200 images), and RELION 3.1's auto-refine on the same
+inputs (:mod:`_relion`, the flags of ``refine.py``'s runs of the same names): ``relion_local`` (``mpirun
+-np 3 relion_refine_mpi --auto_refine --split_random_halves --ctf --ini_high 30`` from
+``particles_perturbed.star`` and ``reference_30A.mrc``, local searches: healpix order 4, ``--sigma_ang 3``,
+offsets +-3 px; particle diameter 0.8 of the box, ``--j 1``, ``--oversampling 1``) and ``relion_global`` (the
+same from ``particles_noposes.star``, global search: healpix order 2, offsets +-6 px in 2 px steps). RELION runs
+in ``SET/relion_local|relion_global`` (one folder for all variants: its flags do not change with
+``--refine-args``) and is evaluated at its final map and ``run_data.star``, or, stopped by ``--relion-timeout S``
+(default 1500) or the deadline, at the half maps and ``run_itNNN_data.star`` of its last finished iteration
+(``returncode: "timeout"``, ``converged: false``, ``iterations``: the iterations done); the next run of the task
+continues it (``--continue``; its wall and CPU seconds are the sums of the segments) and a converged one is only
+evaluated again (delete the folder to start again). Without ``relion_refine_mpi`` or ``mpirun`` on the PATH the
+RELION tasks are skipped (listed in ``skipped``); in the table and the plot their rows stand beside jaxcryo's
+(dotted lines). Per row: median/mean angular error after the best global rotation and hand
 (``jaxcryo.cli.refine.pose_errors``; for ab initio the map is aligned to the truth first), median shift error
-(px; when no global rotation was needed), FSC-0.5 shell to the truth against the known-pose shell, iterations,
-``run.json``'s warnings, wall and CPU seconds (user + system of the command's process tree; the machine may be
-shared, see ``load_average``).
+(px; when no global rotation was needed), FSC-0.5 shell to the truth against the known-pose shell, iterations
+(RELION: and whether it converged), ``run.json``'s warnings, wall and CPU seconds (user + system of the
+command's process tree, every MPI rank included; the machine may be shared, see ``load_average``).
 
 ``--deadline S`` bounds the whole run to S seconds (a device lease): each command is stopped at the deadline
 (its row gets ``returncode: "timeout"``) and a task that would start with under ``MIN_TASK_SECONDS`` left is
@@ -71,6 +86,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, use_agg, write_json  # noqa: E402
 from peers import DEFAULT_ASPIRE_PYTHON, DEFAULT_VOLUME as RIBOSOME  # noqa: E402
 from refine import fsc05_shell, jaxcryo_cmd, timed  # noqa: E402
+from _relion import (MISSING as RELION_MISSING, RELION_RUNS, half_map_resolution, relion_executables,  # noqa: E402
+                     relion_result, relion_version, run_relion_folder)
 from jaxcryo.cli.refine import pose_errors  # noqa: E402
 from jaxcryo.data._simulate import perturbed_metadata, without_poses  # noqa: E402
 from jaxcryo.data._sources import ParticleDataset, read_particles  # noqa: E402
@@ -86,7 +103,9 @@ PERTURB_DEG, PERTURB_PX = 5.0, 1.5
 REFERENCE_RESOLUTION = 30.0
 #: Under ``--deadline``, a task is not started with fewer seconds than this left.
 MIN_TASK_SECONDS = 20.0
-TASKS = ("local", "global", "abinitio", "oracle")
+TASKS = ("local", "global", "abinitio", "oracle") + RELION_RUNS
+#: ``--relion-timeout``'s default (seconds for each RELION task).
+RELION_TIMEOUT = 1500.0
 SNR_DEFINITION = ("ASPIRE: mean squared clean pixel inside the disc of radius box/2 / noise variance "
                   "(WhiteNoiseAdder.from_snr)")
 
@@ -266,18 +285,26 @@ def task_known(d: Path, truth, relion: bool, deadline: float | None = None) -> d
     return row
 
 
+def pose_map_metrics(vol, est, truth, true_md) -> dict:
+    """The errors of a refinement's poses ``est`` (metadata) against ``true_md`` (after the best global rotation
+    and hand, :func:`jaxcryo.cli.refine.pose_errors`) and the FSC of its map ``vol`` to ``truth``: the fields of a
+    row, for jaxcryo's runs and RELION's alike."""
+    e = pose_errors(est, true_md)
+    shell, f = fsc05_shell(vol, truth)
+    return {"median_angular_error_deg": e["median_deg"], "mean_angular_error_deg": e["mean_deg"],
+            "mirrored": e["mirrored"], "median_shift_error_px": e["shift_error_median_px"],
+            "fsc05_truth_shell": shell, "fsc_truth": f}
+
+
 def _refine_row(out: Path, r: dict, truth, true_md) -> dict:
     row = {**r, "load_average": _load_average()}
     if r["returncode"] != 0:
         return row
     vol, px = read_map(out / "map.mrc")
-    e = pose_errors(read_particles(out / "particles.star"), true_md)
     hist = json.loads((out / "history.json").read_text())
     rj = _run_json(out)
     row["posthoc_warnings"] = _posthoc_warnings(out, vol, hist, px)
-    row.update(median_angular_error_deg=e["median_deg"], mean_angular_error_deg=e["mean_deg"],
-               mirrored=e["mirrored"], median_shift_error_px=e["shift_error_median_px"],
-               fsc05_truth_shell=fsc05_shell(vol, truth)[0], fsc_truth=fsc05_shell(vol, truth)[1],
+    row.update(pose_map_metrics(vol, read_particles(out / "particles.star"), truth, true_md),
                iterations=len(hist), half_map_resolution=rj.get("summary", {}).get("resolution_0143"),
                warnings=rj.get("warnings", []),
                history=[{k: v for k, v in h.items() if k in ("iteration", "resolution", "step_deg",
@@ -331,6 +358,37 @@ def task_abinitio(d: Path, extra: list, ab_extra: list, truth, true_md, variant:
     return row
 
 
+def runnable_tasks(tasks: list) -> tuple[list, list]:
+    """``tasks`` less the RELION tasks when ``relion_refine_mpi`` or ``mpirun`` is missing, and the
+    ``skipped`` entries that say why."""
+    if relion_executables() is not None or not set(tasks) & set(RELION_RUNS):
+        return list(tasks), []
+    return ([t for t in tasks if t not in RELION_RUNS],
+            [{"task": t, "reason": RELION_MISSING} for t in tasks if t in RELION_RUNS])
+
+
+def task_relion(d: Path, name: str, key: dict, truth, true_md, timeout: float | None,
+                executables: tuple[str, str]) -> dict:
+    """RELION 3.1 auto-refine (:mod:`_relion`, the flags of ``refine.py``'s run of the same name) in
+    ``d/name``, stopped after ``timeout`` seconds; evaluated as :func:`_refine_row` evaluates jaxcryo's runs, at
+    its final map and ``run_data.star`` or, unconverged, at its last finished iteration. A folder that holds a
+    converged run is evaluated again without running; a stopped one is continued (``--continue``)."""
+    e = run_relion_folder(d, name, key["box"], pixel_size_of(key), timeout, executables)
+    segs = e["segments"]
+    row = {"command": " ; ".join(s["command"] for s in segs), "returncode": segs[-1]["returncode"] if segs else None,
+           "wall_seconds": e["wall_seconds"], "cpu_seconds": e["cpu_seconds"],
+           "log": segs[-1]["log"] if segs else None, "load_average": _load_average(),
+           "relion_version": relion_version(executables[1]), "segments": segs,
+           "stopped_by_timeout": e["stopped_by_timeout"]}
+    vol, data, info = relion_result(d / name, first_iteration=1)  # iteration 0: the input poses
+    row.update(info)
+    row.setdefault("iterations", 0)
+    if vol is not None:
+        row.update(pose_map_metrics(vol, read_particles(data), truth, true_md),
+                   half_map_resolution=half_map_resolution(d / name))
+    return row
+
+
 # --------------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------------
@@ -373,13 +431,30 @@ def _fmt(x, f="{:.2f}"):
     return "-" if x is None else f.format(x)
 
 
+def _table_order(r: dict) -> tuple:
+    """A row's place in the table: by set, a RELION task right after jaxcryo's task of the same name."""
+    k = [str(x) for x in _row_key(r)]
+    t = k[ROW_KEYS.index("task")]
+    relion = t.startswith("relion_")
+    k[ROW_KEYS.index("task")] = t[len("relion_"):] if relion else t
+    return (*k[:ROW_KEYS.index("variant")], relion, k[ROW_KEYS.index("variant")])
+
+
+def _iterations(r: dict) -> str:
+    """The iterations of a row, and whether a time limit stopped it or it did not converge."""
+    it = r.get("iterations", "-")
+    if r.get("returncode") == "timeout":
+        return f"{it} (timeout)"
+    return f"{it} (not converged)" if r.get("converged") is False else str(it)
+
+
 def table(rows: list) -> str:
-    """The README's Markdown table."""
+    """The README's Markdown table (RELION's rows beside jaxcryo's of the same task)."""
     lines = ["| generator | volume | SNR (ASPIRE) | SNR (jaxcryo) | seed | task | variant | median err (°) | "
              "shift err (px) | FSC-0.5 shell / known | RELION known | iter. | wall s | CPU s | warnings (posthoc) | "
              "box (Å/px) |",
              "|" + "---|" * 16]
-    for r in rows:
+    for r in sorted(rows, key=_table_order):
         known = r.get("known_pose_shell")
         rel = (r.get("relion") or {}).get("fsc05_truth_shell") if r["task"] == "known" else None
         relt = (r.get("relion") or {}).get("wall_seconds") if r["task"] == "known" else None
@@ -387,7 +462,7 @@ def table(rows: list) -> str:
             f"| {r['generator']} | {r['volume']} | {r['snr']:g} | {_fmt(r.get('snr_jaxcryo'), '{:.3g}')} | "
             f"{r['seed']} | {r['task']} | {r['variant']} | {_fmt(r.get('median_angular_error_deg'))} | "
             f"{_fmt(r.get('median_shift_error_px'))} | {r.get('fsc05_truth_shell', 'failed')} / {known} | "
-            f"{'-' if rel is None else f'{rel} ({relt:.0f} s)'} | {r.get('iterations', '-')} | "
+            f"{'-' if rel is None else f'{rel} ({relt:.0f} s)'} | {_iterations(r)} | "
             f"{_fmt(r.get('wall_seconds'), '{:.0f}')} | {_fmt(r.get('cpu_seconds'), '{:.0f}')} | "
             f"{_fmt(None if r.get('posthoc_warnings') is None else len(r['posthoc_warnings']), '{}')} | "
             f"{r['box']} ({pixel_size_of(r):g}) |")
@@ -410,7 +485,7 @@ def plot(rows: list, path: Path) -> None:
             continue
         rs = sorted(rs, key=lambda r: (r["snr"], r["seed"]))
         lab = f"{g}/{v} b{box} n{n} {t}" + ("" if var == "default" else f" [{var}]")
-        style = ("o-" if g == "aspire" else "s--")
+        style = ("o" if g == "aspire" else "s") + (":" if t.startswith("relion_") else "-" if g == "aspire" else "--")
         ax[0].plot([r["snr"] for r in rs], [r.get("median_angular_error_deg") for r in rs], style, label=lab)
         ax[1].plot([r["snr"] for r in rs], [r["fsc05_truth_shell"] - r["known_pose_shell"] for r in rs], style,
                    label=lab)
@@ -445,6 +520,9 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole run: commands are stopped then, later tasks skipped")
     p.add_argument("--task-timeout", type=float, default=None, help="seconds for each task (its commands)")
+    p.add_argument("--relion-timeout", type=float, default=RELION_TIMEOUT,
+                   help="seconds for each RELION task (%(default)g): a stopped run is evaluated at its last "
+                        "finished iteration, and continued by the next run of the task")
     p.add_argument("--quick", action="store_true",
                    help="CI: jaxcryo set of the phantom, box 32, 300 particles, SNR 0.5, known + local (2 iterations)")
     p.add_argument("--out", type=Path, default=BENCH / "results")
@@ -479,7 +557,11 @@ def main(argv=None) -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     res_file = a.out / "robustness.json"
     old = json.loads(res_file.read_text()) if res_file.exists() else {"rows": [], "skipped": []}
-    rows, skipped = [], []
+    rows = []
+    a.tasks, skipped = runnable_tasks(a.tasks)
+    for s in skipped:
+        print(f"{s['task']}: skipped ({s['reason']})")
+    relion_exes = relion_executables()
     for gen in a.generators:
         if gen == "aspire" and aspire_py is None:
             skipped.append({"generator": "aspire", "reason": "no Python with ASPIRE (--aspire-python, "
@@ -518,13 +600,18 @@ def main(argv=None) -> int:
                         stop = stop_time(deadline, a.task_timeout)
                         if t == "oracle":
                             r = task_oracle(d, truth)
+                        elif t in RELION_RUNS:
+                            assert relion_exes is not None  # runnable_tasks dropped the RELION tasks otherwise
+                            r = task_relion(d, t, key, truth, true_md,
+                                            seconds_left(stop_time(stop, a.relion_timeout)), relion_exes)
                         elif t == "abinitio":
                             r = task_abinitio(d, extra, shlex.split(a.abinitio_args), truth, true_md, a.variant,
                                               stop)
                         else:
                             star = "particles_perturbed.star" if t == "local" else "particles_noposes.star"
                             r = task_refine(d, t, star, t == "local", extra, truth, true_md, a.variant, stop)
-                        row = {**base, "task": t, "variant": a.variant, "refine_args": extra,
+                        row = {**base, "task": t, "variant": a.variant,
+                               "refine_args": None if t in RELION_RUNS else extra,
                                "known_pose_shell": known.get("fsc05_truth_shell"), **r}
                         rows.append(row)
                         print(f"  {t} [{a.variant}]: median {_fmt(row.get('median_angular_error_deg'))} deg, "
