@@ -237,6 +237,26 @@ def use_agg() -> None:
     matplotlib.use("Agg")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and its live descendants, each with its reaped children
+    (``/proc/PID/stat``; 0 where there is no ``/proc``)."""
+    procs = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            f = stat.read_text().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # fields 4 (ppid) and 14-17 (utime, stime, cutime, cstime) of proc(5)
+        procs[int(stat.parent.name)] = (int(f[1]), sum(int(x) for x in f[11:15]))
+    tree, todo = set(), [pid]
+    while todo:
+        q = todo.pop()
+        if q in procs and q not in tree:
+            tree.add(q)
+            todo += [c for c, (pp, _) in procs.items() if pp == q]
+    return sum(procs[q][1] for q in tree) / os.sysconf("SC_CLK_TCK")
+
+
 def run_timed(cmd: Sequence[str], cwd=None, env: dict | None = None, log=None, timeout: float | None = None) -> dict:
     """Run ``cmd`` as a subprocess and time it end to end.
 
@@ -245,12 +265,14 @@ def run_timed(cmd: Sequence[str], cwd=None, env: dict | None = None, log=None, t
     ``loadavg_before`` (1-minute load average when it started), ``returncode`` and ``command``. Output goes
     to ``log`` (a path) or is discarded. With a ``timeout`` the command runs in its own process group, which is
     stopped as a whole when the time is up (SIGTERM, then SIGKILL after 30 s: every MPI rank goes) and the
-    returncode is ``"timeout"``.
+    returncode is ``"timeout"``; its ``cpu_s`` then also counts the descendants that the stop leaves unreaped by
+    their parent (MPI ranks whose ``mpirun`` went first), read from ``/proc`` just before the stop.
     """
     import signal
     import subprocess
 
     load = loadavg()
+    tree_cpu = 0.0
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = open(log, "w") if log is not None else subprocess.DEVNULL
     t0 = time.perf_counter()
@@ -260,6 +282,7 @@ def run_timed(cmd: Sequence[str], cwd=None, env: dict | None = None, log=None, t
         try:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            tree_cpu = tree_cpu_seconds(p.pid)
             os.killpg(p.pid, signal.SIGTERM)
             try:
                 p.wait(timeout=30)
@@ -272,7 +295,7 @@ def run_timed(cmd: Sequence[str], cwd=None, env: dict | None = None, log=None, t
         if log is not None:
             out.close()
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    cpu = max((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), tree_cpu)
     return {"command": " ".join(map(str, cmd)), "wall_s": wall, "cpu_s": cpu, "loadavg_before": load,
             "returncode": rc}
 

@@ -237,3 +237,20 @@ def test_missing_relion_skipped(tmp_path, monkeypatch):
     res = json.loads((out / "robustness.json").read_text())
     assert [r["task"] for r in res["rows"]] == ["known"]
     assert res["skipped"] == [{"task": "relion_global", "reason": _relion.MISSING}]
+
+
+def test_timeout_counts_orphaned_ranks(tmp_path):
+    """A command stopped by its time limit whose children outlive it unreaped (as MPI ranks do when ``mpirun`` goes
+    first): their CPU seconds are still counted (``_common.tree_cpu_seconds``)."""
+    import _common
+
+    child = ("import os, signal\nos.setpgid(0, 0)\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\n"
+             "signal.alarm(4)\nwhile 1: pass\n")  # its own process group, like a rank; gone after 4 s anyway
+    script = tmp_path / "launcher.py"
+    script.write_text(
+        "import os, signal, subprocess, sys\n"
+        f"ps = [subprocess.Popen([sys.executable, '-c', {child!r}]) for _ in range(2)]\n"
+        "def stop(*a):\n    [p.terminate() for p in ps]\n    os._exit(0)  # without reaping them\n"
+        "signal.signal(signal.SIGTERM, stop)\n[p.wait() for p in ps]\n")
+    r = _common.run_timed([sys.executable, script], timeout=2.0)
+    assert r["returncode"] == "timeout" and r["cpu_s"] > 0.5, r
