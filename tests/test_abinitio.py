@@ -213,3 +213,32 @@ def test_skip_bad_leaves_out_nan_images(tmp_path, capsys):
                    progress=False)
     assert res.skipped == 2 and list(res.indices) == [i for i in range(24) if i not in (2, 9)]
     assert len(res.metadata) == 22 and len(res.scores) == 22
+
+
+def test_soft_batch_repeats_each_image_at_its_candidates():
+    """Soft assignment's minibatch: image i at candidate k is row i*K+k, weighted K x its posterior weight."""
+    from jaxcryo.data._batch import RawBatch
+    from jaxcryo.forward._ctf import CTFParams
+    from jaxcryo.poses._abinitio import soft_batch
+
+    rng = np.random.default_rng(0)
+    b, k, n = 3, 4, 8
+    ctf = CTFParams(*(rng.uniform(1, 2, b).astype(np.float32) for _ in CTFParams._fields))
+    raw = RawBatch(rng.normal(size=(b, n, n)).astype(np.float32), np.tile(np.eye(3, dtype=np.float32), (b, 1, 1)),
+                   np.zeros((b, 2), np.float32), ctf, np.array([1.0, 2.0, 1.0], np.float32),
+                   np.array([1.0, 1.0, 0.0], np.float32))
+    rots = rng.normal(size=(b, k, 3, 3))
+    shifts = rng.normal(size=(b, k, 2))
+    w = rng.dirichlet(np.ones(k), size=b)
+    s = soft_batch(raw, rots, shifts, w)
+    assert s.images.shape == (b * k, n, n) and s.rotations.shape == (b * k, 3, 3)
+    for i in range(b):
+        for j in range(k):
+            row = i * k + j
+            np.testing.assert_array_equal(s.images[row], raw.images[i])
+            np.testing.assert_allclose(s.rotations[row], rots[i, j], rtol=1e-6)
+            np.testing.assert_allclose(s.shifts[row], shifts[i, j], rtol=1e-6)
+            assert s.mask[row] == raw.mask[i]
+            assert s.ctf[0][row] == raw.ctf[0][i]
+            assert s.weights[row] == pytest.approx(raw.weights[i] * k * w[i, j], rel=1e-6)
+        assert s.weights[i * k:(i + 1) * k].mean() == pytest.approx(raw.weights[i], rel=1e-6)  # per image: its own

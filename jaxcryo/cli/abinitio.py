@@ -49,6 +49,10 @@ def register(sub) -> None:
     p.add_argument("--final-resolution", type=float, default=d.final_resolution, help="final frequency limit (A)")
     p.add_argument("--angular-step", type=float, default=d.angular_step, help="global search step (degrees)")
     p.add_argument("--max-shift", type=float, default=d.max_shift_px, help="global translation range (+- px)")
+    p.add_argument("--top-k", type=int, default=d.top_k,
+                   help="1: hard assignment (best pose, then local searches); K > 1: soft assignment, each image "
+                        "in the volume step at its K best poses of the global search weighted by their posterior "
+                        "(finds the structure sooner at low SNR)")
     p.add_argument("--particle-diameter", type=float, default=None,
                    help="diameter of the soft spherical support (A; none: 0.8 box)")
     p.add_argument("--truth", type=Path, default=None,
@@ -73,7 +77,7 @@ def register(sub) -> None:
 def _settings(args, n_particles: int) -> AbinitioSettings:
     fields = dict(batch_size=args.batch_size, init_resolution=args.init_resolution,
                   final_resolution=args.final_resolution, angular_step=args.angular_step, max_shift_px=args.max_shift,
-                  particle_diameter=args.particle_diameter, seed=args.seed, skip_bad=args.skip_bad)
+                  top_k=args.top_k, particle_diameter=args.particle_diameter, seed=args.seed, skip_bad=args.skip_bad)
     if args.epochs is not None:
         return AbinitioSettings.for_epochs(args.epochs, n_particles, **fields)
     return AbinitioSettings(**({} if args.steps is None else {"steps": args.steps}), **fields)
