@@ -470,32 +470,63 @@ def table(rows: list) -> str:
 
 
 def plot(rows: list, path: Path) -> None:
+    """Median angular error (left) and FSC-0.5 shell minus the known-pose shell (right) against the SNR: one
+    line per (generator, volume, box, particles, task, variant) tried at two SNRs or more, through the median
+    over seeds, with the seeds' range as error bars; the oracle's noise floor (no shell) on the left only.
+    Variants other than today's engine (``default``) are drawn thin and grey-ish (the before/after record)."""
     use_agg()
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4))
+    fig = Figure(figsize=(12, 4.5))
     ax = fig.subplots(1, 2)
-    groups = {}
+    groups: dict = {}
     for r in rows:
-        if r["task"] != "known" and "fsc05_truth_shell" in r:
+        if r["task"] != "known" and ("fsc05_truth_shell" in r or r["task"] == "oracle"):
             groups.setdefault((r["generator"], r["volume"], r["box"], r["particles"], r["task"], r["variant"]),
                               []).append(r)
     for (g, v, box, n, t, var), rs in sorted(groups.items()):
-        if len({r["snr"] for r in rs}) < 2:  # a variant tried at one SNR: in the table, not the plot
+        snrs = sorted({r["snr"] for r in rs})
+        if len(snrs) < 2:  # a variant tried at one SNR: in the table, not the plot
             continue
-        rs = sorted(rs, key=lambda r: (r["snr"], r["seed"]))
         lab = f"{g}/{v} b{box} n{n} {t}" + ("" if var == "default" else f" [{var}]")
-        style = ("o" if g == "aspire" else "s") + (":" if t.startswith("relion_") else "-" if g == "aspire" else "--")
-        ax[0].plot([r["snr"] for r in rs], [r.get("median_angular_error_deg") for r in rs], style, label=lab)
-        ax[1].plot([r["snr"] for r in rs], [r["fsc05_truth_shell"] - r["known_pose_shell"] for r in rs], style,
-                   label=lab)
-    ax[0].set(xscale="log", yscale="log", xlabel="SNR (ASPIRE's definition)", ylabel="median angular error (deg)")
+        marker = "o" if g == "aspire" else "s"
+        ls = ":" if t.startswith("relion_") or t == "oracle" else "-" if g == "aspire" else "--"
+        kw = dict(marker=marker, ls=ls, label=lab, capsize=2, ms=4,
+                  **({} if var == "default" else {"alpha": 0.45, "lw": 0.8}),
+                  **({"color": "k"} if t == "oracle" and g == "aspire" else
+                     {"color": "0.45"} if t == "oracle" else {}))
+        for i, (key, ylab) in enumerate((("median_angular_error_deg", None), ("shell_gap", None))):
+            if key == "shell_gap" and t == "oracle":
+                continue
+            ys = []
+            for snr in snrs:
+                vals = [(r.get("median_angular_error_deg") if key != "shell_gap" else
+                         r["fsc05_truth_shell"] - r["known_pose_shell"]) for r in rs if r["snr"] == snr]
+                vals = [x for x in vals if x is not None]
+                ys.append((np.median(vals), min(vals), max(vals)) if vals else (np.nan, np.nan, np.nan))
+            y = np.array(ys, float)
+            ax[i].errorbar(snrs, y[:, 0], yerr=[y[:, 0] - y[:, 1], y[:, 2] - y[:, 0]], **kw)
+    ax[0].set(xscale="log", yscale="log", xlabel="SNR (ASPIRE's definition)",
+              ylabel="median angular error (deg; median over seeds, bars: range)")
     ax[1].axhline(-1, color="k", lw=0.8, ls=":")
     ax[1].set(xscale="log", xlabel="SNR (ASPIRE's definition)", ylabel="FSC-0.5 shell - known-pose shell")
-    if ax[1].get_legend_handles_labels()[0]:  # nothing to draw with a single SNR (e.g. --quick)
-        ax[1].legend(fontsize=7)
+    from matplotlib.ticker import NullFormatter
+
+    all_snrs = sorted({r["snr"] for r in rows if r["task"] != "known"})
+    for a in ax:
+        a.set_xticks(all_snrs)
+        a.xaxis.set_major_formatter(_plain_formatter())
+        a.xaxis.set_minor_formatter(NullFormatter())
+    if ax[0].get_legend_handles_labels()[0]:  # nothing to draw with a single SNR (e.g. --quick)
+        ax[0].legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def _plain_formatter():
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda x, _: f"{x:g}")
 
 
 def main(argv=None) -> int:
@@ -537,7 +568,9 @@ def main(argv=None) -> int:
     if a.merge is not None:
         rows = [r for f in a.merge for r in json.loads(f.read_text())["rows"]]
         for r in rows:  # the warnings of today's diagnostics, also for rows run before them
-            out = Path(str(r.get("log", ""))).with_suffix("")
+            if not r.get("log"):  # the oracle's rows: no command, no log
+                continue
+            out = Path(str(r["log"])).with_suffix("")
             if r["task"] != "known" and (out / "map.mrc").exists() and (out / "history.json").exists():
                 vol, px = read_map(out / "map.mrc")
                 r["posthoc_warnings"] = _posthoc_warnings(out, vol, json.loads((out / "history.json").read_text()),
