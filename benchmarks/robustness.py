@@ -536,7 +536,8 @@ def main(argv=None) -> int:
                    help="phantom: jaxcryo's built-in map (jaxcryo generator only)")
     p.add_argument("--snr", nargs="+", type=float, default=[0.5, 0.1, 0.05], help="ASPIRE's definition")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--tasks", nargs="+", default=["local", "global"], choices=TASKS)
+    p.add_argument("--tasks", nargs="*", default=["local", "global"], choices=TASKS,
+                   help="tasks after the known-pose baseline (always run; none: the baseline alone)")
     p.add_argument("--box", type=int, default=64)
     p.add_argument("--particles", type=int, default=5000)
     p.add_argument("--pixel-size", type=float, default=PIXEL_SIZE,
