@@ -12,6 +12,7 @@ Usage::
     python benchmarks/robustness.py --box 128 --pixel-size 1.5 --particles 10000 --snr 0.1 --deadline 500  # GPU
     python benchmarks/robustness.py --generators jaxcryo --volumes ribosome --snr 0.1 \\
         --tasks local relion_local --relion-timeout 1500     # RELION 3.1 auto-refine beside jaxcryo
+    python benchmarks/robustness.py ... --tasks abinitio relion_sgd --relion-sgd-iter 20 80 20   # RELION's SGD
 
 Each (generator, volume, box, particles, SNR, seed) set is made once under ``--work`` (default
 ``benchmarks/work/robustness/``, ignored by git) and reused. Rows are merged into ``--out/robustness.json`` by
@@ -48,16 +49,23 @@ inputs (:mod:`_relion`, the flags of ``refine.py``'s runs of the same names): ``
 -np 3 relion_refine_mpi --auto_refine --split_random_halves --ctf --ini_high 30`` from
 ``particles_perturbed.star`` and ``reference_30A.mrc``, local searches: healpix order 4, ``--sigma_ang 3``,
 offsets +-3 px; particle diameter 0.8 of the box, ``--j 1``, ``--oversampling 1``) and ``relion_global`` (the
-same from ``particles_noposes.star``, global search: healpix order 2, offsets +-6 px in 2 px steps). RELION runs
-in ``SET/relion_local|relion_global`` (one folder for all variants: its flags do not change with
+same from ``particles_noposes.star``, global search: healpix order 2, offsets +-6 px in 2 px steps), and
+``relion_sgd``, the counterpart of ``abinitio``: RELION's SGD initial model (``relion_refine --sgd --denovo_3dref
+--K 1``, no MPI, from ``particles_noposes.star``; RELION 3.1's SGD defaults, ``--relion-sgd-iter`` 50 200 50,
+the map written every ``--relion-sgd-write-iter`` 20 iterations) in ``SET/relion_sgd/sgd``, then
+``relion_global``'s auto-refine from its last map in ``SET/relion_sgd/refine_from_itNNN``, evaluated as
+``abinitio`` (map aligned to the truth, rotation and hand); ``--relion-timeout`` bounds each of its stages, a
+stopped SGD's last map is still refined, and without a refinement to evaluate the SGD's map is. RELION runs
+in ``SET/relion_local|relion_global|relion_sgd`` (one folder for all variants: its flags do not change with
 ``--refine-args``) and is evaluated at its final map and ``run_data.star``, or, stopped by ``--relion-timeout S``
 (default 1500) or the deadline, at the half maps and ``run_itNNN_data.star`` of its last finished iteration
 (``returncode: "timeout"``, ``converged: false``, ``iterations``: the iterations done); the next run of the task
 continues it (``--continue``; its wall and CPU seconds are the sums of the segments) and a converged one is only
 evaluated again (delete the folder to start again). Without ``relion_refine_mpi`` or ``mpirun`` on the PATH the
-RELION tasks are skipped (listed in ``skipped``); in the table and the plot their rows stand beside jaxcryo's
-(dotted lines). Per row: median/mean angular error after the best global rotation and hand
-(``jaxcryo.cli.refine.pose_errors``; for ab initio the map is aligned to the truth first), median shift error
+RELION tasks are skipped (listed in ``skipped``; ``relion_sgd`` also without ``relion_refine``); in the table and
+the plot their rows stand beside jaxcryo's (dotted lines). Per row: median/mean angular error after the best
+global rotation and hand (``jaxcryo.cli.refine.pose_errors``; for ``abinitio`` and ``relion_sgd`` the map is
+aligned to the truth first, ``jaxcryo.poses.truth_metrics``, and ``mirrored`` says its hand), median shift error
 (px; when no global rotation was needed), FSC-0.5 shell to the truth against the known-pose shell, iterations
 (RELION: and whether it converged), ``run.json``'s warnings, wall and CPU seconds (user + system of the
 command's process tree, every MPI rank included; the machine may be shared, see ``load_average``).
@@ -86,8 +94,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_info, use_agg, write_json  # noqa: E402
 from peers import DEFAULT_ASPIRE_PYTHON, DEFAULT_VOLUME as RIBOSOME  # noqa: E402
 from refine import fsc05_shell, jaxcryo_cmd, timed  # noqa: E402
-from _relion import (MISSING as RELION_MISSING, RELION_RUNS, half_map_resolution, relion_executables,  # noqa: E402
-                     relion_result, relion_version, run_relion_folder)
+from _relion import (MISSING as RELION_MISSING, MISSING_SGD as RELION_SGD_MISSING, RELION_RUNS,  # noqa: E402
+                     SGD_ITERATIONS, SGD_WRITE_ITER, half_map_resolution, relion_executables, relion_result,
+                     relion_sgd_executables, relion_version, run_relion_folder, run_sgd_folder)
 from jaxcryo.cli.refine import pose_errors  # noqa: E402
 from jaxcryo.data._simulate import perturbed_metadata, without_poses  # noqa: E402
 from jaxcryo.data._sources import ParticleDataset, read_particles  # noqa: E402
@@ -103,7 +112,9 @@ PERTURB_DEG, PERTURB_PX = 5.0, 1.5
 REFERENCE_RESOLUTION = 30.0
 #: Under ``--deadline``, a task is not started with fewer seconds than this left.
 MIN_TASK_SECONDS = 20.0
-TASKS = ("local", "global", "abinitio", "oracle") + RELION_RUNS
+TASKS = ("local", "global", "abinitio", "oracle") + RELION_RUNS + ("relion_sgd",)
+#: jaxcryo's task that each RELION task stands beside (table and docs).
+RELION_COUNTERPART = {"relion_local": "local", "relion_global": "global", "relion_sgd": "abinitio"}
 #: ``--relion-timeout``'s default (seconds for each RELION task).
 RELION_TIMEOUT = 1500.0
 SNR_DEFINITION = ("ASPIRE: mean squared clean pixel inside the disc of radius box/2 / noise variance "
@@ -348,23 +359,31 @@ def task_abinitio(d: Path, extra: list, ab_extra: list, truth, true_md, variant:
     row.update(command=a["command"] + " ; " + r["command"], wall_seconds=a["wall_seconds"] + r["wall_seconds"],
                cpu_seconds=a["cpu_seconds"] + r["cpu_seconds"], abinitio_wall_seconds=a["wall_seconds"])
     if r["returncode"] == 0:
-        from jaxcryo.poses import truth_metrics  # the map is in its own frame and hand: align it
-
         vol, px = read_map(out / "map.mrc")
-        m = truth_metrics(vol, read_particles(out / "particles.star").rotations, truth, true_md.rotations, px)
-        row.update(fsc05_truth_shell=m["fsc05_shell"], fsc_truth=m["fsc"], mirrored=m["mirrored"],
-                   median_angular_error_deg=m["pose_error_median_deg"],
-                   mean_angular_error_deg=m["pose_error_mean_deg"])
+        row.update(aligned_metrics(vol, read_particles(out / "particles.star").rotations, truth, true_md, px))
     return row
 
 
+def aligned_metrics(vol, rotations, truth, true_md, pixel_size: float) -> dict:
+    """The row's fields for a map in its own frame and hand (ab initio, RELION's SGD): the FSC to ``truth`` after
+    aligning the map to it and the pose errors after the best global rotation and hand
+    (:func:`jaxcryo.poses.truth_metrics`); they replace :func:`pose_map_metrics`'s (its shift error stays: given
+    only when no global rotation was needed)."""
+    from jaxcryo.poses import truth_metrics
+
+    m = truth_metrics(vol, rotations, truth, true_md.rotations, pixel_size)
+    return {"fsc05_truth_shell": m["fsc05_shell"], "fsc_truth": m["fsc"], "mirrored": m["mirrored"],
+            "median_angular_error_deg": m["pose_error_median_deg"],
+            "mean_angular_error_deg": m["pose_error_mean_deg"]}
+
+
 def runnable_tasks(tasks: list) -> tuple[list, list]:
-    """``tasks`` less the RELION tasks when ``relion_refine_mpi`` or ``mpirun`` is missing, and the
-    ``skipped`` entries that say why."""
-    if relion_executables() is not None or not set(tasks) & set(RELION_RUNS):
-        return list(tasks), []
-    return ([t for t in tasks if t not in RELION_RUNS],
-            [{"task": t, "reason": RELION_MISSING} for t in tasks if t in RELION_RUNS])
+    """``tasks`` less the RELION tasks when ``relion_refine_mpi`` or ``mpirun`` is missing (``relion_sgd``: also
+    ``relion_refine``), and the ``skipped`` entries that say why."""
+    missing = {**({t: RELION_MISSING for t in RELION_RUNS} if relion_executables() is None else {}),
+               **({"relion_sgd": RELION_SGD_MISSING} if relion_sgd_executables() is None else {})}
+    return ([t for t in tasks if t not in missing],
+            [{"task": t, "reason": missing[t]} for t in tasks if t in missing])
 
 
 def task_relion(d: Path, name: str, key: dict, truth, true_md, timeout: float | None,
@@ -386,6 +405,87 @@ def task_relion(d: Path, name: str, key: dict, truth, true_md, timeout: float | 
     if vol is not None:
         row.update(pose_map_metrics(vol, read_particles(data), truth, true_md),
                    half_map_resolution=half_map_resolution(d / name))
+    return row
+
+
+def _cpu_sum(*entries) -> float | None:
+    cpu = [e["cpu_seconds"] for e in entries]
+    return None if any(c is None for c in cpu) else float(sum(cpu))
+
+
+def task_relion_sgd(d: Path, key: dict, truth, true_md, stop: float | None, timeout: float | None,
+                    executables: tuple[str, str, str], iterations: tuple[int, int, int] = SGD_ITERATIONS,
+                    write_iter: int = SGD_WRITE_ITER) -> dict:
+    """RELION 3.1's SGD initial model, then auto-refine from its map (:mod:`_relion`): the counterpart of
+    :func:`task_abinitio`. Stage 1, ``relion_refine --sgd --denovo_3dref`` from ``particles_noposes.star`` in
+    ``d/relion_sgd/sgd`` (:func:`_relion.run_sgd_folder`); stage 2, ``relion_global``'s global-search
+    auto-refine with the last map the SGD wrote as ``--ref``, in ``d/relion_sgd/refine_from_itNNN``
+    (:func:`_relion.run_relion_folder`). Each stage is stopped after ``timeout`` seconds or at ``stop`` (a
+    ``time.monotonic()`` value), whichever comes first, and continued (``--continue``) by the next run of the
+    task. A stopped SGD that wrote an iteration still hands that map to stage 2; the refinement is skipped
+    when the SGD wrote none or failed, or under ``MIN_TASK_SECONDS`` are left before ``stop``.
+
+    Evaluated as :func:`task_abinitio` (the map is in its own frame and hand: :func:`pose_map_metrics`, then
+    :func:`aligned_metrics`) at the refinement's result (:func:`_relion.relion_result`) or, without one, at the
+    SGD's last map and data STAR. ``returncode`` is ``"timeout"`` when either stage's last segment was stopped,
+    else the first non-zero one; ``iterations``/``converged`` are the refinement's, ``sgd_iterations`` (of
+    ``sgd_iterations_planned``) the SGD's; wall and CPU seconds are the sums over both stages' segments, with
+    each stage's under ``stages``."""
+    mpirun, mpi_exe, exe = executables
+    box, px = key["box"], pixel_size_of(key)
+    sgd = run_sgd_folder(d, box, px, seconds_left(stop_time(stop, timeout)), exe, iterations, write_iter)
+    sgd_rc = sgd["segments"][-1]["returncode"] if sgd["segments"] else None
+    stages: dict = {"sgd": {**{k: sgd[k] for k in ("name", "segments", "wall_seconds", "cpu_seconds",
+                                                     "stopped_by_timeout", "iterations", "iterations_planned",
+                                                     "finished")},
+                            "returncode": sgd_rc, "map": None if sgd["map"] is None else sgd["map"].name}}
+    ran = [sgd]
+    refine_dir = None
+    left = seconds_left(stop)
+    if sgd["map"] is None:
+        stages["refine"] = {"skipped": "the SGD wrote no map (iteration 1 or later)"}
+    elif sgd_rc not in (0, "timeout"):
+        stages["refine"] = {"skipped": f"the SGD failed (returncode {sgd_rc})"}
+    elif left is not None and left < MIN_TASK_SECONDS:
+        stages["refine"] = {"skipped": f"deadline: {left:.0f} s left"}
+    else:
+        folder = Path("relion_sgd") / f"refine_from_it{sgd['iterations']:03d}"
+        ref = sgd["map"].relative_to(d)
+        e = run_relion_folder(d, "relion_sgd", box, px, seconds_left(stop_time(stop, timeout)),
+                              (mpirun, mpi_exe), ref=ref, folder=folder)
+        refine_dir = d / folder
+        ran.append(e)
+        stages["refine"] = {**{k: e[k] for k in ("name", "segments", "wall_seconds", "cpu_seconds",
+                                                 "stopped_by_timeout")},
+                            "ref": str(ref), "returncode": e["segments"][-1]["returncode"] if e["segments"] else None}
+    rcs = [st["returncode"] for st in stages.values() if "returncode" in st]
+    segs = [s for e in ran for s in e["segments"]]
+    row = {"command": " ; ".join(s["command"] for s in segs),
+           "returncode": "timeout" if "timeout" in rcs else next((rc for rc in rcs if rc != 0), 0),
+           "wall_seconds": float(sum(e["wall_seconds"] for e in ran)), "cpu_seconds": _cpu_sum(*ran),
+           "sgd_wall_seconds": sgd["wall_seconds"], "sgd_cpu_seconds": sgd["cpu_seconds"],
+           "log": segs[-1]["log"] if segs else None, "load_average": _load_average(),
+           "relion_version": relion_version(mpi_exe), "stages": stages,
+           "stopped_by_timeout": any(e["stopped_by_timeout"] for e in ran),
+           "sgd_iterations": sgd["iterations"], "sgd_iterations_planned": sgd["iterations_planned"],
+           "sgd_finished": sgd["finished"], "iterations": 0, "converged": False}
+    vol = data = None
+    if refine_dir is not None:
+        stages["refine"]["iterations"] = 0
+        vol, data, info = relion_result(refine_dir, first_iteration=1)  # iteration 0: the SGD map, no poses
+        stages["refine"].update(info)
+        row.update(info, refine_wall_seconds=stages["refine"]["wall_seconds"],
+                   refine_cpu_seconds=stages["refine"]["cpu_seconds"])
+        if vol is not None:
+            row["half_map_resolution"] = half_map_resolution(refine_dir)
+    if vol is None and sgd["map"] is not None:  # no refinement to evaluate: the SGD's last map and poses
+        vol, _ = read_map(sgd["map"])
+        data = sgd["data"]
+        row["evaluated"] = f"the SGD's {sgd['map'].name} and {sgd['data'].name}"
+    if vol is not None:
+        est = read_particles(data)
+        row.update(pose_map_metrics(vol, est, truth, true_md))
+        row.update(aligned_metrics(vol, est.rotations, truth, true_md, px))
     return row
 
 
@@ -436,13 +536,15 @@ def _table_order(r: dict) -> tuple:
     k = [str(x) for x in _row_key(r)]
     t = k[ROW_KEYS.index("task")]
     relion = t.startswith("relion_")
-    k[ROW_KEYS.index("task")] = t[len("relion_"):] if relion else t
+    k[ROW_KEYS.index("task")] = RELION_COUNTERPART.get(t, t[len("relion_"):]) if relion else t
     return (*k[:ROW_KEYS.index("variant")], relion, k[ROW_KEYS.index("variant")])
 
 
 def _iterations(r: dict) -> str:
     """The iterations of a row, and whether a time limit stopped it or it did not converge."""
     it = r.get("iterations", "-")
+    if "sgd_iterations" in r:  # relion_sgd: the SGD's iterations, then the refinement's
+        it = f"SGD {r['sgd_iterations']} + {it}"
     if r.get("returncode") == "timeout":
         return f"{it} (timeout)"
     return f"{it} (not converged)" if r.get("converged") is False else str(it)
@@ -553,8 +655,14 @@ def main(argv=None) -> int:
                    help="seconds for the whole run: commands are stopped then, later tasks skipped")
     p.add_argument("--task-timeout", type=float, default=None, help="seconds for each task (its commands)")
     p.add_argument("--relion-timeout", type=float, default=RELION_TIMEOUT,
-                   help="seconds for each RELION task (%(default)g): a stopped run is evaluated at its last "
-                        "finished iteration, and continued by the next run of the task")
+                   help="seconds for each RELION task (%(default)g; relion_sgd: each of its two stages): a stopped "
+                        "run is evaluated at its last finished iteration, and continued by the next run of the task")
+    p.add_argument("--relion-sgd-iter", type=int, nargs=3, default=list(SGD_ITERATIONS),
+                   metavar=("INITIAL", "IN_BETWEEN", "FINAL"),
+                   help="relion_sgd: RELION's SGD iterations (default: RELION 3.1's, %(default)s)")
+    p.add_argument("--relion-sgd-write-iter", type=int, default=SGD_WRITE_ITER,
+                   help="relion_sgd: the SGD writes its map every so many iterations (%(default)s; a stopped SGD "
+                        "is evaluated and continued from the last one written)")
     p.add_argument("--quick", action="store_true",
                    help="CI: jaxcryo set of the phantom, box 32, 300 particles, SNR 0.5, known + local (2 iterations)")
     p.add_argument("--out", type=Path, default=BENCH / "results")
@@ -595,7 +703,7 @@ def main(argv=None) -> int:
     a.tasks, skipped = runnable_tasks(a.tasks)
     for s in skipped:
         print(f"{s['task']}: skipped ({s['reason']})")
-    relion_exes = relion_executables()
+    relion_exes, sgd_exes = relion_executables(), relion_sgd_executables()
     for gen in a.generators:
         if gen == "aspire" and aspire_py is None:
             skipped.append({"generator": "aspire", "reason": "no Python with ASPIRE (--aspire-python, "
@@ -634,6 +742,10 @@ def main(argv=None) -> int:
                         stop = stop_time(deadline, a.task_timeout)
                         if t == "oracle":
                             r = task_oracle(d, truth)
+                        elif t == "relion_sgd":
+                            assert sgd_exes is not None  # runnable_tasks dropped it otherwise
+                            r = task_relion_sgd(d, key, truth, true_md, stop, a.relion_timeout, sgd_exes,
+                                                tuple(a.relion_sgd_iter), a.relion_sgd_write_iter)
                         elif t in RELION_RUNS:
                             assert relion_exes is not None  # runnable_tasks dropped the RELION tasks otherwise
                             r = task_relion(d, t, key, truth, true_md,
@@ -645,7 +757,7 @@ def main(argv=None) -> int:
                             star = "particles_perturbed.star" if t == "local" else "particles_noposes.star"
                             r = task_refine(d, t, star, t == "local", extra, truth, true_md, a.variant, stop)
                         row = {**base, "task": t, "variant": a.variant,
-                               "refine_args": None if t in RELION_RUNS else extra,
+                               "refine_args": None if t in RELION_COUNTERPART else extra,
                                "known_pose_shell": known.get("fsc05_truth_shell"), **r}
                         rows.append(row)
                         print(f"  {t} [{a.variant}]: median {_fmt(row.get('median_angular_error_deg'))} deg, "
