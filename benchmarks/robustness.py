@@ -344,18 +344,27 @@ def task_refine(d: Path, name: str, star: str, local: bool, extra: list, truth, 
                        true_md)
 
 
+#: How ``abinitio``'s map is refined: ``global`` (default): ``refine`` from no poses with the ab initio map as
+#: the reference (low-passed to 30 Å, so each half set's poses beyond it are found independently); ``local``:
+#: ``refine --local-only`` from ab initio's poses, which were all assigned against one map, so the two half
+#: maps share that map's features up to its frequency limit (12 Å): at SNR 0.02 a wrong ab initio map refined
+#: locally reported 12.6 Å with no warning, globally 22.3 Å with the stall warning (benchmarks/README.md).
+ABINITIO_REFINE = ("global", "local")
+
+
 def task_abinitio(d: Path, extra: list, ab_extra: list, truth, true_md, variant: str,
-                  deadline: float | None = None) -> dict:
+                  deadline: float | None = None, refine_mode: str = "global") -> dict:
     ab = d / f"abinitio__{variant}"
     a = timed(jaxcryo_cmd() + ["abinitio", d / "particles_noposes.star", "--out", ab, "--quiet", "--max-shift", "6"]
               + ab_extra, d / f"abinitio__{variant}.log", timeout=seconds_left(deadline))
     if a["returncode"] != 0:
         return {**a, "stage": "abinitio"}
     out = d / f"abinitio_refine__{variant}"
-    r = timed(jaxcryo_cmd() + ["refine", ab / "particles.star", "--reference", ab / "map.mrc", "--out", out,
-                               "--quiet", "--local-only"] + extra, d / f"abinitio_refine__{variant}.log",
-              timeout=seconds_left(deadline))
+    start = ([ab / "particles.star", "--local-only"] if refine_mode == "local" else [d / "particles_noposes.star"])
+    r = timed(jaxcryo_cmd() + ["refine", start[0], "--reference", ab / "map.mrc", "--out", out, "--quiet"]
+              + start[1:] + extra, d / f"abinitio_refine__{variant}.log", timeout=seconds_left(deadline))
     row = _refine_row(out, r, truth, true_md)
+    row["abinitio_refine"] = refine_mode
     row.update(command=a["command"] + " ; " + r["command"], wall_seconds=a["wall_seconds"] + r["wall_seconds"],
                cpu_seconds=a["cpu_seconds"] + r["cpu_seconds"], abinitio_wall_seconds=a["wall_seconds"])
     if r["returncode"] == 0:
@@ -649,6 +658,8 @@ def main(argv=None) -> int:
     p.add_argument("--refine-args", default="",
                    help="extra arguments for every jaxcryo refine, one string (write --refine-args=\"--whiten\")")
     p.add_argument("--abinitio-args", default="", help="extra arguments for jaxcryo abinitio (one string)")
+    p.add_argument("--abinitio-refine", choices=ABINITIO_REFINE, default="global",
+                   help="refine the ab initio map by a global search from it (default) or locally from its poses")
     p.add_argument("--aspire-python", default=None)
     p.add_argument("--no-relion", action="store_true", help="skip relion_reconstruct")
     p.add_argument("--deadline", type=float, default=None,
@@ -752,7 +763,7 @@ def main(argv=None) -> int:
                                             seconds_left(stop_time(stop, a.relion_timeout)), relion_exes)
                         elif t == "abinitio":
                             r = task_abinitio(d, extra, shlex.split(a.abinitio_args), truth, true_md, a.variant,
-                                              stop)
+                                              stop, a.abinitio_refine)
                         else:
                             star = "particles_perturbed.star" if t == "local" else "particles_noposes.star"
                             r = task_refine(d, t, star, t == "local", extra, truth, true_md, a.variant, stop)

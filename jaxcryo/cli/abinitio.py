@@ -30,12 +30,15 @@ def register(sub) -> None:
         description=(
             "Stochastic gradient descent from a featureless start (the backprojection of the first minibatch at "
             "random poses): each minibatch gets poses by a global search over SO(3) x shifts against the current "
-            "map (then local searches), at a frequency limit that marches from --init-resolution to "
+            "map (soft assignment over its --top-k best poses; hard: then local searches), at a frequency limit that marches from --init-resolution to "
             "--final-resolution, and the map takes one preconditioned SGD step (exact minibatch Hessian "
             "diagonal) on it, restricted to that limit and to a soft spherical support. A final global search "
             "gives every particle a pose in the map's frame. The map's hand is undetermined: it may be the "
-            "mirror image of the structure. Writes DIR/map.mrc, DIR/particles.star (for jaxcryo refine "
-            "--reference DIR/map.mrc [--local-only]), DIR/history.json, DIR/abinitio.png and DIR/run.json."
+            "mirror image of the structure. Writes DIR/map.mrc (next: jaxcryo refine PARTICLES --reference "
+            "DIR/map.mrc, a global search from it, so that the half sets' poses are found independently beyond the "
+            "reference's 30 A; --local-only from DIR/particles.star keeps poses that were all assigned against one "
+            "map, and the half maps then share its features: an inflated resolution when the map is wrong), "
+            "DIR/particles.star, DIR/history.json, DIR/abinitio.png and DIR/run.json."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
