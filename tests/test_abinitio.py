@@ -219,7 +219,7 @@ def test_soft_batch_repeats_each_image_at_its_candidates():
     """Soft assignment's minibatch: image i at candidate k is row i*K+k, weighted K x its posterior weight."""
     from jaxcryo.data._batch import RawBatch
     from jaxcryo.forward._ctf import CTFParams
-    from jaxcryo.poses._abinitio import soft_batch
+    from jaxcryo.poses._assign import soft_batch
 
     rng = np.random.default_rng(0)
     b, k, n = 3, 4, 8

@@ -38,12 +38,9 @@ The algorithm (:func:`abinitio`):
      minibatch (:func:`jaxcryo.solvers.batch_step_size`; ``learning_rate`` overrides it); ``M``: the real-space soft spherical mask (support
      constraint).
 3. **final poses**: a global search (same grids, at the final ``kmax``) of every particle against the final
-   map, so that each particle has a pose in the map's frame. Refine the map by a global search from it
-   (``jaxcryo refine PARTICLES --reference DIR/map.mrc``): its 30 Å low-pass leaves each half set's poses
-   beyond 30 Å to be found independently. ``--local-only`` from these poses is faster, but they were all
-   assigned against this one map, so both half maps inherit its features up to its frequency limit: on an
-   ASPIRE set at SNR 0.02 a wrong ab initio map (pose error 125 deg) refined locally reported 12.6 Å with no
-   warning, globally 22.3 Å with the stall warning.
+   map, so that each particle has a pose in the map's frame. Refine the map globally from it (``jaxcryo refine
+   PARTICLES --reference DIR/map.mrc``): ``--local-only`` from these poses, all assigned against one map, gives
+   half maps that share its features (a wrong map at SNR 0.02 then reported 12.6 Å with no warning).
 
 Measured (``tests/test_abinitio.py``; box 32, 3 Å/px, 600 simulated particles, SNR 4, 24 steps of 200, a
 shared 2-core CPU, about 50 s): FSC 0.5 to the aligned truth at 10.9 Å (the map is limited to 12 Å; the
@@ -89,6 +86,7 @@ from ..rotations._grids import geodesic_distance_deg, shift_grid, so3_grid
 from ..rotations._rotations import random_rotations
 from ..solvers._strategies import PSGD, Plan, Problem, batch_step_size
 from ._align import truth_metrics
+from ._assign import soft_batch
 from ._checkpoints import checkpoint_stem, load_run, save_run
 from ._scoring import score_pixels
 from ._validate import fail, integers, is_number, non_negative, positive
@@ -117,14 +115,10 @@ class AbinitioSettings:
         angular_step: step of the global rotation grid (:func:`jaxcryo.rotations.so3_grid`).
         local_levels: local searches after the global one, each halving the angular and shift steps
             (hard assignment only; with ``top_k > 1`` the steps' searches are global only).
-        top_k: ``1``: hard assignment (each image at its best pose). ``K > 1`` (default 8): soft assignment:
-            each image enters the volume step at its ``K`` best poses of the global search, weighted by their
-            posterior (:func:`jaxcryo.poses.assign_poses`: the scores over each image's own noise variance
-            estimated from its best residual); the final poses are hard. Measured on an ASPIRE set at SNR 0.05
-            (box 64, 5,000 particles, 150 steps of 200): hard assignment found the structure only after step
-            ~115 (pose error median 110-90 deg until then; 8.9 deg, FSC-0.5 shell 10 at the end), ``K = 8``
-            by step ~53 (7.3 deg, shell 10); on an easy set (box 32, SNR 4, 24 steps) ``K = 8`` ends half a
-            shell lower (11.4 against 10.9 A) at 1.5x the time.
+        top_k: ``1``: hard assignment (each image at its best pose). ``K > 1`` (default 8): soft assignment,
+            each image in the volume step at its ``K`` best global-search poses weighted by their posterior
+            (:func:`jaxcryo.poses.assign_poses`); the final poses are hard. ASPIRE set at SNR 0.05: hard
+            assignment found the structure after step ~115 of 150, ``K = 8`` by step ~53 (benchmarks/README).
         max_shift_px: the global shift search covers ``+-max_shift_px`` pixels on each axis.
         shift_step_px: the global shift grid's step.
         learning_rate: step size ``eta_0`` of a shell when it opens; ``None``: ``1 / lambda_max(D_B^-1 H_B)``
@@ -305,23 +299,6 @@ def _search_method(s: AbinitioSettings, pixel_size: float, top_k: int = 1) -> Ca
         step, sh = s.angular_step / 2 ** lv, s.shift_step_px * px / 2 ** lv
         stages.append(LocalSearch(step, 2 * step, jnp.asarray(shift_grid(2 * sh, sh), jnp.float32)))
     return Cascade(tuple(stages))
-
-
-def soft_batch(raw: RawBatch, rotations: Float[np.ndarray, "b k 3 3"], shifts: Float[np.ndarray, "b k 2"],
-               weights: Float[np.ndarray, "b k"]) -> RawBatch:
-    """The minibatch ``raw`` with each image repeated at its ``K`` candidate poses (row ``i * K + k``), each
-    row weighted by ``K`` x its posterior weight (each image's rows average its own weight, as
-    :class:`jaxcryo.poses.SoftPoses`); hard assignment is ``K = 1`` with weight 1."""
-    b, k = np.shape(weights)
-
-    def rep(x):
-        return np.repeat(np.asarray(x), k, axis=0)
-
-    ctf = None if raw.ctf is None else type(raw.ctf)(*(rep(f) for f in raw.ctf))
-    w = rep(raw.weights) * (k * np.asarray(weights, np.float32)).reshape(b * k)
-    return RawBatch(images=rep(raw.images), rotations=np.asarray(rotations, np.float32).reshape(b * k, 3, 3),
-                    shifts=np.asarray(shifts, np.float32).reshape(b * k, 2), ctf=ctf,
-                    weights=w.astype(np.float32), mask=rep(raw.mask))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 from jaxtyping import Float
 
+from ..data._batch import RawBatch
 from ..data._sources import ArrayDataset, ParticleDataset
 
 
@@ -55,3 +56,20 @@ class SoftPoses:
     def row_indices(self, idx) -> np.ndarray:
         """The rows of particles ``idx``."""
         return (np.asarray(idx)[:, None] * self.k + np.arange(self.k)).reshape(-1)
+
+
+def soft_batch(raw: RawBatch, rotations: Float[np.ndarray, "b k 3 3"], shifts: Float[np.ndarray, "b k 2"],
+               weights: Float[np.ndarray, "b k"]) -> RawBatch:
+    """The minibatch ``raw`` with each image repeated at its ``K`` candidate poses (row ``i * K + k``), each
+    row weighted by ``K`` x its posterior weight (each image's rows average its own weight, as
+    :class:`jaxcryo.poses.SoftPoses`); hard assignment is ``K = 1`` with weight 1."""
+    b, k = np.shape(weights)
+
+    def rep(x):
+        return np.repeat(np.asarray(x), k, axis=0)
+
+    ctf = None if raw.ctf is None else type(raw.ctf)(*(rep(f) for f in raw.ctf))
+    w = rep(raw.weights) * (k * np.asarray(weights, np.float32)).reshape(b * k)
+    return RawBatch(images=rep(raw.images), rotations=np.asarray(rotations, np.float32).reshape(b * k, 3, 3),
+                    shifts=np.asarray(shifts, np.float32).reshape(b * k, 2), ctf=ctf,
+                    weights=w.astype(np.float32), mask=rep(raw.mask))
