@@ -88,9 +88,15 @@ def simulate(a) -> dict:
     filters = [RadialCTFFilter(voltage=a.voltage, defocus=float(d), Cs=a.cs, alpha=a.amp_contrast)
                for d in defoci]
 
+    angles = None
+    if a.angles:  # RELION's rot/tilt/psi in radians, which ASPIRE's Simulation takes and writes unchanged
+        angles = np.asarray(np.load(a.angles), np.float32)
+        if angles.shape != (a.particles, 3):
+            raise SystemExit(f"{a.angles}: expected ({a.particles}, 3) Euler angles, got shape {angles.shape}")
+
     def make(vol_arr, noise_adder=None):
         return Simulation(n=a.particles, vols=Volume(vol_arr.astype(np.float32), pixel_size=a.pixel_size),
-                          offsets=offsets.astype(np.float32), unique_filters=filters, amplitudes=1.0,
+                          angles=angles, offsets=offsets.astype(np.float32), unique_filters=filters, amplitudes=1.0,
                           seed=a.seed, pixel_size=a.pixel_size, noise_adder=noise_adder, dtype=np.float32)
 
     # The clean images are projected once (the projections dominate the time: box 128 x 10,000 particles) and
@@ -125,6 +131,7 @@ def simulate(a) -> dict:
             "ctf": {"filter": "RadialCTFFilter", "voltage_kv": a.voltage, "cs_mm": a.cs,
                     "amplitude_contrast": a.amp_contrast, "defocus_A": [float(d) for d in defoci]},
             "shifts": {"distribution": "normal", "sigma_px": a.shift_sigma, "clip_px": a.shift_clip},
+            "angles": a.angles or "uniform (ASPIRE's default)",
             "seconds": time.perf_counter() - t0}
     (out / "sim.json").write_text(json.dumps(info, indent=1))
     return info
@@ -140,6 +147,8 @@ def main(argv=None) -> None:
     s.add_argument("--snr", type=float, required=True, help="ASPIRE's definition (WhiteNoiseAdder.from_snr)")
     for name, value in SIMULATION_DEFAULTS.items():
         s.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    s.add_argument("--angles", default=None,
+                   help=".npy of (particles, 3) Euler angles (RELION's rot/tilt/psi, radians); default uniform")
     s.add_argument("--out", required=True)
     v = sub.add_parser("volume")
     v.add_argument("--box", type=int, required=True)

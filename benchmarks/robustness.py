@@ -19,7 +19,9 @@ Each (generator, volume, box, particles, SNR, seed) set is made once under ``--w
 their key (set, task, variant), so runs can be added one at a time; ``robustness.png`` plots the median
 angular error and the FSC-0.5 shell (against the known-pose shell) over the SNR.
 
-Sets (``--pixel-size``, default 3 Å/px; box 128 at 1.5 Å/px keeps box 64's 192 Å extent; uniform poses, CTF 300 kV / Cs 2.7 mm with defocus 1-2.5 µm):
+Sets (``--pixel-size``, default 3 Å/px; box 128 at 1.5 Å/px keeps box 64's 192 Å extent; uniform poses or, with
+``--poses preferred``, ``jaxcryo.rotations.preferred_orientations`` for both generators (60% within a von
+Mises-Fisher cone about two views; set.json records the fraction within 25° of them); CTF 300 kV / Cs 2.7 mm with defocus 1-2.5 µm):
 
 * ``aspire`` (needs a Python with ASPIRE: ``--aspire-python``, ``$JAXCRYO_ASPIRE_PYTHON`` or
   ``/work/aspire-venv/bin/python``; skipped with a reason otherwise): ``benchmarks/_aspire_sets.py simulate``,
@@ -103,11 +105,16 @@ from jaxcryo.data._sources import ParticleDataset, read_particles  # noqa: E402
 from jaxcryo.io.mrc import read_map, write_map  # noqa: E402
 from jaxcryo.io.star import write_star  # noqa: E402
 from jaxcryo.ndimage import fft3c, frequency_edge, ifft3c, radius_grid  # noqa: E402
+from jaxcryo.rotations import matrix_to_euler, preferred_orientations  # noqa: E402
 from jaxcryo.plotting import save_figure  # noqa: E402
 
 BENCH = Path(__file__).resolve().parent
 HELPER = BENCH / "_aspire_sets.py"
 PIXEL_SIZE = 3.0
+SHIFT_SIGMA = 1.5
+POSES = ("uniform", "preferred")
+#: The views of ``--poses preferred`` (``jaxcryo.rotations.preferred_orientations``' default, both generators).
+PREFERRED_VIEWS = ((0.0, 0.0, 1.0), (1.0, 0.0, 0.0))
 PERTURB_DEG, PERTURB_PX = 5.0, 1.5
 REFERENCE_RESOLUTION = 30.0
 #: Under ``--deadline``, a task is not started with fewer seconds than this left.
@@ -148,6 +155,32 @@ def stop_time(deadline: float | None, timeout: float | None) -> float | None:
 def pixel_size_of(key: dict) -> float:
     """The pixel size (Å) of a set's key or a row (rows made before ``--pixel-size`` existed: 3 Å)."""
     return float(key.get("pixel_size") or PIXEL_SIZE)
+
+
+def shift_sigma_of(key: dict) -> float:
+    """The offsets' standard deviation (px) of a set's key or a row (rows made before it was a key: 1.5)."""
+    return float(key.get("shift_sigma") or SHIFT_SIGMA)
+
+
+def poses_of(key: dict) -> str:
+    """The pose distribution of a set's key or a row (rows made before it was a key: uniform)."""
+    return str(key.get("poses") or "uniform")
+
+
+def volume_label(r: dict) -> str:
+    """A row's volume with the set's pose distribution and offsets where they are not the defaults."""
+    sigma = shift_sigma_of(r)
+    return (r["volume"] + ("" if poses_of(r) == "uniform" else f", {poses_of(r)}")
+            + ("" if sigma == SHIFT_SIGMA else f", σ {sigma:g} px"))
+
+
+def view_fraction(rotations: np.ndarray, views=PREFERRED_VIEWS, degrees: float = 25.0) -> float:
+    """The fraction of viewing directions (third rows of RELION's matrices) within ``degrees`` of any of
+    ``views``: about 0.09 for uniform poses and two views, about 0.35 for the preferred distribution."""
+    v = np.asarray(views, float)
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    cos = np.asarray(rotations)[:, 2, :] @ v.T
+    return float(np.mean(np.max(cos, axis=1) >= np.cos(np.radians(degrees))))
 
 
 def _helper(py: str, args: list, log: Path, deadline: float | None = None) -> dict:
@@ -193,15 +226,23 @@ def _derived_files(d: Path, star: Path, truth: np.ndarray, seed: int, px: float)
     write_star(d / "particles_noposes.star", without_poses(md))
 
 
-def make_set(key: dict, work: Path, aspire_py: str | None, shift_sigma: float, deadline: float | None = None
-             ) -> dict:
-    """The set of ``key`` (made once, then read from ``DIR/set.json``; ``key["pixel_size"]`` defaults to 3 Å)."""
+def make_set(key: dict, work: Path, aspire_py: str | None, deadline: float | None = None) -> dict:
+    """The set of ``key`` (made once, then read from ``DIR/set.json``; ``key["pixel_size"]`` defaults to 3 Å,
+    ``shift_sigma`` to 1.5 px, ``poses`` to uniform)."""
     d = work / set_name(key)
     if (d / "set.json").exists():
         return json.loads((d / "set.json").read_text())
     d.mkdir(parents=True, exist_ok=True)
     gen, vol, box, n, snr, seed = (key[k] for k in ("generator", "volume", "box", "particles", "snr", "seed"))
-    px = pixel_size_of(key)
+    px, shift_sigma, poses = pixel_size_of(key), shift_sigma_of(key), poses_of(key)
+    pose_args: list = []
+    if poses == "preferred" and gen == "aspire":
+        # the same distribution as jaxcryo simulate --poses preferred, handed to ASPIRE as Euler angles:
+        # ASPIRE's Simulation(angles=) takes RELION's rot/tilt/psi (radians) and writes them unchanged
+        np.save(d / "angles.npy", np.radians(np.stack(matrix_to_euler(preferred_orientations(seed, n)), -1)))
+        pose_args = ["--angles", d / "angles.npy"]
+    elif poses == "preferred":
+        pose_args = ["--poses", "preferred"]
     t0 = time.perf_counter()
     if gen == "aspire":
         if aspire_py is None:
@@ -209,7 +250,7 @@ def make_set(key: dict, work: Path, aspire_py: str | None, shift_sigma: float, d
         v = "asym" if vol == "asym" else str(RIBOSOME)
         info = _helper(aspire_py, ["simulate", "--volume", v, "--box", box, "--particles", n, "--snr", snr,
                                    "--seed", seed, "--shift-sigma", shift_sigma, "--pixel-size", px,
-                                   "--out", d], d / "aspire.log", deadline)
+                                   "--out", d, *pose_args], d / "aspire.log", deadline)
         star = d / "particles.star"
         truth = np.load(d / "truth_relion.npy")
     else:
@@ -227,7 +268,8 @@ def make_set(key: dict, work: Path, aspire_py: str | None, shift_sigma: float, d
         else:
             raise RuntimeError("ASPIRE not available (the asym volume needs it)")
         common = ["simulate", "--box", box, "--n-particles", n, "--seed", seed, "--pixel-size", px,
-                  "--max-shift", shift_sigma * np.sqrt(3) * px, "--quiet"] + (["--volume", src] if src else [])
+                  "--max-shift", shift_sigma * np.sqrt(3) * px, "--quiet", *pose_args] + (["--volume", src] if src
+                                                                                           else [])
         r = timed(jaxcryo_cmd() + common + ["--snr", "inf", "--out", d / "clean"], d / "simulate_clean.log",
                   timeout=seconds_left(deadline))
         if r["returncode"] != 0:
@@ -250,6 +292,10 @@ def make_set(key: dict, work: Path, aspire_py: str | None, shift_sigma: float, d
                 "shifts": {"distribution": "uniform", "half_width_px": shift_sigma * np.sqrt(3)},
                 "truth": "ground_truth.mrc (RELION's CTF sign)"}
     _derived_files(d, star, truth, seed, px)
+    rots = np.asarray(read_particles(star).rotations)
+    info["poses"] = {"distribution": poses, "fraction_within_25deg_of_views": view_fraction(rots),
+                     **({"views": PREFERRED_VIEWS, "generator": "jaxcryo.rotations.preferred_orientations(seed, n)"}
+                        if poses == "preferred" else {})}
     info.update(dir=str(d), star=str(star), snr_definition=SNR_DEFINITION, make_seconds=time.perf_counter() - t0)
     (d / "set.json").write_text(json.dumps(info, indent=1))
     return info
@@ -257,8 +303,10 @@ def make_set(key: dict, work: Path, aspire_py: str | None, shift_sigma: float, d
 
 def set_name(key: dict) -> str:
     px = pixel_size_of(key)
+    sigma = shift_sigma_of(key)
     return (f"{key['generator']}_{key['volume']}_b{key['box']}_n{key['particles']}_snr{key['snr']:g}_s{key['seed']}"
-            + ("" if px == PIXEL_SIZE else f"_px{px:g}"))
+            + ("" if px == PIXEL_SIZE else f"_px{px:g}") + ("" if sigma == SHIFT_SIGMA else f"_sig{sigma:g}")
+            + ("" if poses_of(key) == "uniform" else f"_{poses_of(key)}"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,11 +549,14 @@ def task_relion_sgd(d: Path, key: dict, truth, true_md, stop: float | None, time
 # --------------------------------------------------------------------------------------------------
 # Results
 # --------------------------------------------------------------------------------------------------
-ROW_KEYS = ("generator", "volume", "box", "pixel_size", "particles", "snr", "seed", "task", "variant")
+ROW_KEYS = ("generator", "volume", "box", "pixel_size", "shift_sigma", "poses", "particles", "snr", "seed", "task",
+            "variant")
+#: The set's fields that older rows lack, and how to read them.
+_KEY_DEFAULTS = {"pixel_size": pixel_size_of, "shift_sigma": shift_sigma_of, "poses": poses_of}
 
 
 def _row_key(r: dict) -> tuple:
-    return tuple(pixel_size_of(r) if k == "pixel_size" else r.get(k) for k in ROW_KEYS)
+    return tuple(_KEY_DEFAULTS[k](r) if k in _KEY_DEFAULTS else r.get(k) for k in ROW_KEYS)
 
 
 def task_oracle(d: Path, truth) -> dict:
@@ -570,7 +621,7 @@ def table(rows: list) -> str:
         rel = (r.get("relion") or {}).get("fsc05_truth_shell") if r["task"] == "known" else None
         relt = (r.get("relion") or {}).get("wall_seconds") if r["task"] == "known" else None
         lines.append(
-            f"| {r['generator']} | {r['volume']} | {r['snr']:g} | {_fmt(r.get('snr_jaxcryo'), '{:.3g}')} | "
+            f"| {r['generator']} | {volume_label(r)} | {r['snr']:g} | {_fmt(r.get('snr_jaxcryo'), '{:.3g}')} | "
             f"{r['seed']} | {r['task']} | {r['variant']} | {_fmt(r.get('median_angular_error_deg'))} | "
             f"{_fmt(r.get('median_shift_error_px'))} | {r.get('fsc05_truth_shell', 'failed')} / {known} | "
             f"{'-' if rel is None else f'{rel} ({relt:.0f} s)'} | {_iterations(r)} | "
@@ -593,7 +644,7 @@ def plot(rows: list, path: Path) -> None:
     groups: dict = {}
     for r in rows:
         if r["task"] != "known" and ("fsc05_truth_shell" in r or r["task"] == "oracle"):
-            groups.setdefault((r["generator"], r["volume"], r["box"], r["particles"], r["task"], r["variant"]),
+            groups.setdefault((r["generator"], volume_label(r), r["box"], r["particles"], r["task"], r["variant"]),
                               []).append(r)
     for (g, v, box, n, t, var), rs in sorted(groups.items()):
         snrs = sorted({r["snr"] for r in rs})
@@ -653,7 +704,10 @@ def main(argv=None) -> int:
     p.add_argument("--particles", type=int, default=5000)
     p.add_argument("--pixel-size", type=float, default=PIXEL_SIZE,
                    help="Å/px of the sets (and of the 30 Å reference's low-pass); in the set's name when not 3")
-    p.add_argument("--shift-sigma", type=float, default=1.5, help="offset standard deviation (px)")
+    p.add_argument("--shift-sigma", type=float, default=SHIFT_SIGMA, help="offset standard deviation (px)")
+    p.add_argument("--poses", choices=POSES, default="uniform",
+                   help="pose distribution (preferred: jaxcryo.rotations.preferred_orientations, 60%% about two "
+                        "views, for both generators)")
     p.add_argument("--variant", default="default", help="label of these rows (e.g. a tried fix)")
     p.add_argument("--refine-args", default="",
                    help="extra arguments for every jaxcryo refine, one string (write --refine-args=\"--whiten\")")
@@ -729,8 +783,9 @@ def main(argv=None) -> int:
             for snr in a.snr:
                 for seed in a.seeds:
                     key = {"generator": gen, "volume": vol, "box": a.box, "pixel_size": a.pixel_size,
-                           "particles": a.particles, "snr": snr, "seed": seed}
-                    s = make_set(key, a.work, aspire_py, a.shift_sigma, deadline)
+                           "shift_sigma": a.shift_sigma, "poses": a.poses, "particles": a.particles, "snr": snr,
+                           "seed": seed}
+                    s = make_set(key, a.work, aspire_py, deadline)
                     d = Path(s["dir"])
                     truth, _ = read_map(d / "truth.mrc")
                     true_md = read_particles(Path(s["star"]))

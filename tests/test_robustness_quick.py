@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -54,7 +56,7 @@ def test_aspire_set_snr_and_sign(tmp_path):
     import robustness
 
     key = {"generator": "aspire", "volume": "asym", "box": 32, "particles": 300, "snr": 0.5, "seed": 0}
-    s = robustness.make_set(key, tmp_path, ASPIRE_PY, 1.5)
+    s = robustness.make_set(key, tmp_path, ASPIRE_PY)
     assert s["snr_aspire_measured"] == pytest.approx(0.5, rel=1e-3)
     assert 0.6 < s["jaxcryo_over_aspire"] < 0.95
     d = Path(s["dir"])
@@ -66,3 +68,42 @@ def test_aspire_set_snr_and_sign(tmp_path):
 
     shell, f = fsc05_shell(read_map(d / "known" / "map.mrc")[0], read_map(d / "truth.mrc")[0])
     assert min(f[1:4]) > 0.5 and shell >= 6, f[:8]
+
+
+def _preferred_set_checks(s: dict, seed: int, n: int) -> None:
+    """Both generators: the STAR holds exactly jaxcryo's preferred poses, and they are preferred (about 0.09 of
+    uniform viewing directions lie within 25 degrees of the two views)."""
+    import robustness
+    from jaxcryo.data._sources import read_particles
+    from jaxcryo.rotations import preferred_orientations, random_rotations
+
+    assert s["poses"]["distribution"] == "preferred" and s["poses"]["fraction_within_25deg_of_views"] > 0.25
+    rots = np.asarray(read_particles(Path(s["star"])).rotations)
+    np.testing.assert_allclose(rots, preferred_orientations(seed, n), atol=1e-4)
+    uniform = np.asarray(random_rotations(jax.random.PRNGKey(0), 2000))
+    assert 0.06 < robustness.view_fraction(uniform) < 0.13
+    assert "_preferred" in Path(s["dir"]).name
+
+
+def test_preferred_poses_jaxcryo_set(tmp_path):
+    import robustness
+
+    key = {"generator": "jaxcryo", "volume": "phantom", "box": 32, "particles": 200, "snr": 0.5, "seed": 3,
+           "poses": "preferred"}
+    _preferred_set_checks(robustness.make_set(key, tmp_path, None), 3, 200)
+    # rows of older runs (no poses, no shift_sigma) keep their keys: uniform, 1.5 px
+    old = {"generator": "jaxcryo", "volume": "phantom", "box": 32, "particles": 200, "snr": 0.5, "seed": 3,
+           "task": "local", "variant": "default"}
+    assert robustness._row_key(old) == robustness._row_key({**old, "poses": "uniform", "shift_sigma": 1.5,
+                                                             "pixel_size": 3.0})
+    assert robustness._row_key(old) != robustness._row_key({**old, "poses": "preferred"})
+    assert robustness.volume_label({**old, "poses": "preferred", "shift_sigma": 3.0}) == "phantom, preferred, σ 3 px"
+
+
+@pytest.mark.skipif(ASPIRE_PY is None, reason="no Python with ASPIRE (benchmark-only peer)")
+def test_preferred_poses_aspire_set(tmp_path):
+    import robustness
+
+    key = {"generator": "aspire", "volume": "asym", "box": 32, "particles": 200, "snr": 0.5, "seed": 4,
+           "poses": "preferred"}
+    _preferred_set_checks(robustness.make_set(key, tmp_path, ASPIRE_PY), 4, 200)
