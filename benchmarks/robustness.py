@@ -9,6 +9,7 @@ Usage::
     python benchmarks/robustness.py ... --variant mask --refine-args="--solvent-mask --particle-diameter 150"   # a tried fix
     python benchmarks/robustness.py --quick --out DIR --work DIR2     # CI: jaxcryo set, box 32, known + local
     python benchmarks/robustness.py --table benchmarks/results/robustness.json   # README table from the JSON
+    python benchmarks/robustness.py --report     # the READMEs' summaries and full table from results/robustness.json
     python benchmarks/robustness.py --box 128 --pixel-size 1.5 --particles 10000 --snr 0.1 --deadline 500  # GPU
     python benchmarks/robustness.py --generators jaxcryo --volumes ribosome --snr 0.1 \\
         --tasks local relion_local --relion-timeout 1500     # RELION 3.1 auto-refine beside jaxcryo
@@ -735,7 +736,18 @@ def main(argv=None) -> int:
     p.add_argument("--table", type=Path, default=None, help="print the Markdown table of this JSON and stop")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="merge the rows of these robustness.json files into --out's and stop")
+    p.add_argument("--report", action="store_true",
+                   help="rewrite the summaries and the full table in README.md and benchmarks/README.md from "
+                        "--out's robustness.json, and stop")
     a = p.parse_args(argv)
+    if a.report:
+        import _robustness_report as rep
+
+        rows = json.loads((a.out / "robustness.json").read_text())["rows"]
+        rep.fill(BENCH.parent / "README.md", "README_SUMMARY", rep.readme_summary(rows, volume_label))
+        rep.fill(BENCH / "README.md", "SUMMARY", rep.summary_table(rows, volume_label))
+        rep.fill(BENCH / "README.md", "FULLTABLE", table(rows))
+        return 0
     if a.table is not None:
         print(table(json.loads(a.table.read_text())["rows"]))
         return 0

@@ -107,3 +107,28 @@ def test_preferred_poses_aspire_set(tmp_path):
     key = {"generator": "aspire", "volume": "asym", "box": 32, "particles": 200, "snr": 0.5, "seed": 4,
            "poses": "preferred"}
     _preferred_set_checks(robustness.make_set(key, tmp_path, ASPIRE_PY), 4, 200)
+
+
+def test_report_summaries_and_fill(tmp_path):
+    """``--report``'s summaries: ranges over seeds, a task run on fewer seeds names them; blocks are replaced."""
+    import _robustness_report as rep
+    import robustness
+
+    base = {"generator": "aspire", "volume": "asym", "box": 64, "particles": 5000, "snr": 0.1, "variant": "default"}
+    rows = []
+    for seed, (known, err, shell) in enumerate([(15, 3.15, 13), (15, 2.73, 14), (16, 2.54, 16)]):
+        rows.append({**base, "seed": seed, "task": "known", "fsc05_truth_shell": known, "snr_jaxcryo": 0.0726})
+        rows.append({**base, "seed": seed, "task": "local", "median_angular_error_deg": err,
+                     "fsc05_truth_shell": shell, "cpu_seconds": 80.0})
+    rows.append({**base, "seed": 1, "task": "abinitio", "median_angular_error_deg": 4.0, "fsc05_truth_shell": 14,
+                 "cpu_seconds": 400.0})
+    rows.append({**base, "seed": 0, "task": "local", "variant": "other", "median_angular_error_deg": 99.0,
+                 "fsc05_truth_shell": 1, "cpu_seconds": 1.0})
+    line = rep.readme_summary(rows, robustness.volume_label).splitlines()[2]
+    assert line == "| aspire 0.1 | 0, 1, 2 | 15–16 | - | 2.54–3.15°, -2 to 0 | - | 4.00°, -1 (seed 1) |"
+    summary = rep.summary_table(rows, robustness.volume_label).splitlines()
+    assert len(summary) == 5 and summary[2].startswith("| aspire b64 | 0.1 / 0.0726 | 0 | 15 | - | 3.15°, 13 (80 CPU s)")
+    f = tmp_path / "R.md"
+    f.write_text("a\n<!-- X -->\nold\n<!-- /X -->\nb\n")
+    rep.fill(f, "X", "new")
+    assert f.read_text() == "a\n<!-- X -->\nnew\n<!-- /X -->\nb\n"
