@@ -22,16 +22,53 @@ def _axes(ndim: int, d: int) -> tuple[int, ...]:
     return tuple(range(ndim - d, ndim))
 
 
+def _checkerboard(shape: tuple[int, ...], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(c, s c)`` with ``c = (-1)^(i + j + ...)`` and ``s = (-1)^(sum N_a / 2)`` on an even grid: for even
+    sizes the shifts of a centred transform are sign patterns, ``fftshift(fft(ifftshift(x))) = s c fft(c x)``
+    exactly (the same for the inverse), so no array is copied to roll it."""
+    c = np.ones((), np.int64)
+    for m in shape:
+        c = np.multiply.outer(c, (-1) ** np.arange(m))
+    return c.astype(dtype), (c * (-1) ** (sum(shape) // 2 % 2)).astype(dtype)
+
+
+def _even(x, ax) -> bool:
+    return all(x.shape[a] % 2 == 0 for a in ax)
+
+
 def fftc(x: Num[Array, "..."], d: int) -> Inexact[Array, "..."]:
-    """Centred unnormalised FFT over the last ``d`` axes."""
+    """Centred unnormalised FFT over the last ``d`` axes.
+
+    Even sizes (every box jaxcryo writes) take the sign pattern of :func:`_checkerboard` instead of the two
+    shifts, and a real ``x`` one real-input FFT (``rfftn``, about half the work) whose missing half is its
+    Hermitian mirror: ``tests/test_fourier_fast.py`` checks both against the shifted FFT."""
+    x = jnp.asarray(x)
     ax = _axes(x.ndim, d)
-    return jnp.fft.fftshift(jnp.fft.fftn(jnp.fft.ifftshift(x, axes=ax), axes=ax), axes=ax)
+    if not _even(x, ax):
+        return jnp.fft.fftshift(jnp.fft.fftn(jnp.fft.ifftshift(x, axes=ax), axes=ax), axes=ax)
+    if jnp.iscomplexobj(x):
+        c, sc = _checkerboard(x.shape[-d:], jnp.real(x).dtype)
+        return jnp.fft.fftn(x * c, axes=ax) * sc
+    c, sc = _checkerboard(x.shape[-d:], x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else np.float32)
+    h = jnp.fft.rfftn(x * c, axes=ax)  # last axis: frequencies 0 .. N/2
+    m = x.shape[-1]
+    # the rest of the last axis, frequencies N/2+1 .. N-1 = conj of the transform at minus that frequency
+    rest = jnp.conj(h[..., 1:m // 2])
+    if d > 1:  # minus on the other axes too: flip them, index 0 stays at 0 (roll by one)
+        rest = jnp.roll(jnp.flip(rest, axis=ax[:-1]), 1, axis=ax[:-1])
+    return jnp.concatenate([h, jnp.flip(rest, axis=-1)], axis=-1) * sc
 
 
 def ifftc(x: Num[Array, "..."], d: int) -> Inexact[Array, "..."]:
-    """Centred inverse FFT over the last ``d`` axes (normalised by ``1/N^d``)."""
+    """Centred inverse FFT over the last ``d`` axes (normalised by ``1/N^d``; even sizes by the sign pattern,
+    as :func:`fftc`)."""
+    x = jnp.asarray(x)
     ax = _axes(x.ndim, d)
-    return jnp.fft.fftshift(jnp.fft.ifftn(jnp.fft.ifftshift(x, axes=ax), axes=ax), axes=ax)
+    if not _even(x, ax):
+        return jnp.fft.fftshift(jnp.fft.ifftn(jnp.fft.ifftshift(x, axes=ax), axes=ax), axes=ax)
+    c, sc = _checkerboard(x.shape[-d:], jnp.real(x).dtype if jnp.iscomplexobj(x) or
+                          jnp.issubdtype(x.dtype, jnp.floating) else np.float32)
+    return jnp.fft.ifftn(x * c, axes=ax) * sc
 
 
 def fft2c(x: Num[Array, "*b n n"]) -> Inexact[Array, "*b n n"]:
