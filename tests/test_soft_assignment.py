@@ -43,6 +43,26 @@ def test_assign_poses_hard_and_soft_against_numpy():
     assert np.all(np.diff(w, axis=1) <= 0) and np.allclose(w.sum(1), 1.0)
 
 
+def test_soft_weights_with_an_offset_prior_are_the_posterior():
+    """The offset prior is neither part of the noise estimate nor divided by it: with equal likelihoods the
+    weights are the prior's, whatever the residual level (the reviewer's case: 0.881 / 0.119 for a prior
+    [0, -2] at every residual per pixel)."""
+    npix = 100
+    rots = np.broadcast_to(np.eye(3, dtype=np.float32), (1, 3, 3))
+    shifts = np.zeros((2, 2), np.float32)
+    prior = jnp.asarray([[[0.0, -2.0]]], jnp.float32)
+    for resid in (1.0, 0.25, 4.0):
+        like = np.full((1, 1, 2), -0.5 * resid * npix, np.float32)
+        got = assign_poses(jnp.asarray(like) + prior, rots, shifts, 2, npix, log_prior=prior)
+        np.testing.assert_allclose(np.asarray(got.weights)[0], [1 / (1 + np.exp(-2)), np.exp(-2) / (1 + np.exp(-2))],
+                                   rtol=1e-5)
+    # a likelihood difference is divided by the noise estimate from the likelihood alone (sigma^2 = 1 here)
+    like = np.array([[[-50.0, -51.0]]], np.float32)
+    got = assign_poses(jnp.asarray(like) + prior, rots, shifts, 2, npix, log_prior=prior)
+    w = np.exp([0.0, -1.0 - 2.0])
+    np.testing.assert_allclose(np.asarray(got.weights)[0], w / w.sum(), rtol=1e-5)
+
+
 def test_soft_source_objective_is_the_weighted_sum_of_hard_objectives():
     sim = jc.simulate(n_particles=12, box=12, snr=2.0, seed=0, operator="trilinear")
     ds = jc.ArrayDataset(sim.metadata, sim.images)

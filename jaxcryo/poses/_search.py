@@ -68,7 +68,7 @@ Assignment = SearchResult
 
 def assign_poses(scores: Float[Array, "b r t"], rotations: Float[Array, "r 3 3"] | Float[Array, "b r 3 3"],
                  shifts: Float[Array, "t 2"] | Float[Array, "b t 2"], top_k: int = 1,
-                 n_pixels: int | None = None) -> SearchResult:
+                 n_pixels: int | None = None, log_prior: Float[Array, "b 1 t"] | None = None) -> SearchResult:
     """Hard (``top_k=1``: :func:`jaxcryo.poses.best_poses`) or soft assignment from the scores of
     :func:`jaxcryo.poses.score_poses` / :func:`~jaxcryo.poses.score_local` (``rotations``, ``shifts``: the
     candidates, shared or per image).
@@ -78,7 +78,10 @@ def assign_poses(scores: Float[Array, "b r t"], rotations: Float[Array, "r 3 3"]
     from its best residual, ``sigma_i^2 = -2 max L_i / n_pixels`` (the mean squared residual per scored pixel
     at the best pose, an upper bound on the noise variance: weights at least as broad as the data's, as
     RELION's residual-based noise estimate). Per image, so the result does not depend on the batch or the
-    number of devices. Pure, jittable (``top_k`` and ``n_pixels`` static)."""
+    number of devices. ``log_prior`` (broadcast to the scores): the part of ``scores`` that is a prior (the
+    :class:`Scorer`'s offset prior, already added to them): it is left out of the noise estimate and not
+    divided by it, so the weights are ``softmax((scores - log_prior) / sigma_i^2 + log_prior)``. Pure,
+    jittable (``top_k`` and ``n_pixels`` static)."""
     rotations, shifts = jnp.asarray(rotations), jnp.asarray(shifts)
     scores = jnp.asarray(scores)
     if top_k == 1:
@@ -87,9 +90,10 @@ def assign_poses(scores: Float[Array, "b r t"], rotations: Float[Array, "r 3 3"]
         return SearchResult(b.rotations[:, None], b.shifts[:, None], b.score[:, None], ones)
     if n_pixels is None:
         raise ValueError("soft assignment (top_k > 1) needs n_pixels, the number of scored pixels")
-    best = jnp.max(scores, axis=(1, 2))
+    like = scores if log_prior is None else scores - log_prior
+    best = jnp.max(like, axis=(1, 2))
     sigma2 = jnp.maximum(-2.0 * best / n_pixels, jnp.finfo(scores.dtype).tiny)  # padding (score 0): no matter
-    pw = soft_weights(scores / sigma2[:, None, None], top_k)
+    pw = soft_weights(like / sigma2[:, None, None] + (0.0 if log_prior is None else log_prior), top_k)
     rows = jnp.arange(scores.shape[0])[:, None]
     rot = rotations[pw.rotation_index] if rotations.ndim == 3 else rotations[rows, pw.rotation_index]
     sh = shifts[pw.shift_index] if shifts.ndim == 2 else shifts[rows, pw.shift_index]
@@ -116,6 +120,12 @@ class Scorer(eqx.Module, strict=True):
     def n_pixels(self) -> int:
         """The number of scored pixels per image (:func:`jaxcryo.poses.score_pixels`)."""
         return int(score_pixels(self.projector, self.kmax).size)
+
+    def assign(self, scores: Float[Array, "b r t"], batch: Batch, rotations, shifts, top_k: int) -> SearchResult:
+        """:func:`assign_poses` of this scorer's ``scores`` (the offset prior, if any, kept out of the noise
+        estimate of soft assignment)."""
+        prior = None if self.offset_sigma is None else self._prior(batch, shifts)
+        return assign_poses(scores, rotations, shifts, top_k, self.n_pixels, log_prior=prior)
 
     def _prior(self, batch: Batch, shifts: Float[Array, "t 2"] | Float[Array, "b t 2"]) -> Float[Array, "b 1 t"]:
         """The offset prior's log density ``(B, 1, T)`` (0 for padding images)."""
@@ -171,7 +181,7 @@ class GlobalSearch(AbstractSearchMethod, strict=True):
 
     def search(self, scorer, vol_f, batch, rotations=None, shifts=None) -> SearchResult:
         sc = scorer.shared(vol_f, batch, self.rotations, self.shifts)
-        return assign_poses(sc, self.rotations, self.shifts, self.top_k, scorer.n_pixels)
+        return scorer.assign(sc, batch, self.rotations, self.shifts, self.top_k)
 
     def candidates_per_image(self) -> int:
         return int(self.rotations.shape[0] * self.shifts.shape[0])
@@ -195,7 +205,7 @@ class LocalSearch(AbstractSearchMethod, strict=True):
         cand = local_grid(rotations, self.step, self.radius)
         csh = shifts[:, None, :] + self.shifts[None].astype(shifts.dtype)
         sc = scorer.per_image(vol_f, batch, cand, csh)
-        return assign_poses(sc, cand, csh, self.top_k, scorer.n_pixels)
+        return scorer.assign(sc, batch, cand, csh, self.top_k)
 
     def candidates_per_image(self) -> int:
         return int(local_offsets(self.step, self.radius).shape[0] * self.shifts.shape[0])

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from ..forward._projection import Projector
+from ..ndimage._metrics import first_shell_below
 from ..solvers._fit import fit
 from ..solvers._spectral import estimate_spectral_prior
 from ..solvers._strategies import MinibatchStrategy, OnePassStrategy, Problem, Strategy, make_strategy
@@ -72,4 +73,4 @@ def update_half_maps(source, rows: list, projector: Projector, previous: list, s
         maps = [jax.device_get(strategy.solve(p, s.epochs_per_iteration, (*w, s.lam)).volume_f)
                 for p, w in zip(problem, est.wiener)]
     return maps, {"volume_update": "reestimated",
-                  "one_pass_fsc_0143_shell": int(np.argmax(np.r_[est.fsc, 0.0] < 0.143))}
+                  "one_pass_fsc_0143_shell": first_shell_below(est.fsc, 0.143)}
