@@ -63,9 +63,10 @@ def load_map(name: str, box: int, dtype=np.float32) -> tuple[np.ndarray, float]:
 
 
 def jaxcryo_command() -> list[str]:
-    """The ``jaxcryo`` console script of this Python, or ``python -m jaxcryo`` where it is not installed."""
+    """The ``jaxcryo`` console script of this Python, or its launcher ``python -m jaxcryo_main`` where the script
+    is not installed (the launcher's process settings, e.g. huge pages, apply either way)."""
     exe = Path(sys.executable).parent / "jaxcryo"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "jaxcryo"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "jaxcryo_main"]
 
 
 def loadavg() -> float | None:

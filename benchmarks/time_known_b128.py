@@ -1,21 +1,76 @@
-"""Idle-machine timing (8th session; paths of that machine: edit before reuse): jaxcryo reconstruct (this commit and the commit before the FFT change) vs
-relion_reconstruct --ctf on a box-128, 20,000-particle jaxcryo-simulated set (1.5 A/px, SNR 0.07)."""
-import json, os, resource, subprocess, sys, time
-star = "/work/prof/b128/particles.star"
+"""Known-pose timing at box 128 on an idle machine: ``jaxcryo reconstruct`` (through the console script, with
+and without the launcher's huge pages, ``JAXCRYO_HUGEPAGES=0``) against ``relion_reconstruct --ctf`` on the
+same STAR file; whole commands (start-up, compilation, I/O included), wall and CPU seconds of each, alternated
+over ``--reps`` rounds. The set: ``jaxcryo simulate --box 128 --n-particles 20000 --pixel-size 1.5 ...``
+(benchmarks/README.md, "Box 128"). Writes ``--json`` (default results/known_b128_timing.json), keeping the
+rows of earlier sessions under ``earlier``.
+
+    python benchmarks/time_known_b128.py --star /path/b128/particles.star --work /tmp/t128 [--reps 3]
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from _common import jaxcryo_command
+
+RESULTS = Path(__file__).parent / "results" / "known_b128_timing.json"
+
+
 def run(cmd, env=None, cwd=None):
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN); t0 = time.perf_counter()
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
     subprocess.run(cmd, env=env, cwd=cwd, check=True, capture_output=True)
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.perf_counter() - t0, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-rows = []
-py = "/work/venv/bin/python"
-for rep in range(2):
-    for name, path in (("jaxcryo_before_fft", "/work/qmain"), ("jaxcryo", "/work/main")):
-        env = dict(os.environ, PYTHONPATH=path)
-        w, c = run([py, "-m", "jaxcryo", "reconstruct", star, "--out", f"/work/prof/t_{name}", "--quiet"], env=env)
-        rows.append({"program": name, "rep": rep, "wall_s": w, "cpu_s": c})
-    w, c = run(["relion_reconstruct", "--i", "particles.star", "--o", "/work/prof/t_relion.mrc", "--ctf"], cwd="/work/prof/b128")
-    rows.append({"program": "relion_reconstruct", "rep": rep, "wall_s": w, "cpu_s": c})
-    print(rows[-3:], flush=True)
-load = os.getloadavg()
-print(json.dumps({"rows": rows, "load_average_after": load}, indent=1))
+    return time.perf_counter() - t0, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), r1.ru_stime - r0.ru_stime
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--star", required=True)
+    p.add_argument("--work", required=True)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", default=str(RESULTS))
+    a = p.parse_args()
+    star, work = Path(a.star).resolve(), Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    programs = {"jaxcryo": (jaxcryo_command(), {}),
+                "jaxcryo_no_hugepages": (jaxcryo_command(), {"JAXCRYO_HUGEPAGES": "0"})}
+    relion = shutil.which("relion_reconstruct")
+    rows = []
+    for rep in range(a.reps):
+        for name, (cmd, extra) in programs.items():
+            env = dict(os.environ, **extra)
+            w, c, s = run([*cmd, "reconstruct", str(star), "--out", str(work / name), "--quiet"], env=env)
+            rows.append({"program": name, "rep": rep, "wall_s": w, "cpu_s": c, "system_s": s})
+            print(rows[-1], flush=True)
+        if relion:
+            w, c, s = run([relion, "--i", star.name, "--o", str((work / "relion.mrc").resolve()), "--ctf"],
+                          cwd=star.parent)
+            rows.append({"program": "relion_reconstruct", "rep": rep, "wall_s": w, "cpu_s": c, "system_s": s})
+            print(rows[-1], flush=True)
+    old = json.loads(Path(a.json).read_text()) if Path(a.json).exists() else {}
+    earlier = old.pop("earlier", [])
+    if old:
+        earlier.append(old)
+    out = {"description": f"Idle {os.cpu_count()}-core machine, {time.strftime('%Y-%m-%d')}: jaxcryo reconstruct "
+                          "(console script; with the launcher's transparent huge pages and without, "
+                          "JAXCRYO_HUGEPAGES=0) vs relion_reconstruct --ctf, box 128, 20,000 particles, 1.5 A/px, a "
+                          "jaxcryo-simulated set; whole commands, compilation and I/O included; "
+                          "benchmarks/time_known_b128.py",
+           "star": str(star), "rows": rows, "load_average_after": os.getloadavg()}
+    if relion:
+        best = {n: min(r["wall_s"] for r in rows if r["program"] == n) for n in {r["program"] for r in rows}}
+        out["best_wall_s"] = best
+        out["ratio_best_wall"] = {n: best[n] / best["relion_reconstruct"] for n in programs}
+    out["earlier"] = earlier
+    Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({k: out.get(k) for k in ("best_wall_s", "ratio_best_wall")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
