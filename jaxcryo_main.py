@@ -61,11 +61,19 @@ def hugepage_environment(environ: dict[str, str] | None = None) -> dict[str, str
     return env
 
 
+def _is_program() -> bool:
+    """Whether this process *is* the command (the ``jaxcryo`` console script or ``python -m jaxcryo_main``),
+    not a Python session that called :func:`main` (a notebook, a test runner): only the command may replace
+    its process."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None) or ""
+    return os.path.basename(path) in ("jaxcryo", "jaxcryo_main.py")
+
+
 def main() -> int:
-    env = hugepage_environment()
+    env = hugepage_environment() if _is_program() else None
     if env is not None:  # once: the new process finds the tunable set
-        try:
-            os.execve(sys.executable, [sys.executable, "-m", "jaxcryo_main", *sys.argv[1:]], env)
+        try:  # the same command line, interpreter options included
+            os.execve(sys.executable, getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv], env)
         except OSError:
             pass  # go on in this process, without huge pages
     cache_off = NO_CACHE_FLAG in sys.argv[1:] or os.environ.get("JAXCRYO_NO_COMPILATION_CACHE", "") not in ("", "0")

@@ -55,3 +55,32 @@ def test_command_runs_through_the_launcher():
                        env={k: v for k, v in os.environ.items() if k != "JAXCRYO_HUGEPAGES"}, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "reconstruct" in r.stdout
+
+
+def test_no_reexec_from_a_python_session(monkeypatch):
+    """``main()`` called from a Python session (here pytest) never replaces the process."""
+    monkeypatch.setattr(jaxcryo_main, "hugepage_environment", lambda: {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    called = []
+    monkeypatch.setattr(jaxcryo_main.os, "execve", lambda *a: called.append(a))
+    monkeypatch.setattr(jaxcryo_main.sys, "argv", ["jaxcryo", "--help"])
+    with pytest.raises(SystemExit):
+        jaxcryo_main.main()
+    assert not called
+
+
+def test_reexec_keeps_the_command_line(tmp_path):
+    """The command re-executes itself with the tunable set and the same arguments (a script named like the
+    console script whose subcommand runner prints its environment's tunable and its arguments)."""
+    probe = tmp_path / "jaxcryo"  # the launcher treats a main file of this name as the command
+    probe.write_text("import os, sys\nimport jaxcryo.cli, jaxcryo_main\n"
+                     "jaxcryo.cli.console_main = lambda: print(repr(os.environ.get('GLIBC_TUNABLES', '')), sys.argv[1:]) or 0\n"
+                     "sys.exit(jaxcryo_main.main())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAXCRYO_HUGEPAGES", "GLIBC_TUNABLES")}
+    r = subprocess.run([sys.executable, str(probe), "probe", "x"], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    expected = "glibc.malloc.hugetlb=1" if jaxcryo_main.hugepage_environment(env) is not None else ""
+    assert r.stdout.strip() == f"{expected!r} ['probe', 'x']"
+    env["JAXCRYO_HUGEPAGES"] = "0"
+    r = subprocess.run([sys.executable, str(probe), "probe"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.stdout.strip() == "'' ['probe']"
