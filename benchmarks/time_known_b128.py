@@ -26,7 +26,8 @@ def run(cmd, env=None, cwd=None):
     t0 = time.perf_counter()
     subprocess.run(cmd, env=env, cwd=cwd, check=True, capture_output=True)
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.perf_counter() - t0, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime), r1.ru_stime - r0.ru_stime
+    return {"wall_s": time.perf_counter() - t0, "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
+            "system_s": r1.ru_stime - r0.ru_stime, "minor_page_faults": r1.ru_minflt - r0.ru_minflt}
 
 
 def main():
@@ -35,6 +36,7 @@ def main():
     p.add_argument("--work", required=True)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", default=str(RESULTS))
+    p.add_argument("--set-note", default="", help="what the set is (generator, SNR), recorded in the JSON")
     a = p.parse_args()
     star, work = Path(a.star).resolve(), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -45,13 +47,12 @@ def main():
     for rep in range(a.reps):
         for name, (cmd, extra) in programs.items():
             env = dict(os.environ, **extra)
-            w, c, s = run([*cmd, "reconstruct", str(star), "--out", str(work / name), "--quiet"], env=env)
-            rows.append({"program": name, "rep": rep, "wall_s": w, "cpu_s": c, "system_s": s})
+            m = run([*cmd, "reconstruct", str(star), "--out", str(work / name), "--quiet"], env=env)
+            rows.append({"program": name, "rep": rep, **m})
             print(rows[-1], flush=True)
         if relion:
-            w, c, s = run([relion, "--i", star.name, "--o", str((work / "relion.mrc").resolve()), "--ctf"],
-                          cwd=star.parent)
-            rows.append({"program": "relion_reconstruct", "rep": rep, "wall_s": w, "cpu_s": c, "system_s": s})
+            m = run([relion, "--i", star.name, "--o", str((work / "relion.mrc").resolve()), "--ctf"], cwd=star.parent)
+            rows.append({"program": "relion_reconstruct", "rep": rep, **m})
             print(rows[-1], flush=True)
     old = json.loads(Path(a.json).read_text()) if Path(a.json).exists() else {}
     earlier = old.pop("earlier", [])
@@ -62,11 +63,15 @@ def main():
                           "JAXCRYO_HUGEPAGES=0) vs relion_reconstruct --ctf, box 128, 20,000 particles, 1.5 A/px, a "
                           "jaxcryo-simulated set; whole commands, compilation and I/O included; "
                           "benchmarks/time_known_b128.py",
-           "star": str(star), "rows": rows, "load_average_after": os.getloadavg()}
+           "star": str(star), "set": a.set_note, "rows": rows, "load_average_after": os.getloadavg()}
     if relion:
         best = {n: min(r["wall_s"] for r in rows if r["program"] == n) for n in {r["program"] for r in rows}}
         out["best_wall_s"] = best
         out["ratio_best_wall"] = {n: best[n] / best["relion_reconstruct"] for n in programs}
+        def ratios(key):  # each program's value over RELION's in the same round
+            get = lambda n, k: next(r[key] for r in rows if r["program"] == n and r["rep"] == k)  # noqa: E731
+            return {n: [get(n, k) / get("relion_reconstruct", k) for k in range(a.reps)] for n in programs}
+        out["ratio_wall_per_round"], out["ratio_cpu_per_round"] = ratios("wall_s"), ratios("cpu_s")
     out["earlier"] = earlier
     Path(a.json).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: out.get(k) for k in ("best_wall_s", "ratio_best_wall")}, indent=1))
