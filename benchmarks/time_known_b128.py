@@ -1,7 +1,7 @@
 """Known-pose timing at box 128 on an idle machine: ``jaxcryo reconstruct`` (through the console script, with
-and without the launcher's huge pages, ``JAXCRYO_HUGEPAGES=0``) against ``relion_reconstruct --ctf`` on the
-same STAR file; whole commands (start-up, compilation, I/O included), wall and CPU seconds of each, alternated
-over ``--reps`` rounds. The set: ``jaxcryo simulate --box 128 --n-particles 20000 --pixel-size 1.5 ...``
+the launcher's malloc tunables, with huge pages alone, ``JAXCRYO_HEAP_REUSE=0``, and with neither) against ``relion_reconstruct --ctf`` on the
+same STAR file; whole commands (start-up, compilation, I/O included), wall and CPU seconds, page faults and
+peak memory of each, alternated over ``--reps`` rounds. The set: ``jaxcryo simulate --box 128 --n-particles 20000 --pixel-size 1.5 ...``
 (benchmarks/README.md, "Box 128"). Writes ``--json`` (default results/known_b128_timing.json), keeping the
 rows of earlier sessions under ``earlier``.
 
@@ -22,12 +22,18 @@ RESULTS = Path(__file__).parent / "results" / "known_b128_timing.json"
 
 
 def run(cmd, env=None, cwd=None):
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """One command's wall, CPU and system seconds, minor page faults and peak resident memory (its own
+    rusage, from ``wait4``)."""
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, cwd=cwd, check=True, capture_output=True)
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"wall_s": time.perf_counter() - t0, "cpu_s": (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime),
-            "system_s": r1.ru_stime - r0.ru_stime, "minor_page_faults": r1.ru_minflt - r0.ru_minflt}
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    proc.stderr.close()
+    return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "system_s": ru.ru_stime,
+            "minor_page_faults": ru.ru_minflt, "max_rss_mb": ru.ru_maxrss / 1024}
 
 
 def main():
@@ -40,8 +46,11 @@ def main():
     a = p.parse_args()
     star, work = Path(a.star).resolve(), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    # the command as shipped (the launcher's heap reuse and huge pages), huge pages alone (the 9th session's
+    # launcher), and glibc's defaults
     programs = {"jaxcryo": (jaxcryo_command(), {}),
-                "jaxcryo_no_hugepages": (jaxcryo_command(), {"JAXCRYO_HUGEPAGES": "0"})}
+                "jaxcryo_hugepages_only": (jaxcryo_command(), {"JAXCRYO_HEAP_REUSE": "0"}),
+                "jaxcryo_no_tuning": (jaxcryo_command(), {"JAXCRYO_HEAP_REUSE": "0", "JAXCRYO_HUGEPAGES": "0"})}
     relion = shutil.which("relion_reconstruct")
     rows = []
     for rep in range(a.reps):
@@ -59,8 +68,8 @@ def main():
     if old:
         earlier.append(old)
     out = {"description": f"Idle {os.cpu_count()}-core machine, {time.strftime('%Y-%m-%d')}: jaxcryo reconstruct "
-                          "(console script; with the launcher's transparent huge pages and without, "
-                          "JAXCRYO_HUGEPAGES=0) vs relion_reconstruct --ctf, box 128, 20,000 particles, 1.5 A/px, a "
+                          "(console script: as shipped, with the launcher's heap reuse and transparent huge pages; "
+                          "huge pages only, JAXCRYO_HEAP_REUSE=0; glibc's defaults, both off) vs relion_reconstruct --ctf, box 128, 20,000 particles, 1.5 A/px, a "
                           "jaxcryo-simulated set; whole commands, compilation and I/O included; "
                           "benchmarks/time_known_b128.py",
            "star": str(star), "set": a.set_note, "rows": rows, "load_average_after": os.getloadavg()}

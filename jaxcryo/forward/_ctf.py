@@ -79,7 +79,12 @@ def evaluate_ctf(params: CTFParams, freqs: Float[ArrayLike, "n n 2"]) -> Float[A
     """
     kx, ky = freqs[..., 0], freqs[..., 1]
     s2 = kx * kx + ky * ky
-    theta = jnp.arctan2(ky, kx)
+    # cos(2 (theta - a)) = cos 2theta cos 2a + sin 2theta sin 2a, with cos 2theta = (kx^2 - ky^2) / s^2 and
+    # sin 2theta = 2 kx ky / s^2 on the grid (1 and 0 at the origin, where s^2 = 0 makes it irrelevant): no
+    # per-image arctan2 or cosine on every pixel (libm's scalar sin/cos were ~10% of a box-128 reconstruction)
+    safe = jnp.where(s2 > 0, s2, 1.0)
+    cos2t = jnp.where(s2 > 0, (kx * kx - ky * ky) / safe, 1.0)
+    sin2t = jnp.where(s2 > 0, 2.0 * kx * ky / safe, 0.0)
 
     def b(x):  # broadcast per-image parameter over the grid
         return jnp.asarray(x)[..., None, None]
@@ -87,10 +92,12 @@ def evaluate_ctf(params: CTFParams, freqs: Float[ArrayLike, "n n 2"]) -> Float[A
     lam = electron_wavelength(b(params.voltage))
     cs_a = b(params.cs) * 1e7
     du, dv = b(params.defocus_u), b(params.defocus_v)
-    df = 0.5 * (du + dv) + 0.5 * (du - dv) * jnp.cos(2.0 * (theta - jnp.deg2rad(b(params.astig_angle))))
+    a2 = 2.0 * jnp.deg2rad(b(params.astig_angle))
+    df = 0.5 * (du + dv) + 0.5 * (du - dv) * (cos2t * jnp.cos(a2) + sin2t * jnp.sin(a2))
     chi = jnp.pi * lam * df * s2 - 0.5 * jnp.pi * cs_a * lam**3 * s2 * s2 + jnp.deg2rad(b(params.phase_shift))
     q0 = b(params.amp_contrast)
-    ctf = jnp.sqrt(1.0 - q0 * q0) * jnp.sin(chi) + q0 * jnp.cos(chi)
+    # sqrt(1 - Q0^2) sin(chi) + Q0 cos(chi) = sin(chi + asin(Q0)) (RELION's K3): one sine per pixel
+    ctf = jnp.sin(chi + jnp.arcsin(q0))
     ctf = ctf * jnp.exp(-b(params.bfactor) * s2 / 4.0) * b(params.scale)
     return ctf.astype(freqs.dtype)
 

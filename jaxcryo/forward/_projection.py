@@ -57,6 +57,19 @@ def shift_phase(shifts: Float[Array, "b 2"], freqs: Float[ArrayLike, "n n 2"]) -
     return jax.lax.complex(jnp.cos(ph), jnp.sin(ph))
 
 
+def shift_phase_separable(shifts: Float[Array, "b 2"], kx: Float[ArrayLike, " w"],
+                          ky: Float[ArrayLike, " h"]) -> Complex[Array, "b h w"]:
+    """:func:`shift_phase` on the grid ``meshgrid(kx, ky)`` (what :func:`~jaxcryo.ndimage.freq_grid_2d`
+    makes), as the outer product ``exp(2 pi i ky o_y) exp(2 pi i kx o_x)``: ``2n`` sines and cosines per
+    image instead of ``n^2``."""
+    def ramp(k, o):  # (b, m)
+        ph = 2 * jnp.pi * k[None, :] * o[:, None]
+        return jax.lax.complex(jnp.cos(ph), jnp.sin(ph))
+
+    kx, ky = jnp.asarray(kx, shifts.dtype), jnp.asarray(ky, shifts.dtype)
+    return ramp(ky, shifts[:, 1])[:, :, None] * ramp(kx, shifts[:, 0])[:, None, :]
+
+
 class Projector(eqx.Module):
     """The forward model ``V -> Y_i`` for a box of ``n`` pixels of ``pixel_size`` Å.
 
@@ -129,7 +142,8 @@ class Projector(eqx.Module):
         if not jnp.issubdtype(cdt, jnp.complexfloating):
             cdt = jnp.dtype(jnp.complex128 if cdt == jnp.float64 else jnp.complex64)
         rdt = _real_dtype(cdt)
-        mult = shift_phase(shifts.astype(rdt), self.freqs(rdt)).astype(cdt) * self.image_mask(rdt)
+        k = jnp.asarray(freq_indices(self.n) / (self.n * self.pixel_size), dtype=rdt)  # freqs()'s kx and ky
+        mult = shift_phase_separable(shifts.astype(rdt), k, k).astype(cdt) * self.image_mask(rdt)
         if ctf is None:
             ctf = self.ctf(ctf_params, rdt)
         if ctf is not None:
