@@ -1,5 +1,5 @@
 """Known-pose timing at box 128 on an idle machine: ``jaxcryo reconstruct`` (through the console script, with
-the launcher's malloc tunables, with huge pages alone, ``JAXCRYO_HEAP_REUSE=0``, and with neither) against ``relion_reconstruct --ctf`` on the
+and without the launcher's huge pages, ``JAXCRYO_HUGEPAGES=0``) against ``relion_reconstruct --ctf`` on the
 same STAR file; whole commands (start-up, compilation, I/O included), wall and CPU seconds, page faults and
 peak memory of each, alternated over ``--reps`` rounds. The set: ``jaxcryo simulate --box 128 --n-particles 20000 --pixel-size 1.5 ...``
 (benchmarks/README.md, "Box 128"). Writes ``--json`` (default results/known_b128_timing.json), keeping the
@@ -46,11 +46,8 @@ def main():
     a = p.parse_args()
     star, work = Path(a.star).resolve(), Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    # the command as shipped (the launcher's heap reuse and huge pages), huge pages alone (the 9th session's
-    # launcher), and glibc's defaults
     programs = {"jaxcryo": (jaxcryo_command(), {}),
-                "jaxcryo_hugepages_only": (jaxcryo_command(), {"JAXCRYO_HEAP_REUSE": "0"}),
-                "jaxcryo_no_tuning": (jaxcryo_command(), {"JAXCRYO_HEAP_REUSE": "0", "JAXCRYO_HUGEPAGES": "0"})}
+                "jaxcryo_no_hugepages": (jaxcryo_command(), {"JAXCRYO_HUGEPAGES": "0"})}
     relion = shutil.which("relion_reconstruct")
     rows = []
     for rep in range(a.reps):
@@ -68,8 +65,8 @@ def main():
     if old:
         earlier.append(old)
     out = {"description": f"Idle {os.cpu_count()}-core machine, {time.strftime('%Y-%m-%d')}: jaxcryo reconstruct "
-                          "(console script: as shipped, with the launcher's heap reuse and transparent huge pages; "
-                          "huge pages only, JAXCRYO_HEAP_REUSE=0; glibc's defaults, both off) vs relion_reconstruct --ctf, box 128, 20,000 particles, 1.5 A/px, a "
+                          "(console script; with the launcher's transparent huge pages and without, "
+                          "JAXCRYO_HUGEPAGES=0) vs relion_reconstruct --ctf, box 128, 20,000 particles, 1.5 A/px, a "
                           "jaxcryo-simulated set; whole commands, compilation and I/O included; "
                           "benchmarks/time_known_b128.py",
            "star": str(star), "set": a.set_note, "rows": rows, "load_average_after": os.getloadavg()}
