@@ -13,9 +13,10 @@ call, and arrays over glibc's mmap threshold (32 MiB at most) come from fresh ``
 backprojection of 256 images page-faults a few hundred MiB in 4 KiB pages per batch: 5.2 million faults and
 about 9 s of system time in the 20,000-image known-pose benchmark. glibc 2.35+ can back those mappings with
 2 MiB pages (``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, which uses ``madvise``), measured 16.1 -> 13.3 s wall
-there on one machine and no change on another, where faults cost less (``benchmarks/README.md``). glibc reads its tunables once, at process start, so when the command would
-gain from it (Linux, glibc >= 2.35, transparent huge pages set to ``always`` or ``madvise``) and the user has
-not set ``glibc.malloc.hugetlb`` themselves, the launcher re-executes itself once with the tunable added,
+there on one machine and no change on another, where faults cost less (``benchmarks/README.md``). glibc reads
+its tunables once, at process start, so when the command would gain from it (Linux, glibc >= 2.35,
+transparent huge pages set to ``always`` or ``madvise``) and the user has not set ``glibc.malloc.hugetlb``
+themselves, the launcher re-executes itself once with the tunable added,
 before anything is imported (the same process id: ``execve``). ``JAXCRYO_HUGEPAGES=0`` turns this off.
 """
 

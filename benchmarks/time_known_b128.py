@@ -1,18 +1,19 @@
 """Known-pose timing at box 128 on an idle machine: ``jaxcryo reconstruct`` (through the console script, with
 and without the launcher's huge pages, ``JAXCRYO_HUGEPAGES=0``) against ``relion_reconstruct --ctf`` on the
 same STAR file; whole commands (start-up, compilation, I/O included), wall and CPU seconds, page faults and
-peak memory of each, alternated over ``--reps`` rounds. The set: ``jaxcryo simulate --box 128 --n-particles 20000 --pixel-size 1.5 ...``
-(benchmarks/README.md, "Box 128"). Writes ``--json`` (default results/known_b128_timing.json), keeping the
-rows of earlier sessions under ``earlier``.
+peak memory of each, alternated over ``--reps`` rounds. The set:
+``jaxcryo simulate --box 128 --n-particles 20000 --pixel-size 1.5 ...`` (benchmarks/README.md, "Box 128").
+Writes ``--json`` (default results/known_b128_timing.json), keeping the rows of earlier sessions under
+``earlier``.
 
     python benchmarks/time_known_b128.py --star /path/b128/particles.star --work /tmp/t128 [--reps 3]
 """
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,15 +24,16 @@ RESULTS = Path(__file__).parent / "results" / "known_b128_timing.json"
 
 def run(cmd, env=None, cwd=None):
     """One command's wall, CPU and system seconds, minor page faults and peak resident memory (its own
-    rusage, from ``wait4``)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
-    proc.stderr.close()
+    rusage, from ``wait4``); its stderr goes to a temporary file, shown if it fails."""
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: keep Popen from waiting again
+        if proc.returncode != 0:
+            err.seek(0)
+            raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {err.read().decode()[-2000:]}")
     return {"wall_s": wall, "cpu_s": ru.ru_utime + ru.ru_stime, "system_s": ru.ru_stime,
             "minor_page_faults": ru.ru_minflt, "max_rss_mb": ru.ru_maxrss / 1024}
 

@@ -142,8 +142,8 @@ class Projector(eqx.Module):
         if not jnp.issubdtype(cdt, jnp.complexfloating):
             cdt = jnp.dtype(jnp.complex128 if cdt == jnp.float64 else jnp.complex64)
         rdt = _real_dtype(cdt)
-        k = jnp.asarray(freq_indices(self.n) / (self.n * self.pixel_size), dtype=rdt)  # freqs()'s kx and ky
-        mult = shift_phase_separable(shifts.astype(rdt), k, k).astype(cdt) * self.image_mask(rdt)
+        f = self.freqs(rdt)  # a meshgrid: kx along the columns, ky down the rows
+        mult = shift_phase_separable(shifts.astype(rdt), f[0, :, 0], f[:, 0, 1]).astype(cdt) * self.image_mask(rdt)
         if ctf is None:
             ctf = self.ctf(ctf_params, rdt)
         if ctf is not None:
