@@ -83,3 +83,42 @@ def test_wiener_hermitian_matches_all_pixels():
     h0 = herm(v0)  # the all-pixel estimate of a real map
     diff = [float(jnp.linalg.norm((v1 - h0)[sh == s]) / jnp.linalg.norm(h0[sh == s])) for s in range(7)]
     assert max(diff) < 1e-4, diff
+
+
+@pytest.fixture
+def x64():
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", False)
+
+
+@pytest.mark.parametrize("op", OPS + ["nufft"], ids=str)
+@pytest.mark.parametrize("half", [True, False], ids=["hermitian", "all"])
+def test_batch_sums_match_the_library_backprojections(op, half, x64):
+    """The Wiener step's per-batch sums (CTF and points at the chosen pixels only, one joint transpose) equal
+    the library's backprojections of the same pixels: the lifted adjoint of w y through the filters, and the
+    weight backprojection of w CTF^2 (float64, CTF, shifts, per-image weights)."""
+    from jaxcryo.data._batch import make_batch
+    from jaxcryo.leastsq._hessian import weight_backprojection
+    from jaxcryo.solvers._wiener import batch_sums
+    if op == "nufft":
+        pytest.importorskip("jax_finufft")
+    n, b = 13, 5
+    rng = np.random.default_rng(3)
+    rot = random_rotations(jax.random.PRNGKey(2), b).astype(jnp.float64)
+    ctf = jc.CTFParams.create(rng.uniform(1e4, 2.5e4, b), defocus_v=rng.uniform(1e4, 2.5e4, b),
+                              astig_angle=rng.uniform(0, 180, b))
+    batch = make_batch(rng.normal(size=(b, n, n)), rot, rng.normal(0, 3, (b, 2)), ctf,
+                       weights=rng.uniform(0.5, 1.5, b), mask=np.array([1, 1, 1, 0, 1.0]), dtype=jnp.float64)
+    p = jc.Projector(n, 2.5, operator=op)
+    pixels = p.hermitian_pixels() if half else p.mask_pixels()
+    num, den = batch_sums(p, batch, pixels)
+    y = batch.images_f * (batch.weights * batch.mask)[:, None, None]
+    want_num = p.backproject_lifted(y, batch.rotations, p.filters(batch.shifts, batch.ctf, dtype=jnp.complex128),
+                                    pixels)
+    want_den = weight_backprojection(p, batch, squared=False, pixels=pixels)
+    assert num.dtype == jnp.complex128 and den.dtype == jnp.float64
+    np.testing.assert_allclose(np.asarray(num), np.asarray(want_num), rtol=0,
+                               atol=1e-11 * float(jnp.abs(want_num).max()))
+    np.testing.assert_allclose(np.asarray(den), np.asarray(want_den), rtol=0,
+                               atol=1e-11 * float(jnp.abs(want_den).max()))

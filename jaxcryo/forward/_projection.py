@@ -46,8 +46,18 @@ def slice_points(rotations: Float[ArrayLike, "b 3 3"], n: int, dtype=jnp.float32
     """
     k = jnp.asarray(freq_indices(n), dtype=dtype)
     ky, kx = jnp.meshgrid(k, k, indexing="ij")
-    k2 = jnp.stack([kx, ky], axis=-1)  # (n, n, 2)
-    return jnp.einsum("yxi,bij->byxj", k2, rotations[:, :2, :].astype(dtype))
+    return slice_points_at(rotations, jnp.stack([kx, ky], axis=-1), dtype)
+
+
+def slice_points_at(rotations: Float[ArrayLike, "b 3 3"], k2: Float[ArrayLike, "*p 2"], dtype=jnp.float32
+                    ) -> Float[Array, "b *p 3"]:
+    """:func:`slice_points` at given image frequencies ``k2`` ``(..., 2)`` (``(kx, ky)``, voxel units), e.g. a
+    subset of the pixels (:meth:`Projector.pixel_frequencies`): ``(B, ..., 3)``, the point ``(kx, ky, 0) @ A_b``.
+    Written as two products (no matrix product): for a subset, cheaper than every pixel's point and a gather."""
+    k2 = jnp.asarray(k2, dtype)
+    r = jnp.asarray(rotations).astype(dtype)
+    expand = (slice(None),) + (None,) * (k2.ndim - 1)
+    return k2[..., 0, None] * r[:, 0, :][expand] + k2[..., 1, None] * r[:, 1, :][expand]
 
 
 def shift_phase(shifts: Float[Array, "b 2"], freqs: Float[ArrayLike, "n n 2"]) -> Complex[Array, "b n n"]:
@@ -220,6 +230,19 @@ class Projector(eqx.Module):
         flat = np.where(inside, w, 0.0).reshape(-1)
         idx = np.flatnonzero(flat)
         return idx, flat[idx]
+
+    def mask_pixels(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(flat_indices, weights)`` (NumPy) of every image pixel inside the mask, each with weight 1 (the
+        all-pixel counterpart of :meth:`hermitian_pixels`)."""
+        idx = np.flatnonzero(np.asarray(self.image_mask(jnp.float32)).reshape(-1) > 0)
+        return idx, np.ones(idx.size)
+
+    def pixel_frequencies(self, flat_indices: Int[ArrayLike, " p"]) -> Float[np.ndarray, "p 2"]:
+        """``(kx, ky)`` of image pixels given by flat indices into the ``n x n`` grid, in Fourier-voxel units
+        (NumPy float64; divide by ``n * pixel_size`` for 1/Å)."""
+        k = freq_indices(self.n)
+        iy, ix = np.divmod(np.asarray(flat_indices), self.n)
+        return np.stack([k[ix], k[iy]], axis=-1).astype(np.float64)
 
     def unlift_adjoint(self, lifted: Complex[Array, "..."]) -> Complex[Array, "n n n"]:
         """The Hermitian adjoint of the operator's lift, ``(lifted grid) -> (n, n, n)``."""

@@ -17,8 +17,9 @@ from jax.sharding import PartitionSpec as P
 
 from .. import parallel
 from ..data._batch import complex_dtype, epoch_batches, to_batch
-from ..forward._projection import Projector, hermitian_mirror
-from ..leastsq._hessian import weight_backprojection
+from ..forward._ctf import evaluate_ctf
+from ..forward._projection import Projector, hermitian_mirror, shift_phase_separable, slice_points_at
+from ..jax_util import primal_like
 from ..leastsq._priors import Prior, prior_diagonal
 
 
@@ -32,16 +33,11 @@ def _wiener_steps(projector: Projector, rdt, hermitian: bool, mesh=None):
     into its own sums (arrays with a leading device axis, split over the mesh), and ``finish`` reduces them
     with one ``psum`` before the lift's transpose; its outputs are replicated."""
     cdt = complex_dtype(rdt)
-    pixels = projector.hermitian_pixels() if hermitian else None
+    pixels = projector.hermitian_pixels() if hermitian else projector.mask_pixels()
 
     def add_batch(num, den, raw):  # the sums stay on the device, updated in place: one call per batch
-        b = to_batch(raw, rdt)
-        y = b.images_f * (b.weights * b.mask)[:, None, None]
-        filt = projector.filters(b.shifts, b.ctf, dtype=cdt)
-        # the numerator is accumulated on the operator's lifted (e.g. oversampled) grid; the transpose of
-        # the lift is applied once, at the end
-        return (num + projector.backproject_lifted(y, b.rotations, filt, pixels),
-                den + weight_backprojection(projector, b, squared=False, pixels=pixels))
+        gnum, gden = batch_sums(projector, to_batch(raw, rdt), pixels)
+        return num + gnum, den + gden
 
     def unlift(num, den):  # the lift's transpose and the Friedel mirror, once
         num = projector.unlift_adjoint(num)
@@ -64,6 +60,43 @@ def _wiener_steps(projector: Projector, rdt, hermitian: bool, mesh=None):
                          donate_argnums=(0, 1))
     finish = jax.jit(jax.shard_map(unlift_local, mesh=mesh, in_specs=(spec, spec), out_specs=(rep, rep)))
     return accumulate, finish
+
+
+def batch_sums(projector: Projector, batch, pixels: tuple[np.ndarray, np.ndarray]):
+    """One batch's terms of the Wiener sums, computed on a subset of the image pixels only:
+    ``(sum_i S_i^H (w_i y_i), sum_i P_i^T (w_i CTF_i^2))`` with each pixel scaled by its weight, the numerator
+    on the operator's lifted grid (:meth:`~jaxcryo.forward.Projector.backproject_lifted`), the weights on the
+    ``(n, n, n)`` grid (:func:`~jaxcryo.leastsq.weight_backprojection` with ``squared=False``).
+
+    ``pixels``: ``(flat_indices, weights)`` (NumPy, static), :meth:`~jaxcryo.forward.Projector.hermitian_pixels`
+    or :meth:`~jaxcryo.forward.Projector.mask_pixels`. Everything per pixel (the CTF, once for both sums; the
+    slice points) is evaluated at those pixels only, in image-major order, and the two backprojections are one
+    transpose sharing the interpolation indices (``tests/test_wiener_fast.py`` checks this against the two
+    library backprojections).
+    """
+    idx, pw = pixels
+    rdt = jnp.real(batch.images_f).dtype
+    cdt = batch.images_f.dtype
+    b = batch.images_f.shape[0]
+    k = projector.pixel_frequencies(idx)  # (p, 2) voxel units, static
+    freqs = projector.freqs(rdt)
+    scale = (batch.weights * batch.mask)[:, None] * jnp.asarray(pw, rdt)  # (b, p)
+    y = batch.images_f.reshape(b, -1)[:, idx]
+    phase = shift_phase_separable(batch.shifts.astype(rdt), freqs[0, :, 0], freqs[:, 0, 1]).reshape(b, -1)[:, idx]
+    if batch.ctf is None:
+        ctf = jnp.ones((b, idx.size), rdt)
+    else:
+        ctf = evaluate_ctf(batch.ctf, freqs.reshape(-1, 2)[idx][None]).reshape(b, -1)  # the grid's 1/Å values
+    num_vals = jnp.conj(y) * phase.astype(cdt) * (ctf * scale)  # conj(w y) * filter: see the transpose below
+    den_vals = ctf * ctf * scale
+    pts = slice_points_at(batch.rotations, k, rdt)  # (b, p, 3)
+    op = projector.operator
+    spec_num = primal_like(projector.lifted_shape(), cdt, num_vals, pts)
+    spec_den = primal_like((projector.n,) * 3, rdt, den_vals, pts)
+    fwd = lambda g, d: (op.slice_lifted(g, pts), op.weight_kernel().slice(d, pts))  # noqa: E731
+    gnum, gden = jax.linear_transpose(fwd, spec_num, spec_den)((num_vals, den_vals))
+    # the Hermitian adjoint of a complex-linear slice is conj o transpose o conj (as backproject_lifted)
+    return jnp.conj(gnum), gden
 
 
 def wiener_backprojection(projector: Projector, source, lam: float | Prior = 0.0, batch_size: int = 256,
