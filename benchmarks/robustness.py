@@ -47,7 +47,9 @@ internals): ``known`` (``jaxcryo reconstruct`` with the true poses, always run f
 random axes and shifts moved 1.5 px = 4.5 Å), ``global`` (``refine`` from no poses with the truth low-passed to
 30 Å as the reference), ``abinitio`` (``abinitio --max-shift 6`` from no poses, then ``refine --local-only`` from
 its map), ``oracle`` (no refinement: the noise floor of per-image poses, :mod:`_oracle`: maximum-likelihood
-poses searched around the true poses against the true map; 200 images), and RELION 3.1's auto-refine on the same
+poses searched around the true poses against the true map; 200 images), ``oracle_global`` (the floor of a
+refinement without poses: a global search at 7.5° against the true map, then local searches, 100 images; it counts
+the images whose likelihood peaks at a wrong view), and RELION 3.1's auto-refine on the same
 inputs (:mod:`_relion`, the flags of ``refine.py``'s runs of the same names): ``relion_local`` (``mpirun
 -np 3 relion_refine_mpi --auto_refine --split_random_halves --ctf --ini_high 30`` from
 ``particles_perturbed.star`` and ``reference_30A.mrc``, local searches: healpix order 4, ``--sigma_ang 3``,
@@ -120,7 +122,7 @@ PERTURB_DEG, PERTURB_PX = 5.0, 1.5
 REFERENCE_RESOLUTION = 30.0
 #: Under ``--deadline``, a task is not started with fewer seconds than this left.
 MIN_TASK_SECONDS = 20.0
-TASKS = ("local", "global", "abinitio", "oracle") + RELION_RUNS + ("relion_sgd",)
+TASKS = ("local", "global", "abinitio", "oracle", "oracle_global") + RELION_RUNS + ("relion_sgd",)
 #: jaxcryo's task that each RELION task stands beside (table and docs).
 RELION_COUNTERPART = {"relion_local": "local", "relion_global": "global", "relion_sgd": "abinitio"}
 #: ``--relion-timeout``'s default (seconds for each RELION task).
@@ -573,6 +575,20 @@ def task_oracle(d: Path, truth) -> dict:
             "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
 
 
+def task_oracle_global(d: Path, truth) -> dict:
+    """The floor of a refinement without starting poses (:func:`_oracle.oracle_global_errors`: a global search
+    against the true map, then local ones; 100 images): its median error includes the images whose likelihood
+    peaks at a wrong view."""
+    from _oracle import oracle_global_errors
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    o = oracle_global_errors(ParticleDataset.from_file(d / "particles.star"), truth)
+    return {**o, "median_angular_error_deg": o["oracle_global_median_angular_error_deg"],
+            "mean_angular_error_deg": o["oracle_global_mean_angular_error_deg"],
+            "median_shift_error_px": o["oracle_global_median_shift_error_px"],
+            "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+
+
 def merge_rows(old: list, new: list) -> list:
     key = _row_key
     rows = {key(r): r for r in old}
@@ -820,6 +836,8 @@ def main(argv=None) -> int:
                         stop = stop_time(deadline, a.task_timeout)
                         if t == "oracle":
                             r = task_oracle(d, truth)
+                        elif t == "oracle_global":
+                            r = task_oracle_global(d, truth)
                         elif t == "relion_sgd":
                             assert sgd_exes is not None  # runnable_tasks dropped it otherwise
                             r = task_relion_sgd(d, key, truth, true_md, stop, a.relion_timeout, sgd_exes,

@@ -30,6 +30,7 @@ def test_local_refinement_improves_poses(simset, tmp_path):
     out = tmp_path / "loc"
     assert main(["refine", str(simset / "particles_perturbed.star"), "--reference", str(simset / "ground_truth.mrc"),
                  "--out", str(out), "--local-only", "--iterations", "3", "--batch-size", "100",
+                 "--global-iterations", "2",  # no effect with starting poses: every iteration searches locally
                  "--truth", str(simset / "ground_truth.mrc"), "--true-poses", str(simset / "particles.star"),
                  "--quiet"]) == 0
     for f in ("particles.star", "half1.mrc", "half2.mrc", "map.mrc", "fsc.json", "fsc.png", "history.json",
@@ -55,10 +56,15 @@ def test_local_refinement_improves_poses(simset, tmp_path):
 def test_global_refinement_from_no_poses(simset, tmp_path):
     out = tmp_path / "glob"
     assert main(["refine", str(simset / "particles_noposes.star"), "--reference", str(simset / "ground_truth.mrc"),
-                 "--out", str(out), "--iterations", "3", "--batch-size", "100", "--quiet"]) == 0
+                 "--out", str(out), "--iterations", "3", "--batch-size", "100", "--global-iterations", "2",
+                 "--quiet"]) == 0
     a, _, _ = _errors(out, simset)
     assert a.median_deg < 6.0, a.median_deg
-    assert json.loads((out / "history.json").read_text())[0]["global_search"] is True
+    hist = json.loads((out / "history.json").read_text())
+    # two global searches (the second against the first's half maps, at the same sampling), then local ones
+    assert [h["global_search"] for h in hist] == [True, True, False]
+    assert hist[0]["angular_step"] == hist[1]["angular_step"] == 7.5
+    assert hist[1]["mean_pose_change_deg"] is not None
 
 
 def test_resume_continues(simset, tmp_path):

@@ -60,6 +60,8 @@ def register(sub) -> None:
     p.add_argument("--init-resolution", type=float, default=d.init_resolution,
                    help="low-pass the reference to this resolution (A) first")
     p.add_argument("--global-step", type=float, default=d.global_step, help="global search step (degrees)")
+    p.add_argument("--global-iterations", type=int, default=d.global_iterations,
+                   help="without starting poses: iterations that search globally, each against the last half maps")
     p.add_argument("--local-step", type=float, default=d.local_step, help="first local step with --local-only (deg)")
     p.add_argument("--min-step", type=float, default=d.min_step,
                    help="finest angular step (degrees) the local searches halve down to")
@@ -106,6 +108,7 @@ def run(args) -> int:
     if not args.reference.exists():
         raise InputError(f"{args.reference}: no such file (--reference)")
     settings = RefineSettings(init_resolution=args.init_resolution, global_step=args.global_step,
+                              global_iterations=args.global_iterations,
                               local_step=args.local_step, min_step=args.min_step, max_shift_px=args.max_shift,
                               iterations=args.iterations, epochs_per_iteration=args.epochs_per_iteration,
                               optimizer=args.optimizer, top_k=args.top_k, batch_size=args.batch_size, seed=args.seed,

@@ -37,6 +37,9 @@ class RefineSettings:
         init_resolution: the reference is low-pass filtered to this resolution first (RELION's
             ``--ini_high``).
         global_step: angular sampling of the global search (when the particles have no poses).
+        global_iterations: without starting poses, the first this many iterations search globally (each
+            against the half maps of the one before, as RELION's auto-refine keeps exhaustive searches while
+            its sampling is coarse), the later ones locally.
         local_step: the angular step of the first local search (``local_only``: the expected pose error / 2).
         min_step: the finest angular step.
         local_radius_steps: local searches cover ``+- local_radius_steps`` steps around each pose.
@@ -95,6 +98,7 @@ class RefineSettings:
 
     init_resolution: float = 30.0
     global_step: float = 15.0
+    global_iterations: int = 1
     local_step: float = 2.5
     min_step: float = 0.6
     local_radius_steps: float = 2.0
@@ -124,7 +128,7 @@ class RefineSettings:
     offset_sigma_px: float | None = None
 
     def __post_init__(self):
-        integers(self, ("iterations", "epochs_per_iteration", "top_k", "batch_size", "score_oversample",
+        integers(self, ("iterations", "global_iterations", "epochs_per_iteration", "top_k", "batch_size", "score_oversample",
                         "score_memory"), 1)
         integers(self, ("local_shift_steps", "kmax_margin", "patience", "seed"), 0)
         positive(self, ("init_resolution", "global_step", "local_step", "min_step", "local_radius_steps",
