@@ -122,3 +122,25 @@ def test_batch_sums_match_the_library_backprojections(op, half, x64):
                                atol=1e-11 * float(jnp.abs(want_num).max()))
     np.testing.assert_allclose(np.asarray(den), np.asarray(want_den), rtol=0,
                                atol=1e-11 * float(jnp.abs(want_den).max()))
+
+
+@pytest.mark.parametrize("with_ctf", [True, False], ids=["ctf", "no-ctf"])
+def test_batch_sums_all_pixels_jitted_equals_the_unrestricted_backprojections(with_ctf, x64):
+    """``mask_pixels`` under jit (as the Wiener step calls it) against the backprojections of every pixel
+    (``pixels=None``: the mask through the filters and the weight image), with a mask radius under n/2."""
+    from jaxcryo.data._batch import make_batch
+    from jaxcryo.leastsq._hessian import weight_backprojection
+    from jaxcryo.solvers._wiener import batch_sums
+    n, b = 12, 4
+    rng = np.random.default_rng(5)
+    rot = random_rotations(jax.random.PRNGKey(4), b).astype(jnp.float64)
+    ctf = jc.CTFParams.create(rng.uniform(1e4, 2.5e4, b)) if with_ctf else None
+    batch = make_batch(rng.normal(size=(b, n, n)), rot, rng.normal(0, 3, (b, 2)), ctf,
+                       weights=rng.uniform(0.5, 1.5, b), dtype=jnp.float64)
+    p = jc.Projector(n, 2.0, mask_radius=4.3)
+    num, den = jax.jit(lambda bt: batch_sums(p, bt, p.mask_pixels()))(batch)
+    y = batch.images_f * batch.weights[:, None, None]
+    want_num = p.backproject_lifted(y, batch.rotations, p.filters(batch.shifts, batch.ctf, dtype=jnp.complex128))
+    want_den = weight_backprojection(p, batch, squared=False)
+    np.testing.assert_allclose(np.asarray(num), np.asarray(want_num), rtol=0, atol=1e-11 * float(jnp.abs(want_num).max()))
+    np.testing.assert_allclose(np.asarray(den), np.asarray(want_den), rtol=0, atol=1e-11 * float(jnp.abs(want_den).max()))

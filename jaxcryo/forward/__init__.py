@@ -18,7 +18,7 @@ from ._particles import (
     ParticleMetadata as ParticleMetadata,
 )
 from ._projection import (
-    slice_points as slice_points, slice_points_at as slice_points_at, shift_phase as shift_phase, shift_phase_separable as shift_phase_separable,
+    slice_points as slice_points, slice_points_at as slice_points_at, shift_phase as shift_phase, shift_phase_separable as shift_phase_separable, shift_phase_at as shift_phase_at,
     Projector as Projector,
     hermitian_mirror as hermitian_mirror, volume_to_fourier as volume_to_fourier,
     fourier_to_volume as fourier_to_volume,

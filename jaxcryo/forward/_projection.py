@@ -72,12 +72,21 @@ def shift_phase_separable(shifts: Float[Array, "b 2"], kx: Float[ArrayLike, " w"
     """:func:`shift_phase` on the grid ``meshgrid(kx, ky)`` (what :func:`~jaxcryo.ndimage.freq_grid_2d`
     makes), as the outer product ``exp(2 pi i ky o_y) exp(2 pi i kx o_x)``: ``2n`` sines and cosines per
     image instead of ``n^2``."""
-    def ramp(k, o):  # (b, m)
-        ph = 2 * jnp.pi * k[None, :] * o[:, None]
-        return jax.lax.complex(jnp.cos(ph), jnp.sin(ph))
-
     kx, ky = jnp.asarray(kx, shifts.dtype), jnp.asarray(ky, shifts.dtype)
-    return ramp(ky, shifts[:, 1])[:, :, None] * ramp(kx, shifts[:, 0])[:, None, :]
+    return _ramp(ky, shifts[:, 1])[:, :, None] * _ramp(kx, shifts[:, 0])[:, None, :]
+
+
+def _ramp(k, o):  # exp(2 pi i k o): (b, m) for frequencies k (m,) and origins o (b,)
+    ph = 2 * jnp.pi * k[None, :] * o[:, None]
+    return jax.lax.complex(jnp.cos(ph), jnp.sin(ph))
+
+
+def shift_phase_at(shifts: Float[Array, "b 2"], axis: Float[ArrayLike, " n"], iy: Int[ArrayLike, " p"],
+                   ix: Int[ArrayLike, " p"]) -> Complex[Array, "b p"]:
+    """:func:`shift_phase_separable` on the grid ``meshgrid(axis, axis)`` at the pixels ``(iy, ix)`` only:
+    the two 1-D ramps' values at each pixel's row and column, multiplied (``2n`` sines and cosines per image)."""
+    axis = jnp.asarray(axis, shifts.dtype)
+    return _ramp(axis, shifts[:, 1])[:, np.asarray(iy)] * _ramp(axis, shifts[:, 0])[:, np.asarray(ix)]
 
 
 class Projector(eqx.Module):
@@ -107,10 +116,14 @@ class Projector(eqx.Module):
 
     def image_mask(self, dtype=jnp.float32) -> Float[Array, "n n"]:
         """``(n, n)`` 0/1 mask of the image frequencies that are modelled (``|k| <= mask_radius``)."""
+        return jnp.asarray(self._inside_mask(), dtype=dtype)
+
+    def _inside_mask(self) -> np.ndarray:
+        """:meth:`image_mask` as a NumPy boolean array (static: usable while tracing)."""
         r = self.n / 2 if self.mask_radius is None else self.mask_radius
         k = freq_indices(self.n)
         rr = np.sqrt(k[:, None] ** 2 + k[None, :] ** 2)
-        return jnp.asarray(rr <= r + 1e-6, dtype=dtype)
+        return rr <= r + 1e-6
 
     def ctf(self, ctf_params: CTFParams | None, dtype=jnp.float32) -> Float[Array, "b n n"] | None:
         """CTF values ``(B, n, n)`` for a batch of parameters, or ``None`` when the CTF is off."""
@@ -221,7 +234,7 @@ class Projector(eqx.Module):
         n = self.n
         k = freq_indices(n)
         ky, kx = np.meshgrid(k, k, indexing="ij")
-        inside = np.asarray(self.image_mask(jnp.float32)) > 0
+        inside = self._inside_mask()
         w = np.zeros((n, n))
         w[(ky > 0) | ((ky == 0) & (kx > 0))] = 1.0
         w[(ky == 0) & (kx == 0)] = 0.5
@@ -234,7 +247,7 @@ class Projector(eqx.Module):
     def mask_pixels(self) -> tuple[np.ndarray, np.ndarray]:
         """``(flat_indices, weights)`` (NumPy) of every image pixel inside the mask, each with weight 1 (the
         all-pixel counterpart of :meth:`hermitian_pixels`)."""
-        idx = np.flatnonzero(np.asarray(self.image_mask(jnp.float32)).reshape(-1) > 0)
+        idx = np.flatnonzero(self._inside_mask().reshape(-1))
         return idx, np.ones(idx.size)
 
     def pixel_frequencies(self, flat_indices: Int[ArrayLike, " p"]) -> Float[np.ndarray, "p 2"]:

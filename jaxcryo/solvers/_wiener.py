@@ -18,7 +18,8 @@ from jax.sharding import PartitionSpec as P
 from .. import parallel
 from ..data._batch import complex_dtype, epoch_batches, to_batch
 from ..forward._ctf import evaluate_ctf
-from ..forward._projection import Projector, hermitian_mirror, shift_phase_separable, slice_points_at
+from ..forward._projection import Projector, hermitian_mirror, shift_phase_at, slice_points_at
+from ..ndimage._fourier import freq_grid_2d
 from ..jax_util import primal_like
 from ..leastsq._priors import Prior, prior_diagonal
 
@@ -69,24 +70,28 @@ def batch_sums(projector: Projector, batch, pixels: tuple[np.ndarray, np.ndarray
     ``(n, n, n)`` grid (:func:`~jaxcryo.leastsq.weight_backprojection` with ``squared=False``).
 
     ``pixels``: ``(flat_indices, weights)`` (NumPy, static), :meth:`~jaxcryo.forward.Projector.hermitian_pixels`
-    or :meth:`~jaxcryo.forward.Projector.mask_pixels`. Everything per pixel (the CTF, once for both sums; the
-    slice points) is evaluated at those pixels only, in image-major order, and the two backprojections are one
-    transpose sharing the interpolation indices (``tests/test_wiener_fast.py`` checks this against the two
-    library backprojections).
+    or :meth:`~jaxcryo.forward.Projector.mask_pixels`. Everything per pixel is evaluated at those pixels only,
+    in image-major order: the CTF (once, for both sums), the shift phase (the product of the two 1-D ramps'
+    values at each pixel's row and column) and the slice points (from the pixels' coordinates, no gather); both
+    backprojections are one ``jax.linear_transpose`` (with a local-stencil operator, whose weight kernel is the
+    operator itself, XLA computes the interpolation indices once for the two scatters).
+    ``tests/test_wiener_fast.py`` checks the sums against the library backprojections.
     """
     idx, pw = pixels
     rdt = jnp.real(batch.images_f).dtype
     cdt = batch.images_f.dtype
-    b = batch.images_f.shape[0]
+    b, n = batch.images_f.shape[0], projector.n
     k = projector.pixel_frequencies(idx)  # (p, 2) voxel units, static
-    freqs = projector.freqs(rdt)
+    iy, ix = np.divmod(np.asarray(idx), n)
+    axis = freq_grid_2d(n, projector.pixel_size)[0, :, 0]  # the grid's 1/Å values of a centred axis (float32)
     scale = (batch.weights * batch.mask)[:, None] * jnp.asarray(pw, rdt)  # (b, p)
     y = batch.images_f.reshape(b, -1)[:, idx]
-    phase = shift_phase_separable(batch.shifts.astype(rdt), freqs[0, :, 0], freqs[:, 0, 1]).reshape(b, -1)[:, idx]
+    phase = shift_phase_at(batch.shifts.astype(rdt), axis, iy, ix)  # (b, p)
     if batch.ctf is None:
         ctf = jnp.ones((b, idx.size), rdt)
-    else:
-        ctf = evaluate_ctf(batch.ctf, freqs.reshape(-1, 2)[idx][None]).reshape(b, -1)  # the grid's 1/Å values
+    else:  # at the pixels' frequencies (host constants, the values of Projector.freqs)
+        f = np.stack([axis[ix], axis[iy]], axis=-1)[None]
+        ctf = evaluate_ctf(batch.ctf, jnp.asarray(f, rdt)).reshape(b, -1)
     num_vals = jnp.conj(y) * phase.astype(cdt) * (ctf * scale)  # conj(w y) * filter: see the transpose below
     den_vals = ctf * ctf * scale
     pts = slice_points_at(batch.rotations, k, rdt)  # (b, p, 3)
