@@ -193,7 +193,7 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
     new_r, new_s = np.zeros((len(shifts), 3, 3)), shifts.copy()
     soft_r, soft_s, soft_w = np.zeros((len(shifts), k, 3, 3)), np.zeros((len(shifts), k, 2)), np.zeros((len(shifts), k))
     prev_fsc = state.history[-1].get("half_map_fsc") if state.history else None
-    src = source if global_search else with_poses(source, rots, shifts)
+    src = source if global_search or rots is None else with_poses(source, rots, shifts)
     noise_log: list = []
     solvent = solvent_mask(n, px, s.mask_diameter(n, px)) if s.solvent_mask else None  # once, for both halves
     for h, idx in enumerate(halves):
@@ -205,8 +205,8 @@ def refine_iteration(state: RefineState, source, halves, projector: Projector, s
         weights, sigma, spectrum = score_options(s, src, idx, state.half_maps[h], projector, kmax, not global_search)
         if spectrum is not None:
             noise_log.append(spectrum)
-        found = engine(method, v, kmax, src, idx, rotations=None if global_search else rots[idx],
-                       shifts=None if global_search else shifts[idx], progress=progress,
+        found = engine(method, v, kmax, src, idx, rotations=None if global_search or rots is None else rots[idx],
+                       shifts=None if global_search or rots is None else shifts[idx], progress=progress,
                        desc=f"{'global' if global_search else 'local'} search, half {h + 1}",
                        shell_weights=weights, offset_sigma=sigma)
         new_r[idx], new_s[idx] = found.rotations[:, 0], found.shifts[:, 0]  # the best candidate (soft: first of top K)
