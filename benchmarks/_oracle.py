@@ -31,11 +31,10 @@ from jaxcryo.rotations._grids import shift_grid
 STAGES = ((1.0, 6.0, 2.0, 1.0), (0.25, 1.0, 0.5, 0.25))
 
 
-def oracle_errors(source, truth: np.ndarray, n_images: int = 200, seed: int = 0) -> dict:
-    """Median/mean angular error (degrees) and median shift error (px) of the maximum-likelihood poses of
-    ``n_images`` particles (a seeded random subset) of ``source`` (true poses in its metadata) searched
-    around their true poses against ``truth`` (module docstring)."""
-    t0 = time.perf_counter()
+
+def _setup(source, truth: np.ndarray, n_images: int, seed: int):
+    """What both oracles share: the set's metadata, box and pixel size, the scoring projector (trilinear x2),
+    the true map's transform and its scale to the images, and a seeded subset of ``n_images`` particles."""
     md = source.metadata
     n, px = md.box, float(md.pixel_size)
     plain = Projector(n=n, pixel_size=px, operator=make_operator("trilinear"))
@@ -43,6 +42,14 @@ def oracle_errors(source, truth: np.ndarray, n_images: int = 200, seed: int = 0)
     vol_f = volume_to_fourier(jnp.asarray(np.asarray(truth, np.float32)))
     scale = reference_scale(source, vol_f, plain, 2 * px, seed=seed)
     idx = np.sort(np.random.default_rng(seed).choice(len(md), min(n_images, len(md)), replace=False))
+    return md, n, px, scoring, vol_f, scale, idx
+
+def oracle_errors(source, truth: np.ndarray, n_images: int = 200, seed: int = 0) -> dict:
+    """Median/mean angular error (degrees) and median shift error (px) of the maximum-likelihood poses of
+    ``n_images`` particles (a seeded random subset) of ``source`` (true poses in its metadata) searched
+    around their true poses against ``truth`` (module docstring)."""
+    t0 = time.perf_counter()
+    md, n, px, scoring, vol_f, scale, idx = _setup(source, truth, n_images, seed)
     method = Cascade(tuple(LocalSearch(step, radius, jnp.asarray(shift_grid(srange * px, sstep * px), jnp.float32))
                            for step, radius, srange, sstep in STAGES))
     found = PoseSearch(scoring, 64, 1 << 24)(method, vol_f * scale, n // 2 - 1, source, idx,
@@ -116,13 +123,7 @@ def oracle_global_errors(source, truth: np.ndarray, n_images: int = 100, seed: i
     from jaxcryo.rotations._grids import so3_grid
 
     t0 = time.perf_counter()
-    md = source.metadata
-    n, px = md.box, float(md.pixel_size)
-    plain = Projector(n=n, pixel_size=px, operator=make_operator("trilinear"))
-    scoring = Projector(n=n, pixel_size=px, operator=make_operator("trilinear", oversample=2))
-    vol_f = volume_to_fourier(jnp.asarray(np.asarray(truth, np.float32)))
-    scale = reference_scale(source, vol_f, plain, 2 * px, seed=seed)
-    idx = np.sort(np.random.default_rng(seed).choice(len(md), min(n_images, len(md)), replace=False))
+    md, n, px, scoring, vol_f, scale, idx = _setup(source, truth, n_images, seed)
     glob = GlobalSearch(jnp.asarray(so3_grid(GLOBAL_STEP), jnp.float32),
                         jnp.asarray(shift_grid(GLOBAL_SHIFT * px, 2.0 * px), jnp.float32))
     method = Cascade((glob,) + tuple(
